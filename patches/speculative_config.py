@@ -1,0 +1,90 @@
+"""Accept `{"method": "sjd", ...}` in --speculative-config / speculative_config=.
+
+Wraps vllm.engine.arg_utils.EngineArgs.create_speculative_config (front-end
+process: the API server or the LLM's process). Checked on vLLM 0.32.0.
+
+Why: SpeculativeConfig.method is a closed Literal and extra keys are
+forbidden, so "sjd" and its settings never reach a plugin otherwise. The
+wrapper validates the SJD settings (vllm_sjd/config.py), hands vLLM a plain
+`custom_class` config for our proposer, ships the settings to every process in
+additional_config["sjd"], defaults the worker class to the SJD worker, and
+refuses configurations SJD cannot serve. Non-SJD configs go straight to the
+original. Retire when vLLM lets plugins register speculative methods.
+"""
+
+import os
+
+from vllm.engine.arg_utils import EngineArgs
+
+from vllm_sjd.config import ADDITIONAL_CONFIG_KEY, METHOD, split_speculative_config
+
+SJD_WORKER_CLASS = "vllm_sjd.patches.sjd_worker.SJDWorker"
+_SENTINEL = "__vllm_sjd_patched__"
+_original_create_speculative_config = EngineArgs.create_speculative_config
+
+
+class SJDUnsupportedError(ValueError):
+    """SJD was asked for on a configuration it cannot serve."""
+
+
+def _refuse_unsupported(engine_args: EngineArgs, parallel_config) -> None:
+    from vllm.platforms import current_platform
+
+    problems = []
+    if not (current_platform.is_cpu() or current_platform.is_cuda_alike()):
+        problems.append(
+            f"platform {current_platform.device_name!r} (SJD runs on CUDA/ROCm GPUs and CPU)"
+        )
+    if parallel_config.pipeline_parallel_size > 1:
+        problems.append(
+            "pipeline_parallel_size > 1 (use tensor parallelism with SJD)"
+        )
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1":
+        problems.append(
+            "VLLM_USE_V2_MODEL_RUNNER=1 (SJD runs on vLLM's V1 model runner)"
+        )
+    if parallel_config.worker_cls not in ("auto", SJD_WORKER_CLASS):
+        problems.append(
+            f"worker_cls={parallel_config.worker_cls!r} (SJD installs its own worker; "
+            "drop --worker-cls)"
+        )
+    if problems:
+        raise SJDUnsupportedError(
+            "speculative method 'sjd' cannot serve this configuration: "
+            + "; ".join(problems)
+        )
+
+
+def _create_speculative_config(self: EngineArgs, target_model_config, target_parallel_config):
+    spec = self.speculative_config
+    if not spec or spec.get("method") != METHOD:
+        return _original_create_speculative_config(
+            self, target_model_config, target_parallel_config
+        )
+    vllm_spec, sjd = split_speculative_config(
+        {k.replace("-", "_"): v for k, v in spec.items()}
+    )
+    _refuse_unsupported(self, target_parallel_config)
+    target_parallel_config.worker_cls = SJD_WORKER_CLASS
+    self.additional_config = {
+        **(self.additional_config or {}),
+        ADDITIONAL_CONFIG_KEY: sjd.model_dump(),
+    }
+    self.speculative_config = vllm_spec
+    try:
+        return _original_create_speculative_config(
+            self, target_model_config, target_parallel_config
+        )
+    finally:
+        # Leave the user's dict as it was, so a second engine from the same
+        # EngineArgs sees "sjd" again.
+        self.speculative_config = spec
+
+
+def install() -> None:
+    if getattr(EngineArgs.create_speculative_config, _SENTINEL, False):
+        return
+    setattr(_create_speculative_config, _SENTINEL, True)
+    EngineArgs.create_speculative_config = _create_speculative_config
+    if not getattr(EngineArgs.create_speculative_config, _SENTINEL, False):
+        raise RuntimeError("vllm-sjd: patching create_speculative_config failed")

@@ -1,0 +1,56 @@
+"""Capture the verified (processed) target logits of a rejection-sampling step.
+
+Wraps vllm.v1.sample.rejection_sampler.rejection_sample (worker process),
+looked up by RejectionSampler.forward as a module global. Checked on vLLM 0.32.0.
+
+Why: SJD re-drafts the unverified tail of each window by sampling this step's
+p rows, and must report q = those rows exactly as the verifier used them
+(after logits processors, temperature, top-k and top-p). They exist only as the
+`target_logits` argument of this call. Outside `capture_verified_logits()` the
+wrapper only forwards. Retire when RejectionSampler returns its target probs.
+"""
+
+import inspect
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from vllm.v1.sample import rejection_sampler
+
+_SENTINEL = "__vllm_sjd_patched__"
+_original_rejection_sample = rejection_sampler.rejection_sample
+_signature = inspect.signature(_original_rejection_sample)
+_active = threading.local()
+
+
+@dataclass
+class VerifiedLogits:
+    # [num_draft_tokens, V] float32, processed; None if nothing was verified.
+    target_logits: torch.Tensor | None = None
+
+
+@contextmanager
+def capture_verified_logits():
+    box = VerifiedLogits()
+    _active.box = box
+    try:
+        yield box
+    finally:
+        _active.box = None
+
+
+def _rejection_sample(*args, **kwargs):
+    box = getattr(_active, "box", None)
+    if box is not None:
+        box.target_logits = _signature.bind(*args, **kwargs).arguments["target_logits"]
+    return _original_rejection_sample(*args, **kwargs)
+
+
+def install() -> None:
+    if getattr(rejection_sampler.rejection_sample, _SENTINEL, False):
+        return
+    setattr(_rejection_sample, _SENTINEL, True)
+    rejection_sampler.rejection_sample = _rejection_sample
+    if not getattr(rejection_sampler.rejection_sample, _SENTINEL, False):
+        raise RuntimeError("vllm-sjd: patching rejection_sample failed")

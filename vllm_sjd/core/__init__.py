@@ -1,0 +1,1 @@
+"""Engine-free SJD math in plain torch (no vLLM import)."""

@@ -1,0 +1,66 @@
+"""Counter-based random numbers for drafting.
+
+Drafts must be exact samples from the q handed to the verifier, identical on
+every tensor-parallel rank, and reproducible for a seeded request whatever batch
+it shares. A stateful generator gives only the first. Here every random number
+is a hash of (request key, window position, slot): no state to keep in sync,
+the same on every rank, independent of batch composition.
+
+A request's window position strictly increases from step to step (each step
+commits at least one token), so no (key, position, slot) triple is used twice
+and the numbers of one step are independent of everything seen before it.
+"""
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def _as_signed64(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# splitmix64 constants (Steele, Lea, Flood 2014), as signed int64 for torch.
+_GOLDEN = _as_signed64(0x9E3779B97F4A7C15)
+_MUL1 = _as_signed64(0xBF58476D1CE4E5B9)
+_MUL2 = _as_signed64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 finaliser on an int64 tensor (wrapping arithmetic)."""
+    x = x + _GOLDEN
+    x = (x ^ _shr(x, 30)) * _MUL1
+    x = (x ^ _shr(x, 27)) * _MUL2
+    return x ^ _shr(x, 31)
+
+
+def splitmix64_reference(x: int) -> int:
+    """Pure-Python splitmix64, the specification `splitmix64` is tested against."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def key_from_seed(seed: int) -> int:
+    """A request's drafting key from its sampling seed."""
+    return _as_signed64(splitmix64_reference(splitmix64_reference(seed & _MASK64)))
+
+
+def window_uniforms(
+    keys: torch.Tensor,  # [B] int64: one key per request
+    positions: torch.Tensor,  # [B] int64: token index of the window's first draft
+    num_slots: int,
+) -> torch.Tensor:
+    """Uniform numbers in [0, 1), [B, num_slots] float64, one per draft slot."""
+    slots = torch.arange(num_slots, dtype=torch.int64, device=keys.device)
+    x = splitmix64(keys.unsqueeze(1) ^ splitmix64(positions.unsqueeze(1)))
+    x = splitmix64(x + slots.unsqueeze(0))
+    # Top 53 bits -> a double in [0, 1).
+    return _shr(x, 11).to(torch.float64) * (1.0 / (1 << 53))

@@ -1,0 +1,200 @@
+"""The SJD proposer: per-request Jacobi windows, keyed by request id.
+
+vLLM builds it as a `custom_class` proposer (`SJDProposer(vllm_config)`); the
+SJD model runner (patches/sjd_runner.py) calls `propose_window` after each step
+with that step's verified rows, and `draft_probs` before the next step's
+verification to hand q to vLLM's rejection sampler.
+
+State per request id: its drafting key (see core/rng.py) and its pending
+window (drafts and their q). Batch rows are never used as keys: the persistent
+batch reorders rows when requests come and go. The window of the requests in
+the latest step is held as two batch tensors (one gather serves the whole next
+batch); a request left out of a step keeps its window as slices.
+"""
+
+import logging
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from vllm_sjd.config import SJDConfig
+from vllm_sjd.core.rng import key_from_seed
+from vllm_sjd.core.window import StepRows, next_window
+
+logger = logging.getLogger(__name__)
+
+
+class SJDProposer:
+    """Speculative Jacobi Decoding drafts for a batch of requests.
+
+    A window is K drafts after a request's last committed token. Each step
+    re-drafts the unverified tail of the window from the rows the verifier
+    computed this step, and fills the remaining slots with initial drafts
+    (core/window.py).
+    """
+
+    def __init__(self, vllm_config) -> None:
+        spec = vllm_config.speculative_config
+        assert spec is not None, "SJDProposer needs a speculative config"
+        self.config = SJDConfig.from_additional_config(vllm_config.additional_config)
+        self.num_slots: int = spec.num_speculative_tokens
+        self.max_model_len: int = vllm_config.model_config.max_model_len
+        # [V] bool or None: tokens initial drafts may use (None: all).
+        self.allowed_tokens: torch.Tensor | None = None
+
+        self._keys: dict[str, int] = {}
+        # Latest step's windows: row of each request in the tensors below.
+        self._window_row: dict[str, int] = {}
+        self._drafts: torch.Tensor | None = None  # [B, K] int64
+        self._q: torch.Tensor | None = None  # [B, K, V] float32
+        # Windows of requests that were left out of the latest step.
+        self._carried: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # vLLM's custom_class interface --------------------------------------
+    def load_model(self, *args, **kwargs) -> None:
+        """SJD has no draft model; vLLM's CPU runner calls this regardless."""
+
+    def propose(self, *args, **kwargs) -> list[list[int]]:
+        raise RuntimeError(
+            "SJDProposer runs only under the SJD model runner; start the engine "
+            'with speculative_config={"method": "sjd", ...} and the vllm-sjd '
+            "plugin installed, without a custom --worker-cls"
+        )
+
+    # Called by the SJD model runner ---------------------------------------
+    def propose_window(
+        self,
+        req_ids: Sequence[str],
+        rows: StepRows,
+        *,
+        num_tokens: torch.Tensor,  # [B] int64: tokens so far (prompt + output)
+        seeds: Sequence[int | None],
+        greedy: torch.Tensor,  # [B] bool
+        has_output: Sequence[bool],
+    ) -> list[list[int]]:
+        """Build every request's next window; returns the drafts to schedule."""
+        keys = torch.tensor(self._request_keys(req_ids, seeds), dtype=torch.int64)
+        drafts, q = self._next_window(
+            rows, keys=keys, next_positions=num_tokens, greedy=greedy
+        )
+        self._store(req_ids, drafts, q)
+        # A window must end inside the model's context.
+        room = (self.max_model_len - num_tokens).clamp_(min=0, max=self.num_slots)
+        draft_lists = drafts.tolist()
+        return [
+            d[:r] if ok else []
+            for d, r, ok in zip(draft_lists, room.tolist(), has_output)
+        ]
+
+    def _next_window(
+        self,
+        rows: StepRows,
+        *,
+        keys: torch.Tensor,
+        next_positions: torch.Tensor,
+        greedy: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return next_window(
+            rows,
+            num_slots=self.num_slots,
+            keys=keys,
+            next_positions=next_positions,
+            greedy=greedy,
+            initial_drafts=self.config.initial_drafts,
+            allowed_tokens=self.allowed_tokens,
+        )
+
+    def draft_probs(
+        self,
+        req_ids: Sequence[str],
+        num_draft_tokens: Sequence[int],
+        draft_token_ids: torch.Tensor,  # [sum(n)] the drafts vLLM scheduled
+        vocab_size: int,
+    ) -> torch.Tensor | None:
+        """q for the scheduled drafts, [sum(n), V] float32, in batch order.
+
+        A draft without a stored q (or a different token than the one stored)
+        gets a one-hot q: still lossless, only less likely to be accepted.
+        """
+        total = int(draft_token_ids.shape[0])
+        if total == 0:
+            return None
+        device = draft_token_ids.device
+        counts = torch.tensor(num_draft_tokens, dtype=torch.int64)
+        first = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(total) - first.repeat_interleave(counts)
+        rows = [self._window_row.get(r, -1) for r in req_ids]
+        if self._q is not None and min(rows) >= 0:
+            row = torch.tensor(rows, dtype=torch.int64).repeat_interleave(counts)
+            stored_drafts = self._drafts[row, slot]
+            q = self._q[row, slot]
+        else:
+            stored_drafts, q = self._gather_slow(req_ids, num_draft_tokens, vocab_size)
+        draft_token_ids = draft_token_ids.to(torch.int64).cpu()
+        mismatch = stored_drafts != draft_token_ids
+        if bool(mismatch.any()):
+            logger.debug("SJD: %d scheduled drafts have no stored q", int(mismatch.sum()))
+            one_hot = torch.zeros_like(q).scatter_(-1, draft_token_ids[:, None], 1.0)
+            q = torch.where(mismatch[:, None], one_hot, q)
+        return q.to(device).contiguous()
+
+    def _gather_slow(self, req_ids, num_draft_tokens, vocab_size):
+        drafts, qs = [], []
+        for req_id, n in zip(req_ids, num_draft_tokens):
+            if n == 0:
+                continue
+            window = self._window(req_id)
+            if window is None:
+                drafts.append(torch.full((n,), -1, dtype=torch.int64))
+                qs.append(torch.zeros(n, vocab_size))
+            else:
+                drafts.append(window[0][:n])
+                qs.append(window[1][:n])
+        return torch.cat(drafts), torch.cat(qs)
+
+    def _window(self, req_id: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        row = self._window_row.get(req_id)
+        if row is not None:
+            return self._drafts[row], self._q[row]
+        return self._carried.get(req_id)
+
+    # State ----------------------------------------------------------------
+    def _request_keys(
+        self, req_ids: Sequence[str], seeds: Sequence[int | None]
+    ) -> list[int]:
+        keys = [self._keys.get(r) for r in req_ids]
+        for i, key in enumerate(keys):
+            if key is None:  # first step of this request
+                seed = seeds[i]
+                # Unseeded: from the global generator, which vLLM seeds alike
+                # on every rank, so all ranks draw the same key.
+                key = (
+                    key_from_seed(seed)
+                    if seed is not None
+                    else int(torch.randint(-(2**62), 2**62, ()).item())
+                )
+                self._keys[req_ids[i]] = keys[i] = key
+        return keys
+
+    def _store(self, req_ids: Sequence[str], drafts, q) -> None:
+        batch = set(req_ids)
+        for req_id, row in self._window_row.items():
+            if req_id not in batch:
+                self._carried[req_id] = (self._drafts[row].clone(), self._q[row].clone())
+        for req_id in batch.intersection(self._carried):
+            del self._carried[req_id]
+        self._window_row = {r: i for i, r in enumerate(req_ids)}
+        self._drafts, self._q = drafts, q
+
+    def evict(self, req_ids: Iterable[str]) -> None:
+        """Forget finished, aborted or preempted requests."""
+        for req_id in req_ids:
+            self._keys.pop(req_id, None)
+            self._carried.pop(req_id, None)
+            self._window_row.pop(req_id, None)
+        if not self._window_row:
+            self._drafts = self._q = None
+
+    def tracked_requests(self) -> set[str]:
+        """Request ids the proposer holds any state for."""
+        return set(self._keys) | set(self._window_row) | set(self._carried)
