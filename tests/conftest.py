@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny checkpoints and the environment vLLM's CPU build needs.
+
+Engines are expensive (about 20 s to start), so each test module builds the
+ones it needs once (module-scoped fixtures) and tears them down at its end.
+"""
+
+import gc
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Before vLLM is imported: small KV caches, and the test helpers importable in
+# vLLM's engine and worker processes (faulty proposers live in tests/).
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+)
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from tests.tiny_model import build_tiny_llama  # noqa: E402
+
+# A context-insensitive, peaked model: Jacobi drafts get accepted.
+PEAKED = dict(preference=2.0, sharpness=1.0, seed=0)
+# A context-dependent model for distribution tests: neighbouring positions have
+# different distributions, so a q from the wrong slot is visibly wrong.
+CONTEXTUAL = dict(preference=0.0, sharpness=2.0, seed=1)
+
+
+@pytest.fixture(scope="session")
+def peaked_model(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("peaked"), **PEAKED)
+
+
+@pytest.fixture(scope="session")
+def contextual_model(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("contextual"), **CONTEXTUAL)
+
+
+def make_llm(model: Path, *, sjd: dict | None = None, **kwargs):
+    """A real vLLM engine on a tiny model; `sjd` is the speculative config."""
+    from vllm import LLM
+
+    options = dict(
+        model=str(model),
+        enforce_eager=True,
+        dtype="float32",
+        max_model_len=512,
+        disable_log_stats=False,
+        seed=0,
+    )
+    if sjd is not None:
+        options["speculative_config"] = {"method": "sjd", **sjd}
+    options.update(kwargs)
+    return LLM(**options)
+
+
+def shutdown(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def spec_counters(llm) -> dict:
+    """vLLM's speculative-decoding counters, by short name."""
+    counters = {}
+    for metric in llm.get_metrics():
+        if metric.name.startswith("vllm:spec_decode"):
+            name = metric.name.removeprefix("vllm:spec_decode_")
+            counters[name] = getattr(metric, "values", None) or getattr(metric, "value", 0)
+    return counters

@@ -1,0 +1,30 @@
+"""A deliberately wrong SJD proposer, to show the losslessness test has teeth.
+
+It drafts exactly like SJDProposer but reports a wrong q to the verifier:
+- "neighbour": each slot reports the q of the next slot in the window;
+- "before_temperature": q as it was before temperature scaling (p ** T,
+  renormalised; top-k kept), i.e. the verifier and q disagree on temperature.
+A one-hot q would not be wrong (lossless for any draft), only slow.
+"""
+
+import torch
+
+from vllm_sjd.proposer import SJDProposer
+
+
+class FaultyQProposer(SJDProposer):
+    fault: str | None = None
+    temperature: float = 1.0
+
+    def set_fault(self, fault: str | None, temperature: float = 1.0) -> None:
+        assert fault in (None, "neighbour", "before_temperature")
+        self.fault, self.temperature = fault, temperature
+
+    def _next_window(self, rows, **kwargs):
+        drafts, q = super()._next_window(rows, **kwargs)
+        if self.fault == "neighbour":
+            q = torch.cat([q[:, 1:], q[:, -1:]], dim=1).contiguous()
+        elif self.fault == "before_temperature":
+            q = q.pow(self.temperature)
+            q = (q / q.sum(dim=-1, keepdim=True)).contiguous()
+        return drafts, q

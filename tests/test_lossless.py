@@ -1,0 +1,89 @@
+"""SJD samples exactly the AR distribution, and the test would notice if not.
+
+Many short continuations are sampled through the real engine with SJD and
+compared, by Pearson's chi-square at a fixed seed, with the exact AR
+distribution of the same weights (teacher forcing with transformers, same
+temperature and top-k). A proposer that reports a wrong q must fail the same
+test.
+"""
+
+import pytest
+from vllm import SamplingParams
+
+from tests.conftest import make_llm, shutdown, spec_counters
+from tests.stats import chi_square_pvalue
+from tests.tiny_model import exact_continuation_probs
+
+PROMPT = [7, 12, 30]
+LENGTH = 6
+TEMPERATURE = 0.6
+TOP_K = 2  # 2**6 = 64 outcomes
+NUM_SAMPLES = 10_000
+WINDOW = 4  # shorter than LENGTH: several verify steps, recycled drafts used
+# Sampling noise alone falls below this once in 10^4 runs; a fault goes far below.
+ALPHA = 1e-4
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def exact(contextual_model):
+    return exact_continuation_probs(
+        contextual_model, PROMPT, LENGTH, temperature=TEMPERATURE, top_k=TOP_K
+    )
+
+
+def sample(llm) -> list[tuple[int, ...]]:
+    params = SamplingParams(
+        temperature=TEMPERATURE, top_k=TOP_K, max_tokens=LENGTH, min_tokens=LENGTH,
+        ignore_eos=True,
+    )
+    outputs = llm.generate([{"prompt_token_ids": PROMPT}] * NUM_SAMPLES, params, use_tqdm=False)
+    return [tuple(o.outputs[0].token_ids) for o in outputs]
+
+
+@pytest.fixture(scope="module", params=["uniform", "last_distribution"])
+def sjd_samples(request, contextual_model):
+    llm = make_llm(
+        contextual_model,
+        sjd={"num_speculative_tokens": WINDOW, "initial_drafts": request.param},
+        max_num_seqs=256,
+    )
+    samples = sample(llm)
+    counters = spec_counters(llm)
+    shutdown(llm)
+    return samples, counters
+
+
+def test_sjd_matches_exact_ar_distribution(sjd_samples, exact):
+    samples, counters = sjd_samples
+    assert all(len(s) == LENGTH for s in samples)
+    # Drafts were verified and some accepted, so the test exercises SJD.
+    assert counters["num_drafts"] > NUM_SAMPLES
+    assert counters["num_accepted_tokens"] > 0.1 * NUM_SAMPLES
+    assert chi_square_pvalue(samples, exact) > ALPHA
+
+
+@pytest.fixture(scope="module")
+def faulty_llm(contextual_model):
+    llm = make_llm(
+        contextual_model,
+        sjd={
+            "num_speculative_tokens": WINDOW,
+            "initial_drafts": "last_distribution",
+            "proposer": "tests.faulty_proposers.FaultyQProposer",
+        },
+        max_num_seqs=256,
+    )
+    yield llm
+    shutdown(llm)
+
+
+@pytest.mark.parametrize("fault", ["neighbour", "before_temperature"])
+def test_wrong_q_fails_the_same_test(faulty_llm, exact, fault):
+    faulty_llm.collective_rpc("sjd_proposer_call", args=("set_fault", fault, TEMPERATURE))
+    try:
+        samples = sample(faulty_llm)
+    finally:
+        faulty_llm.collective_rpc("sjd_proposer_call", args=("set_fault", None))
+    assert chi_square_pvalue(samples, exact) < ALPHA
