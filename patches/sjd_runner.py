@@ -100,8 +100,10 @@ class SJDModelRunnerMixin:
     def _verified_rows(self, step: _StepLogits, sampled_token_ids, sampling_metadata):
         num_reqs = len(sampled_token_ids)
         device = step.bonus_logits.device
-        n = torch.tensor(step.num_draft_tokens, dtype=torch.int64)
-        produced = torch.tensor([len(t) for t in sampled_token_ids], dtype=torch.int64)
+        n = torch.tensor(step.num_draft_tokens, dtype=torch.int64, device=device)
+        produced = torch.tensor(
+            [len(t) for t in sampled_token_ids], dtype=torch.int64, device=device
+        )
         # a = produced - 1; a request that produced nothing keeps no rows.
         accepted = torch.where(produced > 0, produced - 1, n)
         cu_one_per_request = torch.arange(1, num_reqs + 1, device=device, dtype=torch.int32)
@@ -112,9 +114,10 @@ class SJDModelRunnerMixin:
             target_probs = bonus.new_zeros((0, bonus.shape[-1]))
         else:
             target_probs = step.target_logits.softmax(dim=-1, dtype=torch.float32)
+        # Rows stay on the model's device; so do the windows built from them.
         return StepRows(
-            target_probs=target_probs.cpu(),
-            bonus_probs=bonus.softmax(dim=-1, dtype=torch.float32).cpu(),
+            target_probs=target_probs,
+            bonus_probs=bonus.softmax(dim=-1, dtype=torch.float32),
             num_draft_tokens=n,
             num_accepted=accepted,
         )

@@ -73,9 +73,13 @@ class SJDProposer:
         has_output: Sequence[bool],
     ) -> list[list[int]]:
         """Build every request's next window; returns the drafts to schedule."""
+        device = rows.bonus_probs.device
         keys = torch.tensor(self._request_keys(req_ids, seeds), dtype=torch.int64)
         drafts, q = self._next_window(
-            rows, keys=keys, next_positions=num_tokens, greedy=greedy
+            rows,
+            keys=keys.to(device),
+            next_positions=num_tokens.to(device),
+            greedy=greedy.to(device),
         )
         self._store(req_ids, drafts, q)
         # A window must end inside the model's context.
@@ -126,17 +130,19 @@ class SJDProposer:
         rows = [self._window_row.get(r, -1) for r in req_ids]
         if self._q is not None and min(rows) >= 0:
             row = torch.tensor(rows, dtype=torch.int64).repeat_interleave(counts)
+            row, slot = row.to(self._q.device), slot.to(self._q.device)
             stored_drafts = self._drafts[row, slot]
             q = self._q[row, slot]
         else:
             stored_drafts, q = self._gather_slow(req_ids, num_draft_tokens, vocab_size)
-        draft_token_ids = draft_token_ids.to(torch.int64).cpu()
+        stored_drafts, q = stored_drafts.to(device), q.to(device)
+        draft_token_ids = draft_token_ids.to(torch.int64)
         mismatch = stored_drafts != draft_token_ids
         if bool(mismatch.any()):
             logger.debug("SJD: %d scheduled drafts have no stored q", int(mismatch.sum()))
             one_hot = torch.zeros_like(q).scatter_(-1, draft_token_ids[:, None], 1.0)
             q = torch.where(mismatch[:, None], one_hot, q)
-        return q.to(device).contiguous()
+        return q.contiguous()
 
     def _gather_slow(self, req_ids, num_draft_tokens, vocab_size):
         drafts, qs = [], []
@@ -148,8 +154,8 @@ class SJDProposer:
                 drafts.append(torch.full((n,), -1, dtype=torch.int64))
                 qs.append(torch.zeros(n, vocab_size))
             else:
-                drafts.append(window[0][:n])
-                qs.append(window[1][:n])
+                drafts.append(window[0][:n].cpu())
+                qs.append(window[1][:n].cpu())
         return torch.cat(drafts), torch.cat(qs)
 
     def _window(self, req_id: str) -> tuple[torch.Tensor, torch.Tensor] | None:
