@@ -8,7 +8,9 @@ __version__ = "0.1.0"
 
 
 def register() -> None:
-    """vLLM general plugin: install the SJD patches. Idempotent."""
+    """vLLM general plugin: install the SJD patches, register the models. Idempotent."""
+    from vllm_sjd.models import register_models
     from vllm_sjd.patches import apply_all
 
     apply_all()
+    register_models()

@@ -1,0 +1,90 @@
+"""Tiny random-weight Chameleon checkpoints in the real formats.
+
+Lumina-mGPT (architecture ChameleonXLLMXForConditionalGeneration, with its
+z_loss_weight config field) and Anole (ChameleonForConditionalGeneration), saved
+by transformers as sharded safetensors with an index, with the real key names
+(model.layers.N.self_attn.q_norm.weight, model.vqmodel.*, lm_head.weight...) and
+a vocabulary_map whose image tokens are named as Chameleon names them.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from vllm_sjd.models import chameleon_layout as layout
+
+VOCAB_SIZE = 8960  # the real 65536 shrunk, keeping every special id we use
+
+
+def image_token_name(code: int) -> str:
+    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+def vocabulary_map() -> dict[str, int]:
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    vocab.update({image_token_name(c): layout.CODE_LOW + c for c in range(8192)})
+    vocab.update({"<eoss>": layout.IMAGE_END, "<racm3:break>": layout.IMAGE_START,
+                  "<image>": 8711, "<reserved08799>": layout.END_OF_LINE})
+    return vocab
+
+
+def build_tiny_chameleon(path: Path, *, lumina: bool = True, seed: int = 0,
+                         swin_norm: bool = False, sharpness: float = 1.0) -> Path:
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    config = ChameleonConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        swin_norm=swin_norm,
+        vocabulary_map=vocabulary_map(),
+        vq_config=dict(embed_dim=8, num_embeddings=8192, latent_channels=8, resolution=32,
+                       base_channels=32, channel_multiplier=[1, 2], num_res_blocks=1,
+                       attn_resolutions=[]),
+        tie_word_embeddings=False,
+    )
+    model = ChameleonForConditionalGeneration(config).to(torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "vqmodel" in name:
+                continue
+            if name.endswith("norm.weight"):
+                param.normal_(1.0, 0.2)  # non-trivial affine norms, q_norm/k_norm too
+            elif name.endswith("norm.bias"):
+                param.normal_(0.0, 0.2)
+            elif param.dim() > 1:
+                param.normal_(0.0, param.shape[-1] ** -0.5)
+        model.lm_head.weight.mul_(sharpness)
+    model.save_pretrained(path, safe_serialization=True, max_shard_size="1MB")
+    config_file = path / "config.json"
+    saved = json.loads(config_file.read_text())
+    if lumina:
+        saved["architectures"] = ["ChameleonXLLMXForConditionalGeneration"]
+        saved["z_loss_weight"] = 1e-5
+    else:
+        saved["architectures"] = ["ChameleonForConditionalGeneration"]
+    saved["torch_dtype"] = "float32"
+    config_file.write_text(json.dumps(saved, indent=2))
+    return path
+
+
+def reference_logits(path: Path, token_ids: list[int]) -> torch.Tensor:
+    """[len, V] logits of transformers' Chameleon on the same weights.
+
+    transformers' ChameleonForConditionalGeneration.forward sets image-token
+    logits to the dtype minimum; the decoder's hidden states through lm_head
+    are the unmasked logits.
+    """
+    from transformers import ChameleonForConditionalGeneration
+
+    model = ChameleonForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hidden = model.model(input_ids=torch.tensor([token_ids])).last_hidden_state
+        return model.lm_head(hidden)[0]

@@ -1,0 +1,87 @@
+"""Image layout and prompt of the Chameleon family (Lumina-mGPT, Anole).
+
+Token facts from Lumina-mGPT's item processor and generation code: image codes
+are BPE ids 4..8195 (8192 VQGAN codes, 16x downsampling); an image is
+`<racm3:break>` (8197), a height and a width token `<reserved{8800+n}>`
+(id 8804 + n, n = size in 32-px units), then H/16 rows of W/16 codes each
+closed by `<reserved08799>` (8803), then `<eoss>` (8196). Sizes come from
+Lumina-mGPT's bucket list for the checkpoint's target size (areas up to
+target^2 in 32-px steps, aspect ratio at most 4).
+"""
+
+from functools import cached_property
+
+from vllm_sjd.models.layout import ImageGrid, UnsupportedImageSize, supported_sizes_message
+
+IMAGE_START = 8197  # <racm3:break>
+IMAGE_END = 8196  # <eoss>
+END_OF_LINE = 8803  # <reserved08799>
+SIZE_TOKEN_BASE = 8804  # <reserved08800> + n: n units of 32 px
+END_OF_TURN = 8710  # EOS of an answer
+CODE_LOW, CODE_HIGH = 4, 8196  # image BPE ids [4, 8196)
+SIZE_UNIT = 32  # px per size token unit
+DOWNSAMPLE = 16  # VQGAN: px per code
+MAX_ASPECT = 4.0
+
+PROMPT_TEMPLATE = "Generate an image of {width}x{height} according to the following prompt:\n{prompt}"
+
+
+def bucket_sizes(target_size: int) -> list[tuple[int, int]]:
+    """(width, height) buckets of a Lumina-mGPT checkpoint trained at target_size."""
+    budget = round((target_size / SIZE_UNIT) ** 2)
+    sizes = []
+    wide, high = budget, 1
+    while wide > 0:
+        if max(wide, high) / min(wide, high) <= MAX_ASPECT:
+            sizes.append((wide * SIZE_UNIT, high * SIZE_UNIT))
+        if (high + 1) * wide <= budget:
+            high += 1
+        else:
+            wide -= 1
+    return sizes
+
+
+class ChameleonImageLayout:
+    """Lumina-mGPT's image layout for a checkpoint trained at `target_size` px."""
+
+    family = "chameleon"
+    default_guidance_scale = 3.0
+    default_top_k = 2000
+
+    def __init__(self, target_size: int = 768):
+        if target_size % SIZE_UNIT:
+            raise ValueError(f"target_size must be a multiple of {SIZE_UNIT}, got {target_size}")
+        self.target_size = target_size
+
+    @cached_property
+    def sizes(self) -> list[tuple[int, int]]:
+        return bucket_sizes(self.target_size)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        return (self.target_size, self.target_size)
+
+    def grid(self, width: int, height: int) -> ImageGrid:
+        if (width, height) not in self.sizes:
+            raise UnsupportedImageSize(
+                f"size {width}x{height} is not supported by this model; supported "
+                f"sizes: {supported_sizes_message(self.sizes)}"
+            )
+        return ImageGrid(
+            width=width,
+            height=height,
+            rows=height // DOWNSAMPLE,
+            cols=width // DOWNSAMPLE,
+            header=(
+                IMAGE_START,
+                SIZE_TOKEN_BASE + height // SIZE_UNIT,
+                SIZE_TOKEN_BASE + width // SIZE_UNIT,
+            ),
+            row_end=END_OF_LINE,
+            trailer=(IMAGE_END,),
+            code_low=CODE_LOW,
+            code_high=CODE_HIGH,
+        )
+
+    def prompt(self, text: str, width: int, height: int) -> str:
+        return PROMPT_TEMPLATE.format(width=width, height=height, prompt=text)

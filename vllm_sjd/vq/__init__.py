@@ -1,0 +1,1 @@
+"""VQ decoders: image-token grids to pixels."""
