@@ -3,8 +3,9 @@
 Subclasses vllm.v1.worker.gpu_model_runner.GPUModelRunner (GPU) and
 vllm.v1.worker.cpu_model_runner.CPUModelRunner (CPU), overriding (worker
 process; checked on vLLM 0.32.0):
-- `_sample`: keeps this step's verified rows (the processed target logits,
-  captured by patches/verified_logits.py, and the bonus rows);
+- `_sample`: masks each row to what an image request's layout allows at its
+  absolute position, then keeps this step's verified rows (the processed
+  target logits, captured by patches/verified_logits.py, and the bonus rows);
 - `propose_draft_token_ids`: hands them, with the request ids, the accepted
   counts and the positions, to the SJD proposer;
 - `_get_spec_decode_draft_probs`: gives the rejection sampler q from the
@@ -48,8 +49,32 @@ class SJDModelRunnerMixin:
             )
         self._sjd_step: _StepLogits | None = None
 
+    def _layout_entries(self, req_ids):
+        return self.drafter.layouts.lookup(
+            req_ids,
+            lambda r: self.requests[r].sampling_params.extra_args,
+            lambda r: self.requests[r].num_prompt_tokens,
+        )
+
+    def _apply_layout(self, logits, spec_decode_metadata) -> None:
+        """Mask each row to the tokens its absolute position may hold (image requests)."""
+        num_reqs = self.input_batch.num_reqs
+        entries = self._layout_entries(self.input_batch.req_ids[:num_reqs])
+        if spec_decode_metadata is None:
+            counts = torch.ones(num_reqs, dtype=torch.int64)
+        else:
+            counts = torch.tensor(spec_decode_metadata.num_draft_tokens, dtype=torch.int64) + 1
+        # Row j of a request predicts token index num_tokens_no_spec + j.
+        first = torch.from_numpy(self.input_batch.num_tokens_no_spec[:num_reqs].astype("int64"))
+        mask = self.drafter.layouts.row_masks(
+            entries, first, counts, logits.shape[-1], logits.device
+        )
+        if mask is not None:
+            logits.masked_fill_(~mask, float("-inf"))
+
     def _sample(self, logits, spec_decode_metadata):
         num_reqs = self.input_batch.num_reqs
+        self._apply_layout(logits, spec_decode_metadata)
         if spec_decode_metadata is None:
             bonus_logits = logits[:num_reqs].clone()  # the sampler may edit in place
             num_draft_tokens = [0] * num_reqs
@@ -86,15 +111,25 @@ class SJDModelRunnerMixin:
         req_ids = list(self.input_batch.req_ids)
         num_reqs = len(req_ids)
         rows = self._verified_rows(step, sampled_token_ids, sampling_metadata)
+        num_tokens = torch.from_numpy(
+            self.input_batch.num_tokens_no_spec[:num_reqs].astype("int64")
+        )
+        num_slots = self.drafter.num_slots
+        allowed = self.drafter.layouts.row_masks(
+            self._layout_entries(req_ids),
+            num_tokens,
+            torch.full((num_reqs,), num_slots, dtype=torch.int64),
+            step.bonus_logits.shape[-1],
+            step.bonus_logits.device,
+        )
         return self.drafter.propose_window(
             req_ids,
             rows,
-            num_tokens=torch.from_numpy(
-                self.input_batch.num_tokens_no_spec[:num_reqs].astype("int64")
-            ),
+            num_tokens=num_tokens,
             seeds=[self.requests[r].sampling_params.seed for r in req_ids],
             greedy=_greedy_mask(sampling_metadata, num_reqs),
             has_output=[len(t) > 0 for t in sampled_token_ids],
+            allowed=None if allowed is None else allowed.view(num_reqs, num_slots, -1),
         )
 
     def _verified_rows(self, step: _StepLogits, sampled_token_ids, sampling_metadata):

@@ -73,3 +73,19 @@ def spec_counters(llm) -> dict:
             name = metric.name.removeprefix("vllm:spec_decode_")
             counters[name] = getattr(metric, "values", None) or getattr(metric, "value", 0)
     return counters
+
+
+def sjd_state_after_idle(llm, timeout: float = 10.0) -> list[list[str]]:
+    """Request ids the SJD proposers still hold once the engine has gone idle.
+
+    The engine core tells the workers about finished requests on the step
+    after they finish, which it runs on its own; poll until that has happened.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        state = llm.collective_rpc("sjd_tracked_requests")
+        if all(not ids for ids in state) or time.monotonic() > deadline:
+            return state
+        time.sleep(0.2)

@@ -99,10 +99,32 @@ def test_uniform_initial_drafts_respect_the_allowed_tokens():
         next_positions=torch.tensor([3, 3]),
         greedy=torch.zeros(2, dtype=torch.bool),
         initial_drafts="uniform",
-        allowed_tokens=allowed,
+        allowed=allowed,
     )
     assert set(drafts.flatten().tolist()) <= {5, 9, 33}
     assert torch.allclose(q[0, 0][allowed], torch.full((3,), 1 / 3))
+
+
+@pytest.mark.parametrize("initial", ["uniform", "last_distribution"])
+def test_per_slot_constraints_force_tokens_in_fresh_slots(initial):
+    # Slot 1 of every window is forced to token 7; the others allow 20..39.
+    allowed = torch.zeros(2, 3, 40, dtype=torch.bool)
+    allowed[:, :, 20:] = True
+    allowed[:, 1, :] = False
+    allowed[:, 1, 7] = True
+    drafts, q = next_window(
+        _rows(40, n=[0, 0], a=[0, 0]),
+        num_slots=3,
+        keys=torch.tensor([4, 5]),
+        next_positions=torch.tensor([3, 3]),
+        greedy=torch.zeros(2, dtype=torch.bool),
+        initial_drafts=initial,
+        allowed=allowed,
+    )
+    assert drafts[:, 1].tolist() == [7, 7]
+    assert torch.all(q[:, 1, 7] == 1.0)
+    assert torch.all(drafts[:, [0, 2]] >= 20)
+    assert torch.allclose(q.sum(-1), torch.ones(2, 3))
 
 
 def test_greedy_requests_draft_the_argmax_with_one_hot_q():

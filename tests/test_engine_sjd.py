@@ -3,7 +3,7 @@
 import pytest
 from vllm import SamplingParams
 
-from tests.conftest import make_llm, shutdown, spec_counters
+from tests.conftest import make_llm, shutdown, sjd_state_after_idle, spec_counters
 from tests.tiny_model import greedy_continuation
 
 pytestmark = pytest.mark.engine
@@ -129,6 +129,4 @@ def test_no_state_left_after_finished_and_aborted_requests(llm):
     while engine.has_unfinished_requests():
         finished.update(o.request_id for o in engine.step() if o.finished)
     assert len(finished) == 16
-    # The engine core flushes finished ids to the workers on its next step.
-    llm.generate([{"prompt_token_ids": [5]}], fixed_length(2), use_tqdm=False)
-    assert llm.collective_rpc("sjd_tracked_requests") == [[]]
+    assert sjd_state_after_idle(llm) == [[]]

@@ -3,7 +3,7 @@
 import pytest
 from vllm import SamplingParams
 
-from tests.conftest import make_llm, shutdown
+from tests.conftest import make_llm, shutdown, sjd_state_after_idle
 from tests.tiny_model import greedy_continuation
 
 pytestmark = pytest.mark.engine
@@ -43,5 +43,4 @@ def test_preempted_requests_resume_without_corruption(small_cache_llm, peaked_mo
     assert preemptions(small_cache_llm) > 0
     for prompt, output in zip(prompts, outputs):
         assert list(output.outputs[0].token_ids) == greedy_continuation(peaked_model, prompt, 150)
-    small_cache_llm.generate([{"prompt_token_ids": [5]}], SamplingParams(max_tokens=2), use_tqdm=False)
-    assert small_cache_llm.collective_rpc("sjd_tracked_requests") == [[]]
+    assert sjd_state_after_idle(small_cache_llm) == [[]]

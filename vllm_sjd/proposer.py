@@ -20,6 +20,7 @@ import torch
 from vllm_sjd.config import SJDConfig
 from vllm_sjd.core.rng import key_from_seed
 from vllm_sjd.core.window import StepRows, next_window
+from vllm_sjd.layout_constraints import LayoutConstraints
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +40,10 @@ class SJDProposer:
         self.config = SJDConfig.from_additional_config(vllm_config.additional_config)
         self.num_slots: int = spec.num_speculative_tokens
         self.max_model_len: int = vllm_config.model_config.max_model_len
-        # [V] bool or None: tokens initial drafts may use (None: all).
-        self.allowed_tokens: torch.Tensor | None = None
 
         self._keys: dict[str, int] = {}
+        # Image layouts of the requests that have one.
+        self.layouts = LayoutConstraints()
         # Latest step's windows: row of each request in the tensors below.
         self._window_row: dict[str, int] = {}
         self._drafts: torch.Tensor | None = None  # [B, K] int64
@@ -71,6 +72,7 @@ class SJDProposer:
         seeds: Sequence[int | None],
         greedy: torch.Tensor,  # [B] bool
         has_output: Sequence[bool],
+        allowed: torch.Tensor | None = None,  # [B, K, V] bool: tokens each slot may hold
     ) -> list[list[int]]:
         """Build every request's next window; returns the drafts to schedule."""
         device = rows.bonus_probs.device
@@ -80,6 +82,7 @@ class SJDProposer:
             keys=keys.to(device),
             next_positions=num_tokens.to(device),
             greedy=greedy.to(device),
+            allowed=allowed,
         )
         self._store(req_ids, drafts, q)
         # A window must end inside the model's context.
@@ -97,6 +100,7 @@ class SJDProposer:
         keys: torch.Tensor,
         next_positions: torch.Tensor,
         greedy: torch.Tensor,
+        allowed: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return next_window(
             rows,
@@ -105,7 +109,7 @@ class SJDProposer:
             next_positions=next_positions,
             greedy=greedy,
             initial_drafts=self.config.initial_drafts,
-            allowed_tokens=self.allowed_tokens,
+            allowed=allowed,
         )
 
     def draft_probs(
@@ -194,10 +198,12 @@ class SJDProposer:
 
     def evict(self, req_ids: Iterable[str]) -> None:
         """Forget finished, aborted or preempted requests."""
+        req_ids = list(req_ids)
         for req_id in req_ids:
             self._keys.pop(req_id, None)
             self._carried.pop(req_id, None)
             self._window_row.pop(req_id, None)
+        self.layouts.evict(req_ids)
         if not self._window_row:
             self._drafts = self._q = None
 
@@ -212,4 +218,9 @@ class SJDProposer:
 
     def tracked_requests(self) -> set[str]:
         """Request ids the proposer holds any state for."""
-        return set(self._keys) | set(self._window_row) | set(self._carried)
+        return (
+            set(self._keys)
+            | set(self._window_row)
+            | set(self._carried)
+            | self.layouts.tracked_requests()
+        )

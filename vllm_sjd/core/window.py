@@ -62,10 +62,13 @@ def next_window(
     next_positions: torch.Tensor,  # [B] int64: token index of the first new draft
     greedy: torch.Tensor,  # [B] bool: temperature-0 requests
     initial_drafts: InitialDrafts,
-    allowed_tokens: torch.Tensor | None = None,  # [V] bool; None: all tokens
+    allowed: torch.Tensor | None = None,  # bool, [V] or [B, K, V]; None: all tokens
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The next window of every request: drafts [B, K] int64 and q [B, K, V] float32.
 
+    `allowed` restricts initial drafts per slot (an image layout's forced and
+    code-only positions). Recycled slots need no restriction: their rows were
+    masked at the same absolute positions before verification.
     For greedy requests the drafts are the argmax of the model's rows (plain
     Jacobi decoding) and q is one-hot, which the greedy verifier ignores.
     """
@@ -91,14 +94,21 @@ def next_window(
     source = torch.where(recycled, source, bonus_row)
     q = all_rows[source]  # [B, K, V]
 
-    if initial_drafts == "uniform":
-        if allowed_tokens is None:
-            uniform = torch.full((vocab_size,), 1.0 / vocab_size, device=device)
-        else:
-            uniform = allowed_tokens.to(torch.float32) / allowed_tokens.sum()
-        q = torch.where(recycled[:, :, None], q, uniform)
-    elif initial_drafts != "last_distribution":
+    if allowed is None:
+        uniform = torch.full((vocab_size,), 1.0 / vocab_size, device=device)
+    else:
+        weights = allowed.to(torch.float32)
+        uniform = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    if initial_drafts == "last_distribution":
+        fresh = q if allowed is None else q * allowed
+        total = fresh.sum(dim=-1, keepdim=True)
+        # Where the newest row puts no mass on the allowed tokens, go uniform.
+        fresh = torch.where(total > 0, fresh / total.clamp_min(1e-30), uniform)
+    elif initial_drafts == "uniform":
+        fresh = uniform
+    else:
         raise ValueError(f"unknown initial_drafts {initial_drafts!r}")
+    q = torch.where(recycled[:, :, None], q, fresh)
 
     u = window_uniforms(keys, next_positions, num_slots)
     drafts = sample_inverse_cdf(q, u)

@@ -1,0 +1,100 @@
+"""A tiny Lumina-mGPT-shaped model, served by vLLM with SJD, turns a prompt into an image."""
+
+import pytest
+from transformers import ChameleonVQVAEConfig
+
+from tests.conftest import make_llm, shutdown, sjd_state_after_idle, spec_counters
+from tests.tiny_chameleon import build_tiny_chameleon, vocabulary_map
+from vllm_sjd.image_generation import decode_image, image_sampling_params
+from vllm_sjd.models.chameleon_layout import ChameleonImageLayout
+from vllm_sjd.vq.chameleon_vqgan import BPEToCodebook, ChameleonVQGANDecoder
+
+pytestmark = pytest.mark.engine
+
+LAYOUT = ChameleonImageLayout(target_size=256)
+PROMPT_IDS = [1, 300, 301, 302, 8710]  # token ids of a templated prompt
+
+
+@pytest.fixture(scope="module")
+def lumina(tmp_path_factory):
+    return build_tiny_chameleon(tmp_path_factory.mktemp("lumina"), sharpness=3.0)
+
+
+@pytest.fixture(scope="module")
+def vq():
+    # 16x downsampling like Chameleon's VQGAN, tiny channels.
+    config = ChameleonVQVAEConfig(
+        embed_dim=8, num_embeddings=8192, latent_channels=8, resolution=256,
+        base_channels=32, channel_multiplier=[1, 1, 1, 1, 1], num_res_blocks=1,
+        attn_resolutions=[16],
+    )
+    return ChameleonVQGANDecoder(config), BPEToCodebook.from_vocab(vocabulary_map(), 8192)
+
+
+@pytest.fixture(scope="module")
+def sjd_llm(lumina):
+    llm = make_llm(lumina, sjd={"num_speculative_tokens": 8}, skip_tokenizer_init=True,
+                   max_model_len=1024)
+    yield llm
+    shutdown(llm)
+
+
+def sizes_to_try():
+    square = (256, 256)
+    other = next((w, h) for w, h in LAYOUT.sizes if w != h and w * h <= 256 * 256 and min(w, h) >= 128)
+    return [square, other]
+
+
+@pytest.mark.parametrize("size", sizes_to_try())
+def test_sjd_turns_a_prompt_into_an_image_of_the_requested_size(sjd_llm, vq, size):
+    decoder, to_codebook = vq
+    grid = LAYOUT.grid(*size)
+    before = spec_counters(sjd_llm)
+    outputs = sjd_llm.generate(
+        [{"prompt_token_ids": PROMPT_IDS}] * 2,
+        [image_sampling_params(grid, temperature=1.0, top_k=2000, seed=s) for s in (1, 2)],
+        use_tqdm=False,
+    )
+    after = spec_counters(sjd_llm)
+    for output in outputs:
+        tokens = output.outputs[0].token_ids
+        assert len(tokens) == grid.num_tokens
+        codes = grid.codes(tokens)  # raises if any forced token is wrong
+        assert codes.shape == (grid.rows, grid.cols)
+        image = decode_image(tokens, grid, to_codebook, decoder)
+        assert image.size == size and image.mode == "RGB"
+    # Forced header / end-of-line / end-of-image slots are drafted exactly, so
+    # drafts are accepted even on a random model.
+    assert after["num_accepted_tokens"] > before.get("num_accepted_tokens", 0)
+
+
+def test_greedy_image_is_reproducible_and_layout_valid(sjd_llm):
+    grid = LAYOUT.grid(256, 256)
+    params = image_sampling_params(grid, temperature=0)
+    first, second = (
+        sjd_llm.generate([{"prompt_token_ids": PROMPT_IDS}], params, use_tqdm=False)[0]
+        for _ in range(2)
+    )
+    assert first.outputs[0].token_ids == second.outputs[0].token_ids
+    grid.codes(first.outputs[0].token_ids)
+    assert sjd_state_after_idle(sjd_llm) == [[]]
+
+
+def test_plain_ar_with_the_layout_processor_gives_valid_images(lumina, vq):
+    from vllm_sjd.layout_logits_processor import LayoutLogitsProcessor
+
+    decoder, to_codebook = vq
+    llm = make_llm(lumina, skip_tokenizer_init=True, max_model_len=1024,
+                   logits_processors=[LayoutLogitsProcessor])
+    try:
+        grids = [LAYOUT.grid(*size) for size in sizes_to_try()]
+        outputs = llm.generate(
+            [{"prompt_token_ids": PROMPT_IDS}] * 2,
+            [image_sampling_params(g, temperature=1.0, top_k=2000, seed=3) for g in grids],
+            use_tqdm=False,
+        )
+    finally:
+        shutdown(llm)
+    for grid, output in zip(grids, outputs):
+        image = decode_image(output.outputs[0].token_ids, grid, to_codebook, decoder)
+        assert image.size == (grid.width, grid.height)

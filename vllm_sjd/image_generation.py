@@ -1,0 +1,55 @@
+"""From a prompt to an image: sampling parameters for a grid, tokens to pixels.
+
+`image_sampling_params` makes a request generate exactly one image of the
+grid's layout (the SJD runner, or `LayoutLogitsProcessor` without SJD, enforces
+the layout per position); `decode_image` turns the generated tokens into a PIL
+image with a family's VQ decoder.
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from PIL import Image
+from vllm import SamplingParams
+
+from vllm_sjd.layout_constraints import image_extra_args
+from vllm_sjd.models.layout import ImageGrid
+
+
+def image_sampling_params(
+    grid: ImageGrid,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=grid.num_tokens,
+        min_tokens=grid.num_tokens,
+        ignore_eos=True,
+        temperature=temperature,
+        top_k=top_k if top_k is not None else 0,
+        top_p=top_p,
+        seed=seed,
+        extra_args=image_extra_args(grid),
+    )
+
+
+def decode_image(
+    tokens: Sequence[int],
+    grid: ImageGrid,
+    to_codebook: Callable[[torch.Tensor], torch.Tensor],
+    decoder,
+) -> Image.Image:
+    """Generated tokens -> the [rows, cols] codes -> pixels (grid.width x grid.height)."""
+    codes = to_codebook(grid.codes(tokens))
+    with torch.no_grad():
+        pixels = decoder.decode(codes.unsqueeze(0))
+    image = decoder.to_pil(pixels)[0]
+    if image.size != (grid.width, grid.height):
+        raise ValueError(
+            f"the VQ decoder made a {image.size[0]}x{image.size[1]} image for a "
+            f"{grid.width}x{grid.height} grid; its downsampling does not match the layout"
+        )
+    return image
