@@ -66,3 +66,19 @@ def test_prompt_template():
     assert cl.ChameleonImageLayout().prompt("a cat", 768, 512) == (
         "Generate an image of 768x512 according to the following prompt:\na cat"
     )
+
+
+def test_anole_layout_is_chameleons_1024_code_block():
+    from vllm_sjd.models import image_layout_for
+
+    layout = image_layout_for("ChameleonForConditionalGeneration")
+    grid = layout.grid(512, 512)
+    assert grid.num_tokens == 1 + 1024 + 1
+    forced, low, high = grid.constraints(torch.arange(grid.num_tokens))
+    assert forced[0] == cl.IMAGE_START and forced[-1] == cl.IMAGE_END
+    assert (forced[1:-1] == FREE).all()
+    with pytest.raises(UnsupportedImageSize, match="supported sizes: 512x512"):
+        layout.grid(768, 768)
+    assert image_layout_for("ChameleonXLLMXForConditionalGeneration", 512).sizes == cl.bucket_sizes(512)
+    with pytest.raises(ValueError, match="no image layout"):
+        image_layout_for("LlamaForCausalLM")

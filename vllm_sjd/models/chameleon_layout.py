@@ -1,4 +1,4 @@
-"""Image layout and prompt of the Chameleon family (Lumina-mGPT, Anole).
+"""Image layouts and prompts of the Chameleon family (Lumina-mGPT, Anole).
 
 Token facts from Lumina-mGPT's item processor and generation code: image codes
 are BPE ids 4..8195 (8192 VQGAN codes, 16x downsampling); an image is
@@ -7,6 +7,10 @@ are BPE ids 4..8195 (8192 VQGAN codes, 16x downsampling); an image is
 closed by `<reserved08799>` (8803), then `<eoss>` (8196). Sizes come from
 Lumina-mGPT's bucket list for the checkpoint's target size (areas up to
 target^2 in 32-px steps, aspect ratio at most 4).
+
+Anole keeps Chameleon's own image format (transformers' ChameleonProcessor):
+`<racm3:break>`, 1024 codes (32x32 at 512 px, no size or end-of-line
+tokens), `<eoss>`.
 """
 
 from functools import cached_property
@@ -85,3 +89,34 @@ class ChameleonImageLayout:
 
     def prompt(self, text: str, width: int, height: int) -> str:
         return PROMPT_TEMPLATE.format(width=width, height=height, prompt=text)
+
+
+class AnoleImageLayout:
+    """Chameleon's own image format, as Anole generates it: 512x512 only."""
+
+    family = "chameleon"
+    default_guidance_scale = 3.0
+    default_top_k = 2000
+    sizes = [(512, 512)]
+    default_size = (512, 512)
+
+    def grid(self, width: int, height: int) -> ImageGrid:
+        if (width, height) not in self.sizes:
+            raise UnsupportedImageSize(
+                f"size {width}x{height} is not supported by this model; supported "
+                f"sizes: {supported_sizes_message(self.sizes)}"
+            )
+        return ImageGrid(
+            width=width,
+            height=height,
+            rows=height // DOWNSAMPLE,
+            cols=width // DOWNSAMPLE,
+            header=(IMAGE_START,),
+            row_end=None,
+            trailer=(IMAGE_END,),
+            code_low=CODE_LOW,
+            code_high=CODE_HIGH,
+        )
+
+    def prompt(self, text: str, width: int, height: int) -> str:
+        return text
