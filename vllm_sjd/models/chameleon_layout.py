@@ -15,7 +15,7 @@ tokens), `<eoss>`.
 
 from functools import cached_property
 
-from vllm_sjd.models.layout import ImageGrid, UnsupportedImageSize, supported_sizes_message
+from vllm_sjd.models.layout import ImageGrid, require_supported
 
 IMAGE_START = 8197  # <racm3:break>
 IMAGE_END = 8196  # <eoss>
@@ -48,10 +48,6 @@ def bucket_sizes(target_size: int) -> list[tuple[int, int]]:
 class ChameleonImageLayout:
     """Lumina-mGPT's image layout for a checkpoint trained at `target_size` px."""
 
-    family = "chameleon"
-    default_guidance_scale = 3.0
-    default_top_k = 2000
-
     def __init__(self, target_size: int = 768):
         if target_size % SIZE_UNIT:
             raise ValueError(f"target_size must be a multiple of {SIZE_UNIT}, got {target_size}")
@@ -66,11 +62,7 @@ class ChameleonImageLayout:
         return (self.target_size, self.target_size)
 
     def grid(self, width: int, height: int) -> ImageGrid:
-        if (width, height) not in self.sizes:
-            raise UnsupportedImageSize(
-                f"size {width}x{height} is not supported by this model; supported "
-                f"sizes: {supported_sizes_message(self.sizes)}"
-            )
+        require_supported(self.sizes, width, height)
         return ImageGrid(
             width=width,
             height=height,
@@ -94,18 +86,11 @@ class ChameleonImageLayout:
 class AnoleImageLayout:
     """Chameleon's own image format, as Anole generates it: 512x512 only."""
 
-    family = "chameleon"
-    default_guidance_scale = 3.0
-    default_top_k = 2000
     sizes = [(512, 512)]
     default_size = (512, 512)
 
     def grid(self, width: int, height: int) -> ImageGrid:
-        if (width, height) not in self.sizes:
-            raise UnsupportedImageSize(
-                f"size {width}x{height} is not supported by this model; supported "
-                f"sizes: {supported_sizes_message(self.sizes)}"
-            )
+        require_supported(self.sizes, width, height)
         return ImageGrid(
             width=width,
             height=height,

@@ -101,5 +101,10 @@ class ImageGrid:
         return body.view(self.rows, self.row_stride)[:, : self.cols]
 
 
-def supported_sizes_message(sizes: Sequence[tuple[int, int]]) -> str:
-    return ", ".join(f"{w}x{h}" for w, h in sizes)
+def require_supported(sizes: Sequence[tuple[int, int]], width: int, height: int) -> None:
+    """Raise UnsupportedImageSize, listing `sizes`, unless width x height is one."""
+    if (width, height) not in sizes:
+        listed = ", ".join(f"{w}x{h}" for w, h in sizes)
+        raise UnsupportedImageSize(
+            f"size {width}x{height} is not supported by this model; supported sizes: {listed}"
+        )
