@@ -4,9 +4,9 @@ import pytest
 from transformers import ChameleonVQVAEConfig
 
 from tests.conftest import make_llm, shutdown, sjd_state_after_idle, spec_counters
-from tests.tiny_chameleon import build_tiny_chameleon, vocabulary_map
+from tests.tiny_chameleon import FIRST_WORD_ID, WORDS, build_tiny_chameleon, vocabulary_map
 from vllm_sjd.image_generation import decode_image, image_sampling_params
-from vllm_sjd.models.chameleon_layout import ChameleonImageLayout
+from vllm_sjd.models.chameleon_layout import END_OF_TURN, ChameleonImageLayout
 from vllm_sjd.vq.chameleon_vqgan import BPEToCodebook, ChameleonVQGANDecoder
 
 pytestmark = pytest.mark.engine
@@ -33,8 +33,7 @@ def vq():
 
 @pytest.fixture(scope="module")
 def sjd_llm(lumina):
-    llm = make_llm(lumina, sjd={"num_speculative_tokens": 8}, skip_tokenizer_init=True,
-                   max_model_len=1024)
+    llm = make_llm(lumina, sjd={"num_speculative_tokens": 8}, max_model_len=1024)
     yield llm
     shutdown(llm)
 
@@ -49,14 +48,21 @@ def sizes_to_try():
 def test_sjd_turns_a_prompt_into_an_image_of_the_requested_size(sjd_llm, vq, size):
     decoder, to_codebook = vq
     grid = LAYOUT.grid(*size)
+    prompt = LAYOUT.prompt("a red circle on a black background", *size)
     before = spec_counters(sjd_llm)
     outputs = sjd_llm.generate(
-        [{"prompt_token_ids": PROMPT_IDS}] * 2,
+        [prompt] * 2,
         [image_sampling_params(grid, temperature=1.0, top_k=2000, seed=s) for s in (1, 2)],
         use_tqdm=False,
     )
     after = spec_counters(sjd_llm)
     for output in outputs:
+        # The template reached the model through the tokenizer.
+        words = "a red circle on a black background".split()
+        assert output.prompt_token_ids[-8:] == [FIRST_WORD_ID + WORDS.index(w) for w in words] + [
+            END_OF_TURN
+        ]
+        assert FIRST_WORD_ID + WORDS.index("Generate") in output.prompt_token_ids
         tokens = output.outputs[0].token_ids
         assert len(tokens) == grid.num_tokens
         codes = grid.codes(tokens)  # raises if any forced token is wrong

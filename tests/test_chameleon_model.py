@@ -49,3 +49,24 @@ def test_logits_match_transformers(variant, tmp_path):
     # Image codes can be generated: the greedy next token is the reference argmax,
     # whichever range it falls in.
     assert output.outputs[0].token_ids[0] == int(expected[-1].argmax())
+
+
+def test_tensor_parallel_2_gives_the_reference_greedy_tokens(tmp_path):
+    path = build_tiny_chameleon(tmp_path / "tp", lumina=True, seed=3)
+    expected, tokens = [], list(PROMPT)
+    for _ in range(12):
+        tokens.append(int(reference_logits(path, tokens)[-1].argmax()))
+    expected = tokens[len(PROMPT):]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+        llm = make_llm(path, skip_tokenizer_init=True, max_model_len=256,
+                       tensor_parallel_size=2)
+    try:
+        output = llm.generate(
+            [{"prompt_token_ids": PROMPT}],
+            SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+            use_tqdm=False,
+        )[0]
+    finally:
+        shutdown(llm)
+    assert list(output.outputs[0].token_ids) == expected

@@ -64,7 +64,7 @@ def test_unsupported_size_lists_the_supported_ones():
 
 def test_prompt_template():
     assert cl.ChameleonImageLayout().prompt("a cat", 768, 512) == (
-        "Generate an image of 768x512 according to the following prompt:\na cat"
+        "Generate an image of 768x512 according to the following prompt:\na cat<reserved08706>"
     )
 
 

@@ -13,6 +13,8 @@ from vllm import SamplingParams
 from tests.conftest import make_llm, shutdown, spec_counters
 from tests.stats import chi_square_pvalue
 from tests.tiny_model import exact_continuation_probs
+from vllm_sjd.layout_constraints import image_extra_args
+from vllm_sjd.models.layout import ImageGrid
 
 PROMPT = [7, 12, 30]
 LENGTH = 6
@@ -26,6 +28,12 @@ ALPHA = 1e-4
 pytestmark = pytest.mark.engine
 
 
+# A toy image layout on the 64-token vocabulary: start token, 2 rows of 2 codes
+# from [10, 30) each closed by end-of-line, end token: 8 tokens, 4 of them free.
+GRID = ImageGrid(width=32, height=32, rows=2, cols=2, header=(5,), row_end=7,
+                 trailer=(9,), code_low=10, code_high=30)
+
+
 @pytest.fixture(scope="module")
 def exact(contextual_model):
     return exact_continuation_probs(
@@ -33,10 +41,19 @@ def exact(contextual_model):
     )
 
 
-def sample(llm) -> list[tuple[int, ...]]:
+@pytest.fixture(scope="module")
+def exact_with_layout(contextual_model):
+    return exact_continuation_probs(
+        contextual_model, PROMPT, GRID.num_tokens, temperature=TEMPERATURE, top_k=TOP_K,
+        grid=GRID,
+    )
+
+
+def sample(llm, grid: ImageGrid | None = None) -> list[tuple[int, ...]]:
+    length = grid.num_tokens if grid else LENGTH
     params = SamplingParams(
-        temperature=TEMPERATURE, top_k=TOP_K, max_tokens=LENGTH, min_tokens=LENGTH,
-        ignore_eos=True,
+        temperature=TEMPERATURE, top_k=TOP_K, max_tokens=length, min_tokens=length,
+        ignore_eos=True, extra_args=image_extra_args(grid) if grid else None,
     )
     outputs = llm.generate([{"prompt_token_ids": PROMPT}] * NUM_SAMPLES, params, use_tqdm=False)
     return [tuple(o.outputs[0].token_ids) for o in outputs]
@@ -51,17 +68,27 @@ def sjd_samples(request, contextual_model):
     )
     samples = sample(llm)
     counters = spec_counters(llm)
+    with_layout = sample(llm, GRID)
     shutdown(llm)
-    return samples, counters
+    return samples, counters, with_layout
 
 
 def test_sjd_matches_exact_ar_distribution(sjd_samples, exact):
-    samples, counters = sjd_samples
+    samples, counters, _ = sjd_samples
     assert all(len(s) == LENGTH for s in samples)
     # Drafts were verified and some accepted, so the test exercises SJD.
     assert counters["num_drafts"] > NUM_SAMPLES
     assert counters["num_accepted_tokens"] > 0.1 * NUM_SAMPLES
     assert chi_square_pvalue(samples, exact) > ALPHA
+
+
+def test_sjd_under_an_image_layout_matches_the_masked_ar_distribution(
+    sjd_samples, exact_with_layout
+):
+    _, _, samples = sjd_samples
+    assert GRID.num_tokens == 8
+    assert all(s[0] == 5 and s[3] == 7 and s[6] == 7 and s[7] == 9 for s in samples)
+    assert chi_square_pvalue(samples, exact_with_layout) > ALPHA
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,10 @@ import torch
 from vllm_sjd.models import chameleon_layout as layout
 
 VOCAB_SIZE = 8960  # the real 65536 shrunk, keeping every special id we use
+# A word-level stand-in for Chameleon's BPE tokenizer (ids past the size tokens).
+WORDS = ["Generate", "an", "image", "of", "according", "to", "the", "following",
+         "prompt:", "a", "red", "blue", "circle", "square", "on", "black", "background"]
+FIRST_WORD_ID = 8900
 
 
 def image_token_name(code: int) -> str:
@@ -25,7 +29,8 @@ def vocabulary_map() -> dict[str, int]:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
     vocab.update({image_token_name(c): layout.CODE_LOW + c for c in range(8192)})
     vocab.update({"<eoss>": layout.IMAGE_END, "<racm3:break>": layout.IMAGE_START,
-                  "<image>": 8711, "<reserved08799>": layout.END_OF_LINE})
+                  "<image>": 8711, "<reserved08799>": layout.END_OF_LINE,
+                  layout.TURN_SEPARATOR: layout.END_OF_TURN})
     return vocab
 
 
@@ -72,7 +77,23 @@ def build_tiny_chameleon(path: Path, *, lumina: bool = True, seed: int = 0,
         saved["architectures"] = ["ChameleonForConditionalGeneration"]
     saved["torch_dtype"] = "float32"
     config_file.write_text(json.dumps(saved, indent=2))
+    _save_tokenizer(path)
     return path
+
+
+def _save_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = vocabulary_map()
+    vocab.update({word: FIRST_WORD_ID + i for i, word in enumerate(WORDS)})
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+        pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=[layout.TURN_SEPARATOR],
+    ).save_pretrained(path)
 
 
 def reference_logits(path: Path, token_ids: list[int]) -> torch.Tensor:

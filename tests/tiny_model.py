@@ -94,21 +94,26 @@ def exact_continuation_probs(
     *,
     temperature: float,
     top_k: int,
+    grid=None,
 ) -> dict[tuple[int, ...], float]:
     """Exact AR probabilities of every length-`length` continuation.
 
-    Teacher-forces the same weights with transformers, applying temperature and
-    then top-k to each step's logits, as vLLM's sampler does.
+    Teacher-forces the same weights with transformers, applying the image
+    layout `grid` (if any), temperature and then top-k to each step's logits,
+    as the SJD runner and vLLM's sampler do.
     """
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
     probs: dict[tuple[int, ...], float] = {(): 1.0}
-    for _ in range(length):
+    for step in range(length):
         prefixes = list(probs)
         batch = torch.tensor([prompt + list(p) for p in prefixes])
         with torch.no_grad():
             logits = model(batch).logits[:, -1, :].to(torch.float64) / temperature
+        if grid is not None:
+            allowed = grid.allowed_mask(torch.tensor([step]), logits.shape[-1])
+            logits = logits.masked_fill(~allowed, float("-inf"))
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
         step = torch.softmax(logits, dim=-1)

@@ -21,13 +21,19 @@ IMAGE_START = 8197  # <racm3:break>
 IMAGE_END = 8196  # <eoss>
 END_OF_LINE = 8803  # <reserved08799>
 SIZE_TOKEN_BASE = 8804  # <reserved08800> + n: n units of 32 px
-END_OF_TURN = 8710  # EOS of an answer
+END_OF_TURN = 8710  # <reserved08706>: ends every conversation turn
 CODE_LOW, CODE_HIGH = 4, 8196  # image BPE ids [4, 8196)
 SIZE_UNIT = 32  # px per size token unit
 DOWNSAMPLE = 16  # VQGAN: px per code
 MAX_ASPECT = 4.0
 
-PROMPT_TEMPLATE = "Generate an image of {width}x{height} according to the following prompt:\n{prompt}"
+TURN_SEPARATOR = "<reserved08706>"
+# Lumina-mGPT's conversation format: the human turn, closed by the separator;
+# the model's answer (the image) follows.
+PROMPT_TEMPLATE = (
+    "Generate an image of {width}x{height} according to the following prompt:\n{prompt}"
+    + TURN_SEPARATOR
+)
 
 
 def bucket_sizes(target_size: int) -> list[tuple[int, int]]:
