@@ -21,7 +21,22 @@ import logging
 logger = logging.getLogger(__name__)
 
 SUPPORTED_VLLM_MINOR = (0, 32)
+SENTINEL = "__vllm_sjd_patched__"
 _applied = False
+
+
+def install_wrapper(owner, name: str, wrapper, *, as_classmethod: bool = False) -> None:
+    """Set owner.name = wrapper once (sentinel-stamped), and check that it took."""
+
+    def stamped(value) -> bool:
+        return getattr(getattr(value, "__func__", value), SENTINEL, False)
+
+    if stamped(getattr(owner, name)):
+        return
+    setattr(wrapper, SENTINEL, True)
+    setattr(owner, name, classmethod(wrapper) if as_classmethod else wrapper)
+    if not stamped(getattr(owner, name)):
+        raise RuntimeError(f"vllm-sjd: patching {getattr(owner, '__name__', owner)}.{name} failed")
 
 
 def vllm_minor() -> tuple[int, int]:

@@ -15,7 +15,8 @@ batches (check with tests/test_patches.py).
 import torch
 from vllm.v1.sample.ops import topk_topp_sampler
 
-_SENTINEL = "__vllm_sjd_patched__"
+from vllm_sjd.patches import install_wrapper
+
 _original_apply_top_k_only = topk_topp_sampler.apply_top_k_only
 
 
@@ -26,9 +27,4 @@ def _apply_top_k_only(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def install() -> None:
-    if getattr(topk_topp_sampler.apply_top_k_only, _SENTINEL, False):
-        return
-    setattr(_apply_top_k_only, _SENTINEL, True)
-    topk_topp_sampler.apply_top_k_only = _apply_top_k_only
-    if not getattr(topk_topp_sampler.apply_top_k_only, _SENTINEL, False):
-        raise RuntimeError("vllm-sjd: patching apply_top_k_only failed")
+    install_wrapper(topk_topp_sampler, "apply_top_k_only", _apply_top_k_only)

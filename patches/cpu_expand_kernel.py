@@ -18,8 +18,9 @@ import torch
 from vllm.platforms.cpu import CpuPlatform
 from vllm.triton_utils import dispatcher
 
+from vllm_sjd.patches import install_wrapper
+
 KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
-_SENTINEL = "__vllm_sjd_patched__"
 _original_register = CpuPlatform.register_triton_kernel_overrides.__func__
 
 
@@ -49,12 +50,9 @@ def _register_triton_kernel_overrides(cls) -> None:
 
 
 def install() -> None:
-    current = CpuPlatform.register_triton_kernel_overrides.__func__
-    if getattr(current, _SENTINEL, False):
-        return
-    setattr(_register_triton_kernel_overrides, _SENTINEL, True)
-    CpuPlatform.register_triton_kernel_overrides = classmethod(
-        _register_triton_kernel_overrides
+    install_wrapper(
+        CpuPlatform,
+        "register_triton_kernel_overrides",
+        _register_triton_kernel_overrides,
+        as_classmethod=True,
     )
-    if not getattr(CpuPlatform.register_triton_kernel_overrides.__func__, _SENTINEL, False):
-        raise RuntimeError("vllm-sjd: patching register_triton_kernel_overrides failed")

@@ -17,7 +17,8 @@ generators itself (check with tests/test_engine_sjd.py::test_seeded_chunked_pref
 import numpy as np
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
-_SENTINEL = "__vllm_sjd_patched__"
+from vllm_sjd.patches import install_wrapper
+
 _original_sample = CPUModelRunner._sample
 _original_bookkeeping_sync = CPUModelRunner._bookkeeping_sync
 
@@ -49,11 +50,5 @@ def _bookkeeping_sync(self, *args, **kwargs):
 
 
 def install() -> None:
-    if getattr(CPUModelRunner._bookkeeping_sync, _SENTINEL, False):
-        return
-    for wrapper in (_sample, _bookkeeping_sync):
-        setattr(wrapper, _SENTINEL, True)
-    CPUModelRunner._sample = _sample
-    CPUModelRunner._bookkeeping_sync = _bookkeeping_sync
-    if not getattr(CPUModelRunner._bookkeeping_sync, _SENTINEL, False):
-        raise RuntimeError("vllm-sjd: patching CPUModelRunner bookkeeping failed")
+    install_wrapper(CPUModelRunner, "_sample", _sample)
+    install_wrapper(CPUModelRunner, "_bookkeeping_sync", _bookkeeping_sync)

@@ -15,10 +15,11 @@ import logging
 
 from vllm.platforms.cpu import CpuPlatform
 
+from vllm_sjd.patches import install_wrapper
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_GIB = 4
-_SENTINEL = "__vllm_sjd_patched__"
 _original_check_and_update_config = CpuPlatform.check_and_update_config.__func__
 
 
@@ -35,9 +36,6 @@ def _check_and_update_config(cls, vllm_config) -> None:
 
 
 def install() -> None:
-    if getattr(CpuPlatform.check_and_update_config.__func__, _SENTINEL, False):
-        return
-    setattr(_check_and_update_config, _SENTINEL, True)
-    CpuPlatform.check_and_update_config = classmethod(_check_and_update_config)
-    if not getattr(CpuPlatform.check_and_update_config.__func__, _SENTINEL, False):
-        raise RuntimeError("vllm-sjd: patching CpuPlatform.check_and_update_config failed")
+    install_wrapper(
+        CpuPlatform, "check_and_update_config", _check_and_update_config, as_classmethod=True
+    )

@@ -17,9 +17,9 @@ import os
 from vllm.engine.arg_utils import EngineArgs
 
 from vllm_sjd.config import ADDITIONAL_CONFIG_KEY, METHOD, split_speculative_config
+from vllm_sjd.patches import install_wrapper
 
 SJD_WORKER_CLASS = "vllm_sjd.patches.sjd_worker.SJDWorker"
-_SENTINEL = "__vllm_sjd_patched__"
 _original_create_speculative_config = EngineArgs.create_speculative_config
 
 
@@ -82,9 +82,4 @@ def _create_speculative_config(self: EngineArgs, target_model_config, target_par
 
 
 def install() -> None:
-    if getattr(EngineArgs.create_speculative_config, _SENTINEL, False):
-        return
-    setattr(_create_speculative_config, _SENTINEL, True)
-    EngineArgs.create_speculative_config = _create_speculative_config
-    if not getattr(EngineArgs.create_speculative_config, _SENTINEL, False):
-        raise RuntimeError("vllm-sjd: patching create_speculative_config failed")
+    install_wrapper(EngineArgs, "create_speculative_config", _create_speculative_config)

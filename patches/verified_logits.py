@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from vllm.v1.sample import rejection_sampler
 
-_SENTINEL = "__vllm_sjd_patched__"
+from vllm_sjd.patches import install_wrapper
+
 _original_rejection_sample = rejection_sampler.rejection_sample
 _signature = inspect.signature(_original_rejection_sample)
 _active = threading.local()
@@ -48,9 +49,4 @@ def _rejection_sample(*args, **kwargs):
 
 
 def install() -> None:
-    if getattr(rejection_sampler.rejection_sample, _SENTINEL, False):
-        return
-    setattr(_rejection_sample, _SENTINEL, True)
-    rejection_sampler.rejection_sample = _rejection_sample
-    if not getattr(rejection_sampler.rejection_sample, _SENTINEL, False):
-        raise RuntimeError("vllm-sjd: patching rejection_sample failed")
+    install_wrapper(rejection_sampler, "rejection_sample", _rejection_sample)

@@ -36,6 +36,20 @@ PROMPT_TEMPLATE = (
 )
 
 
+def _chameleon_grid(width: int, height: int, header: tuple[int, ...], row_end: int | None) -> ImageGrid:
+    return ImageGrid(
+        width=width,
+        height=height,
+        rows=height // DOWNSAMPLE,
+        cols=width // DOWNSAMPLE,
+        header=header,
+        row_end=row_end,
+        trailer=(IMAGE_END,),
+        code_low=CODE_LOW,
+        code_high=CODE_HIGH,
+    )
+
+
 def bucket_sizes(target_size: int) -> list[tuple[int, int]]:
     """(width, height) buckets of a Lumina-mGPT checkpoint trained at target_size."""
     budget = round((target_size / SIZE_UNIT) ** 2)
@@ -69,21 +83,8 @@ class ChameleonImageLayout:
 
     def grid(self, width: int, height: int) -> ImageGrid:
         require_supported(self.sizes, width, height)
-        return ImageGrid(
-            width=width,
-            height=height,
-            rows=height // DOWNSAMPLE,
-            cols=width // DOWNSAMPLE,
-            header=(
-                IMAGE_START,
-                SIZE_TOKEN_BASE + height // SIZE_UNIT,
-                SIZE_TOKEN_BASE + width // SIZE_UNIT,
-            ),
-            row_end=END_OF_LINE,
-            trailer=(IMAGE_END,),
-            code_low=CODE_LOW,
-            code_high=CODE_HIGH,
-        )
+        size_tokens = (SIZE_TOKEN_BASE + height // SIZE_UNIT, SIZE_TOKEN_BASE + width // SIZE_UNIT)
+        return _chameleon_grid(width, height, (IMAGE_START, *size_tokens), END_OF_LINE)
 
     def prompt(self, text: str, width: int, height: int) -> str:
         return PROMPT_TEMPLATE.format(width=width, height=height, prompt=text)
@@ -97,17 +98,7 @@ class AnoleImageLayout:
 
     def grid(self, width: int, height: int) -> ImageGrid:
         require_supported(self.sizes, width, height)
-        return ImageGrid(
-            width=width,
-            height=height,
-            rows=height // DOWNSAMPLE,
-            cols=width // DOWNSAMPLE,
-            header=(IMAGE_START,),
-            row_end=None,
-            trailer=(IMAGE_END,),
-            code_low=CODE_LOW,
-            code_high=CODE_HIGH,
-        )
+        return _chameleon_grid(width, height, (IMAGE_START,), None)
 
     def prompt(self, text: str, width: int, height: int) -> str:
         return text
