@@ -86,9 +86,9 @@ def main() -> None:
     configs = [("AR", None)]
     for k in args.windows:
         configs.append((f"SJD K={k} uniform", {"num_speculative_tokens": k}))
-    configs.append((f"SJD K={args.windows[1 if len(args.windows) > 1 else 0]} last_distribution",
-                    {"num_speculative_tokens": args.windows[1 if len(args.windows) > 1 else 0],
-                     "initial_drafts": "last_distribution"}))
+    middle = args.windows[len(args.windows) // 2]
+    configs.append((f"SJD K={middle} last_distribution",
+                    {"num_speculative_tokens": middle, "initial_drafts": "last_distribution"}))
 
     rows = []
     for mode, batched in (("batch", True), ("one at a time", False)):

@@ -73,3 +73,17 @@ def test_install_is_idempotent():
     patches.apply_all()
     after = (EngineArgs.create_speculative_config, rejection_sampler.rejection_sample)
     assert before == after
+
+
+def test_runner_overrides_match_the_signatures_of_vllm_methods():
+    """The SJD runner overrides private runner methods; fail loudly if vLLM changes them."""
+    import inspect
+
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm_sjd.patches.sjd_runner import SJDModelRunnerMixin
+
+    for name in ("_sample", "_get_spec_decode_draft_probs", "propose_draft_token_ids",
+                 "_update_states"):
+        ours = list(inspect.signature(getattr(SJDModelRunnerMixin, name)).parameters)
+        theirs = list(inspect.signature(getattr(GPUModelRunner, name)).parameters)
+        assert ours == theirs, name
