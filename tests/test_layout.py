@@ -69,9 +69,14 @@ def test_prompt_template():
 
 
 def test_anole_layout_is_chameleons_1024_code_block():
+    from types import SimpleNamespace
+
     from vllm_sjd.models import image_layout_for
 
-    layout = image_layout_for("ChameleonForConditionalGeneration")
+    def config(architecture):
+        return SimpleNamespace(architectures=[architecture])
+
+    layout = image_layout_for(config("ChameleonForConditionalGeneration"))
     grid = layout.grid(512, 512)
     assert grid.num_tokens == 1 + 1024 + 1
     forced, low, high = grid.constraints(torch.arange(grid.num_tokens))
@@ -79,6 +84,31 @@ def test_anole_layout_is_chameleons_1024_code_block():
     assert (forced[1:-1] == FREE).all()
     with pytest.raises(UnsupportedImageSize, match="supported sizes: 512x512"):
         layout.grid(768, 768)
-    assert image_layout_for("ChameleonXLLMXForConditionalGeneration", 512).sizes == cl.bucket_sizes(512)
+    lumina = image_layout_for(config("ChameleonXLLMXForConditionalGeneration"), 512)
+    assert lumina.sizes == cl.bucket_sizes(512)
     with pytest.raises(ValueError, match="no image layout"):
-        image_layout_for("LlamaForCausalLM")
+        image_layout_for(config("LlamaForCausalLM"))
+
+
+def test_emu3_layout_from_its_vocabulary():
+    from tests.tiny_emu3 import FIRST_VISUAL_ID, NUM_CODES, SPECIALS, vocabulary_map
+    from vllm_sjd.models import emu3_layout as el
+
+    layout = el.Emu3ImageLayout(vocabulary_map())
+    assert layout.default_size == (720, 720) and (720, 720) in layout.sizes
+    # "w:h" as Emu3's processor reads it: 16:9 is 120 x 68 tokens (rounded).
+    assert el.generate_size("16:9") == (960, 544)
+    grid = layout.grid(720, 720)
+    assert (grid.rows, grid.cols) == (90, 90)
+    assert grid.num_tokens == 90 * 91 + 3
+    forced, low, high = grid.constraints(torch.arange(grid.num_tokens))
+    assert forced[90].item() == SPECIALS[el.END_OF_LINE]
+    assert forced[-3:].tolist() == [SPECIALS[el.END_OF_FRAME], SPECIALS[el.IMAGE_END],
+                                    SPECIALS[el.END_OF_SEQUENCE]]
+    assert (low[0].item(), high[0].item()) == (FIRST_VISUAL_ID, FIRST_VISUAL_ID + NUM_CODES)
+    assert layout.prompt("a cat", 720, 720) == (
+        "a cat masterpiece, film grained, best quality.<|image start|>90*90<|image token|>"
+    )
+    assert layout.unconditional_prompt(720, 720).startswith("lowres, bad anatomy")
+    with pytest.raises(UnsupportedImageSize, match="720x720"):
+        layout.grid(512, 512)

@@ -9,30 +9,35 @@ MODELS = {
     "ChameleonXLLMXForConditionalGeneration": "vllm_sjd.models.chameleon:ChameleonImageGenerator",
     # Anole (and Chameleon) in transformers' layout.
     "ChameleonForConditionalGeneration": "vllm_sjd.models.chameleon:ChameleonImageGenerator",
+    # Emu3-Gen in transformers' layout (vLLM serves it for understanding only).
+    "Emu3ForConditionalGeneration": "vllm_sjd.models.emu3:Emu3ImageGenerator",
 }
 
 
 def register_models() -> None:
+    """Register (or take over) the image-generating architectures."""
     from vllm import ModelRegistry
 
-    supported = set(ModelRegistry.get_supported_archs())
     for architecture, target in MODELS.items():
-        if architecture not in supported:
-            ModelRegistry.register_model(architecture, target)
+        ModelRegistry.register_model(architecture, target)
 
 
-def image_layout_for(architecture: str, target_size: int | None = None):
-    """The image layout of a registered architecture.
+def image_layout_for(hf_config, target_size: int | None = None):
+    """The image layout of a checkpoint, from its (transformers) config.
 
     target_size: the resolution a Lumina-mGPT checkpoint was trained at (512,
     768 or 1024; its name says which); it decides the supported sizes.
     """
     from vllm_sjd.models.chameleon_layout import AnoleImageLayout, ChameleonImageLayout
+    from vllm_sjd.models.emu3_layout import Emu3ImageLayout
 
+    architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
     if architecture == "ChameleonXLLMXForConditionalGeneration":
         return ChameleonImageLayout(target_size or 768)
     if architecture == "ChameleonForConditionalGeneration":
         return AnoleImageLayout()
+    if architecture == "Emu3ForConditionalGeneration":
+        return Emu3ImageLayout(hf_config.vocabulary_map)
     raise ValueError(
         f"{architecture} has no image layout; image models: {', '.join(MODELS)}"
     )
