@@ -24,9 +24,10 @@ def image_sampling_params(
     top_p: float = 1.0,
     seed: int | None = None,
 ) -> SamplingParams:
+    # The layout forces every structural token, so max_tokens alone ends the
+    # image; min_tokens would mask an EOS that the layout forces (Emu3).
     return SamplingParams(
         max_tokens=grid.num_tokens,
-        min_tokens=grid.num_tokens,
         ignore_eos=True,
         temperature=temperature,
         top_k=top_k if top_k is not None else 0,
