@@ -89,3 +89,32 @@ def sjd_state_after_idle(llm, timeout: float = 10.0) -> list[list[str]]:
         if all(not ids for ids in state) or time.monotonic() > deadline:
             return state
         time.sleep(0.2)
+
+
+def assert_vllm_logits_match(model: Path, prompt: list[int], reference_logits, tol: float = 2e-3):
+    """vLLM's top-20 prompt logprobs of `model` equal log_softmax(reference_logits).
+
+    reference_logits: [len(prompt), V] from a transformers forward of the same
+    weights. Also checks the greedy next token against the reference argmax.
+    """
+    import torch
+    from vllm import SamplingParams
+
+    expected = torch.log_softmax(reference_logits, dim=-1)
+    llm = make_llm(model, skip_tokenizer_init=True, max_model_len=256, max_logprobs=20)
+    try:
+        output = llm.generate(
+            [{"prompt_token_ids": prompt}],
+            SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=20),
+            use_tqdm=False,
+        )[0]
+    finally:
+        shutdown(llm)
+    # prompt_logprobs[i] scores token i given tokens < i, i.e. reference row i-1.
+    compared = 0
+    for i, logprobs in enumerate(output.prompt_logprobs):
+        for token, entry in (logprobs or {}).items():
+            assert entry.logprob == pytest.approx(float(expected[i - 1, token]), abs=tol)
+            compared += 1
+    assert compared >= 20 * (len(prompt) - 1)
+    assert output.outputs[0].token_ids[0] == int(expected[-1].argmax())

@@ -3,10 +3,9 @@
 import json
 
 import pytest
-import torch
 from vllm import SamplingParams
 
-from tests.conftest import make_llm, shutdown
+from tests.conftest import assert_vllm_logits_match, make_llm, shutdown
 from tests.tiny_chameleon import build_tiny_chameleon, reference_logits
 from vllm_sjd.models import chameleon_layout as layout
 
@@ -27,28 +26,8 @@ def test_logits_match_transformers(variant, tmp_path):
     assert "model.layers.0.self_attn.q_norm.weight" in keys
     assert any(k.startswith("model.vqmodel.") for k in keys)
 
-    expected = torch.log_softmax(reference_logits(path, PROMPT), dim=-1)
-    llm = make_llm(path, skip_tokenizer_init=True, max_model_len=256, max_logprobs=20)
-    try:
-        output = llm.generate(
-            [{"prompt_token_ids": PROMPT}],
-            SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=20),
-            use_tqdm=False,
-        )[0]
-    finally:
-        shutdown(llm)
-    # prompt_logprobs[i] scores token i given tokens < i, i.e. row i-1.
-    compared = 0
-    for i, logprobs in enumerate(output.prompt_logprobs):
-        if logprobs is None:
-            continue
-        for token, entry in logprobs.items():
-            assert entry.logprob == pytest.approx(float(expected[i - 1, token]), abs=2e-3)
-            compared += 1
-    assert compared >= 20 * (len(PROMPT) - 1)
-    # Image codes can be generated: the greedy next token is the reference argmax,
-    # whichever range it falls in.
-    assert output.outputs[0].token_ids[0] == int(expected[-1].argmax())
+    # Image codes are generable: nothing masks them, whatever the argmax is.
+    assert_vllm_logits_match(path, PROMPT, reference_logits(path, PROMPT))
 
 
 def test_tensor_parallel_2_gives_the_reference_greedy_tokens(tmp_path):

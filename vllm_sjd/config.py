@@ -6,7 +6,7 @@ plain `custom_class` configuration, and these settings travel to every process
 in `VllmConfig.additional_config["sjd"]`.
 """
 
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
