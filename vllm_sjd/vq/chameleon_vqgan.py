@@ -35,7 +35,7 @@ vocabulary are BPE ids; `BPEToCodebook` turns them into codebook indices.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -573,24 +573,40 @@ class BPEToCodebook:
         """From a token-name -> id vocabulary (tokenizer.json's model.vocab, or
         `tokenizer.get_vocab()`). With `num_embeddings`, the image tokens must
         name every code 0..num_embeddings-1 exactly once."""
+        return cls.from_token_names(
+            vocab, IMAGE_TOKEN_PREFIX, image_token_code, num_embeddings, kind="image"
+        )
+
+    @classmethod
+    def from_token_names(
+        cls,
+        vocab: Mapping[str, int],
+        prefix: str,
+        code_of: Callable[[str], int],
+        num_codes: int | None = None,
+        *,
+        kind: str,
+    ) -> BPEToCodebook:
+        """The table for every token whose name starts with `prefix`, its code
+        read by `code_of(name)`. With `num_codes`, the tokens must name every
+        code 0..num_codes-1 exactly once (a vocabulary paired with the wrong VQ
+        model fails here)."""
         pairs = sorted(
-            (int(token_id), image_token_code(name))
+            (int(token_id), code_of(name))
             for name, token_id in vocab.items()
-            if name.startswith(IMAGE_TOKEN_PREFIX)
+            if name.startswith(prefix)
         )
         if not pairs:
-            raise ValueError(
-                f"the vocabulary has no image tokens (names starting {IMAGE_TOKEN_PREFIX!r})"
-            )
-        mapping = cls([p[0] for p in pairs], [p[1] for p in pairs])
-        if num_embeddings is not None:
+            raise ValueError(f"the vocabulary has no {kind} tokens (names starting {prefix!r})")
+        if num_codes is not None:
             found = sorted(p[1] for p in pairs)
-            if found != list(range(num_embeddings)):
+            if found != list(range(num_codes)):
                 raise ValueError(
-                    f"the vocabulary's {len(pairs)} image tokens name codes "
-                    f"{found[0]}..{found[-1]}, not each of 0..{num_embeddings - 1} once"
+                    f"the vocabulary's {len(pairs)} {kind} tokens name codes "
+                    f"{found[0]}..{found[-1]}, not each of 0..{num_codes - 1} once "
+                    "(wrong pairing of vocabulary and VQ model?)"
                 )
-        return mapping
+        return cls([p[0] for p in pairs], [p[1] for p in pairs])
 
     @property
     def image_token_ids(self) -> torch.Tensor:

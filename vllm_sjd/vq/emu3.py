@@ -83,23 +83,14 @@ class Emu3ImageDecoder:
         vocabulary (`Emu3Config.vocabulary_map`, tokenizer.json's model.vocab or
         `tokenizer.get_vocab()`); its visual tokens must name each code
         0..codebook_size-1 exactly once."""
-        pairs = sorted(
-            (int(token_id), visual_token_code(name))
-            for name, token_id in vocabulary_map.items()
-            if name.startswith(VISUAL_TOKEN_PREFIX)
+        table = BPEToCodebook.from_token_names(
+            vocabulary_map,
+            VISUAL_TOKEN_PREFIX,
+            visual_token_code,
+            vq_model.config.codebook_size,
+            kind="visual",
         )
-        if not pairs:
-            raise ValueError(
-                f"the vocabulary has no visual tokens (names like '{VISUAL_TOKEN_PREFIX} 000000|>')"
-            )
-        codebook_size = vq_model.config.codebook_size
-        found = sorted(code for _, code in pairs)
-        if found != list(range(codebook_size)):
-            raise ValueError(
-                f"the vocabulary's {len(pairs)} visual tokens name codes {found[0]}..{found[-1]}, "
-                f"not each of the VQ model's 0..{codebook_size - 1} once (wrong pairing?)"
-            )
-        return cls(vq_model, BPEToCodebook([p[0] for p in pairs], [p[1] for p in pairs]))
+        return cls(vq_model, table)
 
     @classmethod
     def from_pretrained(
