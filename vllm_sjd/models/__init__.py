@@ -11,6 +11,8 @@ MODELS = {
     "ChameleonForConditionalGeneration": "vllm_sjd.models.chameleon:ChameleonImageGenerator",
     # Emu3-Gen in transformers' layout (vLLM serves it for understanding only).
     "Emu3ForConditionalGeneration": "vllm_sjd.models.emu3:Emu3ImageGenerator",
+    # LlamaGen-T2I (t2i_XL_stage1_256 / stage2_512): a folder with our config.json.
+    "LlamaGenT2IForCausalLM": "vllm_sjd.models.llamagen:LlamaGenT2IForCausalLM",
 }
 
 
@@ -18,6 +20,9 @@ def register_models() -> None:
     """Register (or take over) the image-generating architectures."""
     from vllm import ModelRegistry
 
+    from vllm_sjd.models.llamagen_layout import register_config
+
+    register_config()  # LlamaGen's config.json has its own model_type
     for architecture, target in MODELS.items():
         ModelRegistry.register_model(architecture, target)
 
@@ -38,6 +43,10 @@ def image_layout_for(hf_config, target_size: int | None = None):
         return AnoleImageLayout()
     if architecture == "Emu3ForConditionalGeneration":
         return Emu3ImageLayout(hf_config.vocabulary_map)
+    if architecture == "LlamaGenT2IForCausalLM":
+        from vllm_sjd.models.llamagen_layout import LlamaGenImageLayout
+
+        return LlamaGenImageLayout.from_config(hf_config)
     raise ValueError(
         f"{architecture} has no image layout; image models: {', '.join(MODELS)}"
     )
