@@ -3,14 +3,21 @@
 Subclasses vllm.v1.worker.gpu_model_runner.GPUModelRunner (GPU) and
 vllm.v1.worker.cpu_model_runner.CPUModelRunner (CPU), overriding (worker
 process; checked on vLLM 0.32.0):
-- `_sample`: masks each row to what an image request's layout allows at its
-  absolute position, then keeps this step's verified rows (the processed
-  target logits, captured by patches/verified_logits.py, and the bonus rows);
+- `_sample`: blends each guided pair's logits (classifier-free guidance, see
+  vllm_sjd/guidance.py and patches/cfg_scheduler.py), masks each row to what an
+  image request's layout allows at its absolute position, samples, copies the
+  conditional request's tokens to its unconditional twin, holds a pair member
+  that came without its partner, and keeps this step's verified rows (the
+  processed target logits, captured by patches/verified_logits.py, and the
+  bonus rows);
 - `propose_draft_token_ids`: hands them, with the request ids, the accepted
   counts and the positions, to the SJD proposer;
 - `_get_spec_decode_draft_probs`: gives the rejection sampler q from the
   proposer, looked up by request id;
-- `_update_states`: makes the proposer forget finished and preempted requests.
+- `_update_states`: forgets finished and preempted requests.
+
+Without speculation (plain AR on an image model) the same runner applies
+layouts and guidance; there is no proposer then.
 
 Why not custom_class alone: its `propose(...)` sees neither request ids, nor
 logits, nor a way to return q. Retire when custom_class proposers receive the
@@ -19,12 +26,20 @@ verified probabilities and can return draft probabilities.
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from vllm.v1.sample import rejection_sampler
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_sjd.core.window import StepRows
+from vllm_sjd.guidance import (
+    blend,
+    conditional_partner_of,
+    guidance_of,
+    unconditional_request_id,
+)
+from vllm_sjd.layout_constraints import LayoutConstraints
 from vllm_sjd.patches.verified_logits import capture_verified_logits
 from vllm_sjd.proposer import SJDProposer
 
@@ -36,45 +51,153 @@ class _StepLogits:
     num_draft_tokens: list[int]  # [B]
 
 
+@dataclass
+class _GuidedPairs:
+    """This step's guided pairs, as batch indices."""
+
+    cond: list[int]
+    twin: list[int]
+    scale: list[float]
+
+
 class SJDModelRunnerMixin:
     """Overrides shared by the GPU and CPU SJD runners."""
 
-    drafter: SJDProposer
+    drafter: SJDProposer  # only under speculation
 
-    def _check_sjd_drafter(self) -> None:
-        if not isinstance(getattr(self, "drafter", None), SJDProposer):
+    def _init_sjd(self) -> None:
+        # Plain AR has no proposer: layouts and guidance only.
+        self._proposer: SJDProposer | None = getattr(self, "drafter", None)
+        if self.speculative_config is not None and not isinstance(self._proposer, SJDProposer):
             raise RuntimeError(
                 "the SJD model runner needs the SJD proposer; start the engine with "
                 'speculative_config={"method": "sjd", ...}'
             )
         self._sjd_step: _StepLogits | None = None
+        self._sjd_pairs = _GuidedPairs([], [], [])
+        self._layouts = LayoutConstraints()
+        # request id -> ("cond", twin id, scale) | ("twin", cond id) | None
+        self._guidance_roles: dict[str, tuple | None] = {}
+        self.num_held_steps = 0  # pair members held back for want of their partner
 
     def _layout_entries(self, req_ids):
-        return self.drafter.layouts.lookup(
+        return self._layouts.lookup(
             req_ids,
             lambda r: self.requests[r].sampling_params.extra_args,
             lambda r: self.requests[r].num_prompt_tokens,
         )
 
-    def _apply_layout(self, logits, spec_decode_metadata) -> None:
+    def _row_counts(self, spec_decode_metadata, num_reqs: int) -> np.ndarray:
+        if spec_decode_metadata is None:
+            return np.ones(num_reqs, dtype=np.int64)
+        return np.asarray(spec_decode_metadata.num_draft_tokens, dtype=np.int64) + 1
+
+    def _apply_layout(self, logits, counts: np.ndarray) -> None:
         """Mask each row to the tokens its absolute position may hold (image requests)."""
         num_reqs = self.input_batch.num_reqs
         entries = self._layout_entries(self.input_batch.req_ids[:num_reqs])
-        if spec_decode_metadata is None:
-            counts = torch.ones(num_reqs, dtype=torch.int64)
-        else:
-            counts = torch.tensor(spec_decode_metadata.num_draft_tokens, dtype=torch.int64) + 1
         # Row j of a request predicts token index num_tokens_no_spec + j.
         first = torch.from_numpy(self.input_batch.num_tokens_no_spec[:num_reqs].astype("int64"))
-        mask = self.drafter.layouts.row_masks(
-            entries, first, counts, logits.shape[-1], logits.device
+        mask = self._layouts.row_masks(
+            entries, first, torch.from_numpy(counts), logits.shape[-1], logits.device
         )
         if mask is not None:
             logits.masked_fill_(~mask, float("-inf"))
 
+    # Classifier-free guidance ---------------------------------------------
+    def _guidance_role(self, req_id: str):
+        if req_id not in self._guidance_roles:
+            extra_args = self.requests[req_id].sampling_params.extra_args
+            guidance = guidance_of(extra_args)
+            cond_id = conditional_partner_of(extra_args)
+            if guidance is not None:
+                role = ("cond", unconditional_request_id(req_id), guidance.scale)
+            elif cond_id is not None:
+                role = ("twin", cond_id)
+            else:
+                role = None
+            self._guidance_roles[req_id] = role
+        return self._guidance_roles[req_id]
+
+    def _pair_up(self, counts: np.ndarray, spec_decode_metadata) -> tuple[_GuidedPairs, list[int]]:
+        """Guided pairs that sample together this step, and members to hold.
+
+        A pair is verified together only when both members sample in this step
+        at the same output position with the same drafts. A member sampling
+        without its partner is held: its tokens are discarded (the scheduler
+        rolls it back) and it keeps its window, so neither member ever runs
+        ahead of the other.
+        """
+        num_reqs = self.input_batch.num_reqs
+        req_ids = self.input_batch.req_ids[:num_reqs]
+        pairs = _GuidedPairs([], [], [])
+        held: list[int] = []
+        roles = [self._guidance_role(r) for r in req_ids]
+        if not any(roles):
+            return pairs, held
+        sampling = ~self.discard_request_mask.np[:num_reqs].astype(bool)
+        num_out = self.input_batch.num_tokens_no_spec[:num_reqs].astype(np.int64) - np.array(
+            [self.requests[r].num_prompt_tokens for r in req_ids], dtype=np.int64
+        )
+        drafts = None
+        if spec_decode_metadata is not None:
+            drafts = spec_decode_metadata.draft_token_ids.cpu().tolist()
+        first_draft = np.cumsum(counts - 1) - (counts - 1)
+        index = self.input_batch.req_id_to_index
+        for i, role in enumerate(roles):
+            if role is None or not sampling[i]:
+                continue
+            j = index.get(role[1])
+            aligned = (
+                j is not None
+                and j < num_reqs
+                and sampling[j]
+                and counts[i] == counts[j]
+                and num_out[i] == num_out[j]
+                and (
+                    drafts is None
+                    or drafts[first_draft[i] : first_draft[i] + counts[i] - 1]
+                    == drafts[first_draft[j] : first_draft[j] + counts[j] - 1]
+                )
+            )
+            if not aligned:
+                held.append(i)
+            elif role[0] == "cond":
+                pairs.cond.append(i)
+                pairs.twin.append(j)
+                pairs.scale.append(role[2])
+        return pairs, held
+
+    def _guide(self, logits, pairs: _GuidedPairs, counts: np.ndarray) -> None:
+        """Both members' rows become uncond + s * (cond - uncond) (image span only)."""
+        num_reqs = self.input_batch.num_reqs
+        first_row = np.cumsum(counts) - counts
+        entries = self._layout_entries(self.input_batch.req_ids[:num_reqs])
+        cond_rows, twin_rows, scales = [], [], []
+        for c, t, scale in zip(pairs.cond, pairs.twin, pairs.scale):
+            n = int(counts[c])
+            grid, prompt_len = entries[c]
+            header = len(grid.header) if grid is not None else 0
+            position = int(self.input_batch.num_tokens_no_spec[c]) - prompt_len
+            # Header tokens (and text before an image) follow the conditional logits.
+            scales += [scale if position + k >= header else 1.0 for k in range(n)]
+            cond_rows += range(first_row[c], first_row[c] + n)
+            twin_rows += range(first_row[t], first_row[t] + n)
+        device = logits.device
+        cond_rows = torch.tensor(cond_rows, device=device)
+        twin_rows = torch.tensor(twin_rows, device=device)
+        scale = torch.tensor(scales, dtype=logits.dtype, device=device)[:, None]
+        guided = blend(logits[cond_rows], logits[twin_rows], scale)
+        logits[cond_rows] = guided
+        logits[twin_rows] = guided
+
     def _sample(self, logits, spec_decode_metadata):
         num_reqs = self.input_batch.num_reqs
-        self._apply_layout(logits, spec_decode_metadata)
+        counts = self._row_counts(spec_decode_metadata, num_reqs)
+        pairs, held = self._pair_up(counts, spec_decode_metadata)
+        if pairs.cond:
+            self._guide(logits, pairs, counts)
+        self._apply_layout(logits, counts)
         if spec_decode_metadata is None:
             bonus_logits = logits[:num_reqs].clone()  # the sampler may edit in place
             num_draft_tokens = [0] * num_reqs
@@ -83,7 +206,17 @@ class SJDModelRunnerMixin:
             num_draft_tokens = list(spec_decode_metadata.num_draft_tokens)
         with capture_verified_logits() as verified:
             output = super()._sample(logits, spec_decode_metadata)
-        self._sjd_step = _StepLogits(bonus_logits, verified.target_logits, num_draft_tokens)
+        if pairs.cond:
+            # The twin commits exactly the conditional request's tokens.
+            sampled = output.sampled_token_ids
+            sampled[pairs.twin] = sampled[pairs.cond]
+        if held:
+            # Discarded like a partial prefill's sample; the scheduler rolls back.
+            self.discard_request_mask.np[held] = True
+            self.num_held_steps += len(held)
+        self._sjd_pairs = pairs
+        if self._proposer is not None:
+            self._sjd_step = _StepLogits(bonus_logits, verified.target_logits, num_draft_tokens)
         return output
 
     def _get_spec_decode_draft_probs(self, spec_decode_metadata):
@@ -115,13 +248,14 @@ class SJDModelRunnerMixin:
             self.input_batch.num_tokens_no_spec[:num_reqs].astype("int64")
         )
         num_slots = self.drafter.num_slots
-        allowed = self.drafter.layouts.row_masks(
+        allowed = self._layouts.row_masks(
             self._layout_entries(req_ids),
             num_tokens,
             torch.full((num_reqs,), num_slots, dtype=torch.int64),
             step.bonus_logits.shape[-1],
             step.bonus_logits.device,
         )
+        pairs, self._sjd_pairs = self._sjd_pairs, _GuidedPairs([], [], [])
         return self.drafter.propose_window(
             req_ids,
             rows,
@@ -130,6 +264,7 @@ class SJDModelRunnerMixin:
             greedy=_greedy_mask(sampling_metadata, num_reqs),
             has_output=[len(t) > 0 for t in sampled_token_ids],
             allowed=None if allowed is None else allowed.view(num_reqs, num_slots, -1),
+            mirror=list(zip(pairs.twin, pairs.cond)),
         )
 
     def _verified_rows(self, step: _StepLogits, sampled_token_ids, sampling_metadata):
@@ -162,8 +297,19 @@ class SJDModelRunnerMixin:
         gone = set(scheduler_output.finished_req_ids)
         gone.update(scheduler_output.preempted_req_ids or ())
         if gone:
-            self.drafter.evict(gone)
+            self._layouts.evict(gone)
+            for req_id in gone:
+                self._guidance_roles.pop(req_id, None)
+            if self._proposer is not None:
+                self._proposer.evict(gone)
         return result
+
+    def sjd_tracked_requests(self) -> set[str]:
+        """Request ids the runner or the proposer holds any state for."""
+        tracked = self._layouts.tracked_requests() | set(self._guidance_roles)
+        if self._proposer is not None:
+            tracked |= self._proposer.tracked_requests()
+        return tracked
 
 
 def _greedy_mask(sampling_metadata, num_reqs: int) -> torch.Tensor:
@@ -178,10 +324,10 @@ def _greedy_mask(sampling_metadata, num_reqs: int) -> torch.Tensor:
 class SJDGPUModelRunner(SJDModelRunnerMixin, GPUModelRunner):
     def __init__(self, vllm_config, device):
         super().__init__(vllm_config, device)
-        self._check_sjd_drafter()
+        self._init_sjd()
 
 
 class SJDCPUModelRunner(SJDModelRunnerMixin, CPUModelRunner):
     def __init__(self, vllm_config, device):
         super().__init__(vllm_config, device)
-        self._check_sjd_drafter()
+        self._init_sjd()

@@ -25,8 +25,12 @@ class _SJDWorkerMethods:
             )
 
     def sjd_tracked_requests(self) -> list[str]:
-        """Request ids the SJD proposer holds state for (empty when idle)."""
-        return sorted(self.model_runner.drafter.tracked_requests())
+        """Request ids the SJD runner and proposer hold state for (empty when idle)."""
+        return sorted(self.model_runner.sjd_tracked_requests())
+
+    def sjd_held_steps(self) -> int:
+        """How often a guided pair member was held back for want of its partner."""
+        return self.model_runner.num_held_steps
 
     def sjd_proposer_call(self, method: str, *args):
         """Call a method of this worker's proposer (tests, diagnostics)."""

@@ -10,6 +10,10 @@ wrapper validates the SJD settings (vllm_sjd/config.py), hands vLLM a plain
 additional_config["sjd"], defaults the worker class to the SJD worker, and
 refuses configurations SJD cannot serve. Non-SJD configs go straight to the
 original. Retire when vLLM lets plugins register speculative methods.
+
+It also names the SJD scheduler (guidance pairs, patches/cfg_scheduler.py) for
+SJD engines, and the SJD worker and scheduler for image models served without
+speculation, so plain AR gets the same layouts and guidance.
 """
 
 import os
@@ -20,6 +24,7 @@ from vllm_sjd.config import ADDITIONAL_CONFIG_KEY, METHOD, split_speculative_con
 from vllm_sjd.patches import install_wrapper
 
 SJD_WORKER_CLASS = "vllm_sjd.patches.sjd_worker.SJDWorker"
+SJD_SCHEDULER_CLASS = "vllm_sjd.patches.cfg_scheduler.SJDScheduler"
 _original_create_speculative_config = EngineArgs.create_speculative_config
 
 
@@ -48,6 +53,11 @@ def _refuse_unsupported(engine_args: EngineArgs, parallel_config) -> None:
             f"worker_cls={parallel_config.worker_cls!r} (SJD installs its own worker; "
             "drop --worker-cls)"
         )
+    if engine_args.scheduler_cls not in (None, SJD_SCHEDULER_CLASS):
+        problems.append(
+            f"scheduler_cls={engine_args.scheduler_cls!r} (SJD installs its own scheduler "
+            "for guidance; drop --scheduler-cls)"
+        )
     if problems:
         raise SJDUnsupportedError(
             "speculative method 'sjd' cannot serve this configuration: "
@@ -58,6 +68,8 @@ def _refuse_unsupported(engine_args: EngineArgs, parallel_config) -> None:
 def _create_speculative_config(self: EngineArgs, target_model_config, target_parallel_config):
     spec = self.speculative_config
     if not spec or spec.get("method") != METHOD:
+        if not spec and _is_image_model(target_model_config):
+            _install_image_runner(self, target_parallel_config)
         return _original_create_speculative_config(
             self, target_model_config, target_parallel_config
         )
@@ -66,6 +78,7 @@ def _create_speculative_config(self: EngineArgs, target_model_config, target_par
     )
     _refuse_unsupported(self, target_parallel_config)
     target_parallel_config.worker_cls = SJD_WORKER_CLASS
+    self.scheduler_cls = SJD_SCHEDULER_CLASS
     self.additional_config = {
         **(self.additional_config or {}),
         ADDITIONAL_CONFIG_KEY: sjd.model_dump(),
@@ -79,6 +92,21 @@ def _create_speculative_config(self: EngineArgs, target_model_config, target_par
         # Leave the user's dict as it was, so a second engine from the same
         # EngineArgs sees "sjd" again.
         self.speculative_config = spec
+
+
+def _is_image_model(model_config) -> bool:
+    from vllm_sjd.models import MODELS
+
+    return any(a in MODELS for a in getattr(model_config, "architectures", None) or ())
+
+
+def _install_image_runner(engine_args: EngineArgs, parallel_config) -> None:
+    """Plain AR on an image model: the SJD worker and scheduler, if nothing else is named."""
+    if parallel_config.worker_cls == "auto" and engine_args.scheduler_cls is None:
+        parallel_config.worker_cls = SJD_WORKER_CLASS
+        engine_args.scheduler_cls = SJD_SCHEDULER_CLASS
+        # Guidance pairs need each step's tokens before the next is scheduled.
+        engine_args.async_scheduling = False
 
 
 def install() -> None:

@@ -79,12 +79,16 @@ def sjd_state_after_idle(llm, timeout: float = 10.0) -> list[list[str]]:
     """Request ids the SJD proposers still hold once the engine has gone idle.
 
     The engine core tells the workers about finished requests on the step
-    after they finish, which it runs on its own; poll until that has happened.
+    after they finish, which a background engine core runs on its own (an
+    in-process one is stepped here); poll until that has happened.
     """
     import time
 
+    in_process = hasattr(llm.llm_engine.engine_core, "engine_core")
     deadline = time.monotonic() + timeout
     while True:
+        if in_process:
+            llm.llm_engine.step()
         state = llm.collective_rpc("sjd_tracked_requests")
         if all(not ids for ids in state) or time.monotonic() > deadline:
             return state

@@ -1,18 +1,20 @@
 """A tiny Lumina-mGPT-shaped model, served by vLLM with SJD, turns a prompt into an image."""
 
 import pytest
-from transformers import ChameleonVQVAEConfig
 
 from tests.conftest import make_llm, shutdown, sjd_state_after_idle, spec_counters
-from tests.tiny_chameleon import FIRST_WORD_ID, WORDS, build_tiny_chameleon, vocabulary_map
+from tests.tiny_chameleon import FIRST_WORD_ID, WORDS, build_tiny_chameleon, tiny_vq_decoder
 from vllm_sjd.image_generation import decode_image, image_sampling_params
 from vllm_sjd.models.chameleon_layout import END_OF_TURN, ChameleonImageLayout
-from vllm_sjd.vq.chameleon_vqgan import BPEToCodebook, ChameleonVQGANDecoder
 
 pytestmark = pytest.mark.engine
 
 LAYOUT = ChameleonImageLayout(target_size=256)
-PROMPT_IDS = [1, 300, 301, 302, 8710]  # token ids of a templated prompt
+PROMPT_IDS = [1, 300, 301, 302, 8710]  # token ids of a templated prompt, before the header
+
+
+def prompt_ids(width: int, height: int) -> list[int]:
+    return PROMPT_IDS + list(LAYOUT.header(width, height))
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +24,7 @@ def lumina(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vq():
-    # 16x downsampling like Chameleon's VQGAN, tiny channels.
-    config = ChameleonVQVAEConfig(
-        embed_dim=8, num_embeddings=8192, latent_channels=8, resolution=256,
-        base_channels=32, channel_multiplier=[1, 1, 1, 1, 1], num_res_blocks=1,
-        attn_resolutions=[16],
-    )
-    return ChameleonVQGANDecoder(config), BPEToCodebook.from_vocab(vocabulary_map(), 8192)
+    return tiny_vq_decoder()  # 16x downsampling like Chameleon's VQGAN, tiny channels
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +55,8 @@ def test_sjd_turns_a_prompt_into_an_image_of_the_requested_size(sjd_llm, vq, siz
     for output in outputs:
         # The template reached the model through the tokenizer.
         words = "a red circle on a black background".split()
-        assert output.prompt_token_ids[-8:] == [FIRST_WORD_ID + WORDS.index(w) for w in words] + [
-            END_OF_TURN
+        assert output.prompt_token_ids[-11:] == [FIRST_WORD_ID + WORDS.index(w) for w in words] + [
+            END_OF_TURN, *LAYOUT.header(*size)
         ]
         assert FIRST_WORD_ID + WORDS.index("Generate") in output.prompt_token_ids
         tokens = output.outputs[0].token_ids
@@ -69,7 +65,7 @@ def test_sjd_turns_a_prompt_into_an_image_of_the_requested_size(sjd_llm, vq, siz
         assert codes.shape == (grid.rows, grid.cols)
         image = decode_image(tokens, grid, to_codebook, decoder)
         assert image.size == size and image.mode == "RGB"
-    # Forced header / end-of-line / end-of-image slots are drafted exactly, so
+    # Forced end-of-line / end-of-image slots are drafted exactly, so
     # drafts are accepted even on a random model.
     assert after["num_accepted_tokens"] > before.get("num_accepted_tokens", 0)
 
@@ -78,7 +74,7 @@ def test_greedy_image_is_reproducible_and_layout_valid(sjd_llm):
     grid = LAYOUT.grid(256, 256)
     params = image_sampling_params(grid, temperature=0)
     first, second = (
-        sjd_llm.generate([{"prompt_token_ids": PROMPT_IDS}], params, use_tqdm=False)[0]
+        sjd_llm.generate([{"prompt_token_ids": prompt_ids(256, 256)}], params, use_tqdm=False)[0]
         for _ in range(2)
     )
     assert first.outputs[0].token_ids == second.outputs[0].token_ids
@@ -95,7 +91,7 @@ def test_plain_ar_with_the_layout_processor_gives_valid_images(lumina, vq):
     try:
         grids = [LAYOUT.grid(*size) for size in sizes_to_try()]
         outputs = llm.generate(
-            [{"prompt_token_ids": PROMPT_IDS}] * 2,
+            [{"prompt_token_ids": prompt_ids(g.width, g.height)} for g in grids],
             [image_sampling_params(g, temperature=1.0, top_k=2000, seed=3) for g in grids],
             use_tqdm=False,
         )

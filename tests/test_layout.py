@@ -17,18 +17,29 @@ def test_lumina_buckets_include_the_square_and_respect_the_aspect_limit():
 
 
 def test_chameleon_grid_at_768():
-    grid = cl.ChameleonImageLayout(768).grid(768, 768)
+    layout = cl.ChameleonImageLayout(768)
+    grid = layout.grid(768, 768)
     assert (grid.rows, grid.cols) == (48, 48)
-    # start, h, w, 48 rows of 48 codes + EOL, end of image: the paper's 2357 steps - 3 decoded.
-    assert grid.num_tokens == 3 + 48 * 49 + 1
-    assert grid.header == (8197, 8804 + 24, 8804 + 24)
+    # The header (start, h, w) closes the prompt; then 48 rows of 48 codes + EOL
+    # and end of image: the paper's 2357 steps less the 3 header tokens.
+    assert layout.header(768, 768) == (8197, 8804 + 24, 8804 + 24)
+    assert grid.header == () and grid.num_tokens == 48 * 49 + 1
     forced, low, high = grid.constraints(torch.arange(grid.num_tokens + 2))
-    assert forced[:3].tolist() == [8197, 8828, 8828]
-    assert forced[3 + 48].item() == 8803  # first end-of-line after 48 codes
-    assert (forced[3:3 + 48] == FREE).all()
+    assert forced[48].item() == 8803  # first end-of-line after 48 codes
+    assert (forced[:48] == FREE).all()
     assert forced[grid.num_tokens - 1].item() == 8196
     assert forced[grid.num_tokens + 1].item() == 8196  # past the image: still forced
     assert low[5].item() == 4 and high[5].item() == 8196
+
+
+def test_a_generated_header_is_forced_token_by_token():
+    from vllm_sjd.models.layout import ImageGrid
+
+    grid = ImageGrid(width=64, height=32, rows=2, cols=4, header=(9, 8), row_end=7,
+                     trailer=(6,), code_low=10, code_high=20)
+    assert grid.num_tokens == 2 + 2 * 5 + 1
+    forced, _, _ = grid.constraints(torch.arange(grid.num_tokens))
+    assert forced.tolist() == [9, 8, -1, -1, -1, -1, 7, -1, -1, -1, -1, 7, 6]
 
 
 def test_non_square_size_and_codes_round_trip():
@@ -37,23 +48,23 @@ def test_non_square_size_and_codes_round_trip():
     grid = layout.grid(width, height)
     assert (grid.rows, grid.cols) == (height // 16, width // 16)
     codes = torch.randint(4, 8196, (grid.rows, grid.cols))
-    tokens = list(grid.header)
+    tokens = []
     for row in codes.tolist():
         tokens += row + [cl.END_OF_LINE]
     tokens += [cl.IMAGE_END, cl.END_OF_TURN]
     assert torch.equal(grid.codes(tokens), codes)
     broken = list(tokens)
-    broken[3 + grid.cols] = 100  # a code where end-of-line belongs
+    broken[grid.cols] = 100  # a code where end-of-line belongs
     with pytest.raises(ValueError, match="breaks the layout"):
         grid.codes(broken)
 
 
 def test_allowed_mask_matches_constraints():
     grid = cl.ChameleonImageLayout(256).grid(256, 256)
-    mask = grid.allowed_mask(torch.tensor([0, 3, 3 + 16]), 9000)
-    assert mask[0].sum() == 1 and mask[0, 8197]
-    assert mask[1].sum() == 8192 and mask[1, 4] and not mask[1, 8196]
-    assert mask[2].sum() == 1 and mask[2, 8803]
+    mask = grid.allowed_mask(torch.tensor([0, 16, 17 * 16]), 9000)
+    assert mask[0].sum() == 8192 and mask[0, 4] and not mask[0, 8196]
+    assert mask[1].sum() == 1 and mask[1, 8803]
+    assert mask[2].sum() == 1 and mask[2, 8196]
 
 
 def test_unsupported_size_lists_the_supported_ones():
@@ -62,10 +73,15 @@ def test_unsupported_size_lists_the_supported_ones():
         layout.grid(500, 500)
 
 
-def test_prompt_template():
-    assert cl.ChameleonImageLayout().prompt("a cat", 768, 512) == (
+def test_prompt_template_ends_with_the_image_header():
+    layout = cl.ChameleonImageLayout()
+    assert layout.prompt("a cat", 768, 512) == (
         "Generate an image of 768x512 according to the following prompt:\na cat<reserved08706>"
+        "<racm3:break><reserved08816><reserved08824>"
     )
+    # Lumina-mGPT's unconditional stream: from the image start on, no text.
+    assert layout.unconditional_prompt_token_ids(None, 768, 512) == [8197, 8804 + 16, 8804 + 24]
+    assert layout.default_guidance_scale == 3.0
 
 
 def test_anole_layout_is_chameleons_1024_code_block():
@@ -78,10 +94,11 @@ def test_anole_layout_is_chameleons_1024_code_block():
 
     layout = image_layout_for(config("ChameleonForConditionalGeneration"))
     grid = layout.grid(512, 512)
-    assert grid.num_tokens == 1 + 1024 + 1
+    assert grid.num_tokens == 1024 + 1
+    assert layout.prompt("a cat", 512, 512) == "a cat<racm3:break>"
     forced, low, high = grid.constraints(torch.arange(grid.num_tokens))
-    assert forced[0] == cl.IMAGE_START and forced[-1] == cl.IMAGE_END
-    assert (forced[1:-1] == FREE).all()
+    assert forced[-1] == cl.IMAGE_END
+    assert (forced[:-1] == FREE).all()
     with pytest.raises(UnsupportedImageSize, match="supported sizes: 512x512"):
         layout.grid(768, 768)
     lumina = image_layout_for(config("ChameleonXLLMXForConditionalGeneration"), 512)

@@ -19,6 +19,8 @@ VOCAB_SIZE = 8960  # the real 65536 shrunk, keeping every special id we use
 WORDS = ["Generate", "an", "image", "of", "according", "to", "the", "following",
          "prompt:", "a", "red", "blue", "circle", "square", "on", "black", "background"]
 FIRST_WORD_ID = 8900
+# Height/width tokens <reserved08800>.. up to the first word id.
+SIZE_TOKENS = {i: layout.reserved_token_name(i) for i in range(layout.SIZE_TOKEN_BASE, FIRST_WORD_ID)}
 
 
 def image_token_name(code: int) -> str:
@@ -28,9 +30,10 @@ def image_token_name(code: int) -> str:
 def vocabulary_map() -> dict[str, int]:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
     vocab.update({image_token_name(c): layout.CODE_LOW + c for c in range(8192)})
-    vocab.update({"<eoss>": layout.IMAGE_END, "<racm3:break>": layout.IMAGE_START,
+    vocab.update({"<eoss>": layout.IMAGE_END, layout.IMAGE_START_NAME: layout.IMAGE_START,
                   "<image>": 8711, "<reserved08799>": layout.END_OF_LINE,
                   layout.TURN_SEPARATOR: layout.END_OF_TURN})
+    vocab.update({name: i for i, name in SIZE_TOKENS.items()})
     return vocab
 
 
@@ -92,7 +95,8 @@ def _save_tokenizer(path: Path) -> None:
     PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
         pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=[layout.TURN_SEPARATOR],
+        additional_special_tokens=[layout.TURN_SEPARATOR, layout.IMAGE_START_NAME,
+                                   *SIZE_TOKENS.values()],
     ).save_pretrained(path)
 
 
@@ -109,3 +113,78 @@ def reference_logits(path: Path, token_ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         hidden = model.model(input_ids=torch.tensor([token_ids])).last_hidden_state
         return model.lm_head(hidden)[0]
+
+
+def tiny_vq_decoder():
+    """A random-weight Chameleon VQGAN decoder (16x, tiny channels) and its id mapping."""
+    from transformers import ChameleonVQVAEConfig
+
+    from vllm_sjd.vq.chameleon_vqgan import BPEToCodebook, ChameleonVQGANDecoder
+
+    config = ChameleonVQVAEConfig(
+        embed_dim=8, num_embeddings=8192, latent_channels=8, resolution=256,
+        base_channels=32, channel_multiplier=[1, 1, 1, 1, 1], num_res_blocks=1,
+        attn_resolutions=[16],
+    )
+    return ChameleonVQGANDecoder(config), BPEToCodebook.from_vocab(vocabulary_map(), 8192)
+
+
+TINY_VQGAN_YAML = """\
+model:
+  target: taming.models.vqgan.VQModel
+  params:
+    embed_dim: 8
+    n_embed: 8192
+    ddconfig:
+      double_z: false
+      z_channels: 8
+      resolution: 256
+      in_channels: 3
+      out_ch: 3
+      ch: 32
+      ch_mult: [1, 1, 1, 1, 1]
+      num_res_blocks: 1
+      attn_resolutions: []
+      dropout: 0.0
+"""
+
+
+def write_tiny_vqgan(folder: Path, seed: int = 0) -> None:
+    """vqgan.yaml + vqgan.safetensors of a random 16x Chameleon VQGAN decoder, in `folder`."""
+    from safetensors.torch import save_file
+
+    from vllm_sjd.vq.chameleon_vqgan import ChameleonVQGANDecoder
+
+    (folder / "vqgan.yaml").write_text(TINY_VQGAN_YAML)
+    torch.manual_seed(seed)
+    decoder = ChameleonVQGANDecoder.from_yaml(folder / "vqgan.yaml")
+    state = {k: v.contiguous() for k, v in decoder.state_dict().items()}
+    save_file(state, str(folder / "vqgan.safetensors"))
+
+
+class GuidedReference:
+    """Teacher-forced guided logits of a tiny Chameleon checkpoint (transformers).
+
+    For a generated sequence, both streams are run once over their prompt plus
+    the sequence; row i is uncond + s * (cond - uncond) before token i, masked
+    to the image layout: what SJD must have verified (or taken the argmax of).
+    """
+
+    def __init__(self, path: Path):
+        from transformers import ChameleonForConditionalGeneration
+
+        self.model = ChameleonForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+
+    def _logits(self, context: list[int], tokens: list[int]) -> torch.Tensor:
+        ids = torch.tensor([context + tokens[:-1]])
+        with torch.no_grad():
+            hidden = self.model.model(input_ids=ids).last_hidden_state
+            return self.model.lm_head(hidden)[0, len(context) - 1:].to(torch.float64)
+
+    def guided_logits(self, prompt, unconditional_prompt, tokens, scale: float, grid) -> torch.Tensor:
+        tokens = list(tokens)
+        cond = self._logits(list(prompt), tokens)
+        uncond = self._logits(list(unconditional_prompt), tokens)
+        guided = uncond + scale * (cond - uncond)
+        allowed = grid.allowed_mask(torch.arange(len(tokens)), guided.shape[-1])
+        return guided.masked_fill(~allowed, float("-inf"))

@@ -95,22 +95,34 @@ def exact_continuation_probs(
     temperature: float,
     top_k: int,
     grid=None,
+    guidance_scale: float = 1.0,
+    unconditional_prompt: list[int] | None = None,
 ) -> dict[tuple[int, ...], float]:
     """Exact AR probabilities of every length-`length` continuation.
 
-    Teacher-forces the same weights with transformers, applying the image
-    layout `grid` (if any), temperature and then top-k to each step's logits,
-    as the SJD runner and vLLM's sampler do.
+    Teacher-forces the same weights with transformers, applying classifier-free
+    guidance (uncond + s * (cond - uncond), the unconditional stream seeing
+    `unconditional_prompt` and the same continuation), the image layout `grid`
+    (if any), temperature and then top-k to each step's logits, as the SJD
+    runner and vLLM's sampler do.
     """
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+    def last_logits(context: list[int], prefixes) -> torch.Tensor:
+        batch = torch.tensor([context + list(p) for p in prefixes])
+        with torch.no_grad():
+            return model(batch).logits[:, -1, :].to(torch.float64)
+
     probs: dict[tuple[int, ...], float] = {(): 1.0}
     for step in range(length):
         prefixes = list(probs)
-        batch = torch.tensor([prompt + list(p) for p in prefixes])
-        with torch.no_grad():
-            logits = model(batch).logits[:, -1, :].to(torch.float64) / temperature
+        logits = last_logits(prompt, prefixes)
+        if guidance_scale != 1.0:
+            uncond = last_logits(unconditional_prompt, prefixes)
+            logits = uncond + guidance_scale * (logits - uncond)
+        logits = logits / temperature
         if grid is not None:
             allowed = grid.allowed_mask(torch.tensor([step]), logits.shape[-1])
             logits = logits.masked_fill(~allowed, float("-inf"))

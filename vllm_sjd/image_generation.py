@@ -1,8 +1,9 @@
 """From a prompt to an image: sampling parameters for a grid, tokens to pixels.
 
 `image_sampling_params` makes a request generate exactly one image of the
-grid's layout (the SJD runner, or `LayoutLogitsProcessor` without SJD, enforces
-the layout per position); `decode_image` turns the generated tokens into a PIL
+grid's layout (the SJD runner enforces the layout per position), guided with
+classifier-free guidance when given a scale above 1 and the family's
+unconditional prompt; `decode_image` turns the generated tokens into a PIL
 image with a family's VQ decoder.
 """
 
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 from vllm import SamplingParams
 
+from vllm_sjd.guidance import guidance_extra_args
 from vllm_sjd.layout_constraints import image_extra_args
 from vllm_sjd.models.layout import ImageGrid
 
@@ -23,9 +25,19 @@ def image_sampling_params(
     top_k: int | None = None,
     top_p: float = 1.0,
     seed: int | None = None,
+    guidance_scale: float = 1.0,
+    unconditional_prompt_token_ids: Sequence[int] | None = None,
 ) -> SamplingParams:
+    """Sampling parameters for one image of `grid`.
+
+    guidance_scale > 1 turns on classifier-free guidance; the engine then runs
+    an unconditional twin from `unconditional_prompt_token_ids` (the layout's
+    `unconditional_prompt_token_ids(...)` gives the family's own).
+    """
     # The layout forces every structural token, so max_tokens alone ends the
     # image; min_tokens would mask an EOS that the layout forces (Emu3).
+    extra_args = image_extra_args(grid)
+    extra_args.update(guidance_extra_args(guidance_scale, unconditional_prompt_token_ids))
     return SamplingParams(
         max_tokens=grid.num_tokens,
         ignore_eos=True,
@@ -33,7 +45,7 @@ def image_sampling_params(
         top_k=top_k if top_k is not None else 0,
         top_p=top_p,
         seed=seed,
-        extra_args=image_extra_args(grid),
+        extra_args=extra_args,
     )
 
 

@@ -20,7 +20,6 @@ import torch
 from vllm_sjd.config import SJDConfig
 from vllm_sjd.core.rng import key_from_seed
 from vllm_sjd.core.window import StepRows, next_window
-from vllm_sjd.layout_constraints import LayoutConstraints
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +41,6 @@ class SJDProposer:
         self.max_model_len: int = vllm_config.model_config.max_model_len
 
         self._keys: dict[str, int] = {}
-        # Image layouts of the requests that have one.
-        self.layouts = LayoutConstraints()
         # Latest step's windows: row of each request in the tensors below.
         self._window_row: dict[str, int] = {}
         self._drafts: torch.Tensor | None = None  # [B, K] int64
@@ -73,8 +70,15 @@ class SJDProposer:
         greedy: torch.Tensor,  # [B] bool
         has_output: Sequence[bool],
         allowed: torch.Tensor | None = None,  # [B, K, V] bool: tokens each slot may hold
+        mirror: Sequence[tuple[int, int]] = (),  # (row, source row): same window as source
     ) -> list[list[int]]:
-        """Build every request's next window; returns the drafts to schedule."""
+        """Build every request's next window; returns the drafts to schedule.
+
+        A request that produced nothing this step (a prefill chunk, or a
+        guided pair member held back) keeps the window it had, if any.
+        `mirror` gives a guided pair's unconditional twin the conditional
+        request's window, so both verify the same drafts.
+        """
         device = rows.bonus_probs.device
         keys = torch.tensor(self._request_keys(req_ids, seeds), dtype=torch.int64)
         drafts, q = self._next_window(
@@ -84,13 +88,22 @@ class SJDProposer:
             greedy=greedy.to(device),
             allowed=allowed,
         )
+        kept = [False] * len(req_ids)
+        for i, produced in enumerate(has_output):
+            window = None if produced else self._window(req_ids[i])
+            if window is not None:
+                drafts[i], q[i] = window[0].to(device), window[1].to(device)
+                kept[i] = True
+        if mirror:
+            rows_to, rows_from = (torch.tensor(r, device=device) for r in zip(*mirror))
+            drafts[rows_to], q[rows_to] = drafts[rows_from], q[rows_from]
         self._store(req_ids, drafts, q)
         # A window must end inside the model's context.
         room = (self.max_model_len - num_tokens).clamp_(min=0, max=self.num_slots)
         draft_lists = drafts.tolist()
         return [
-            d[:r] if ok else []
-            for d, r, ok in zip(draft_lists, room.tolist(), has_output)
+            d[:r] if ok or keep else []
+            for d, r, ok, keep in zip(draft_lists, room.tolist(), has_output, kept)
         ]
 
     def _next_window(
@@ -203,7 +216,6 @@ class SJDProposer:
             self._keys.pop(req_id, None)
             self._carried.pop(req_id, None)
             self._window_row.pop(req_id, None)
-        self.layouts.evict(req_ids)
         if not self._window_row:
             self._drafts = self._q = None
 
@@ -218,9 +230,4 @@ class SJDProposer:
 
     def tracked_requests(self) -> set[str]:
         """Request ids the proposer holds any state for."""
-        return (
-            set(self._keys)
-            | set(self._window_row)
-            | set(self._carried)
-            | self.layouts.tracked_requests()
-        )
+        return set(self._keys) | set(self._window_row) | set(self._carried)

@@ -32,13 +32,22 @@ def image_layout_for(hf_config, target_size: int | None = None):
 
     target_size: the resolution a Lumina-mGPT checkpoint was trained at (512,
     768 or 1024; its name says which); it decides the supported sizes.
+    A Lumina-format config may name its own in an optional key,
+    "sjd_image_layout": {"target_size": 128, "downsample": 8, "num_codes": 1024}
+    (px per code, 16 if absent; codebook size, 8192 if absent), as the bundled
+    demo model does; an explicit target_size argument wins over the config's.
     """
     from vllm_sjd.models.chameleon_layout import AnoleImageLayout, ChameleonImageLayout
     from vllm_sjd.models.emu3_layout import Emu3ImageLayout
 
     architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
     if architecture == "ChameleonXLLMXForConditionalGeneration":
-        return ChameleonImageLayout(target_size or 768)
+        own = getattr(hf_config, "sjd_image_layout", None) or {}
+        return ChameleonImageLayout(
+            target_size or own.get("target_size") or 768,
+            own.get("downsample", 16),
+            own.get("num_codes", 8192),
+        )
     if architecture == "ChameleonForConditionalGeneration":
         return AnoleImageLayout()
     if architecture == "Emu3ForConditionalGeneration":

@@ -41,6 +41,9 @@ def generate_size(ratio: str, image_area: int = IMAGE_AREA) -> tuple[int, int]:
 
 
 class Emu3ImageLayout:
+    default_guidance_scale = 3.0  # Emu3's reference generation script
+    default_top_k = 2048
+
     def __init__(self, vocabulary_map: Mapping[str, int], image_area: int = IMAGE_AREA):
         missing = [t for t in (END_OF_LINE, END_OF_FRAME, IMAGE_END, END_OF_SEQUENCE)
                    if t not in vocabulary_map]
@@ -75,6 +78,11 @@ class Emu3ImageLayout:
         rows, cols = height // DOWNSAMPLE, width // DOWNSAMPLE
         return f"{text}{suffix}{IMAGE_START}{rows}*{cols}{IMAGE_WRAPPER}"
 
-    def unconditional_prompt(self, width: int, height: int) -> str:
-        """The negative prompt Emu3's reference uses for classifier-free guidance."""
-        return self.prompt(NEGATIVE_PROMPT, width, height, positive=False)
+    def unconditional_prompt(self, width: int, height: int, negative_prompt: str = NEGATIVE_PROMPT) -> str:
+        """The negative prompt (by default the reference's) with the size header."""
+        return self.prompt(negative_prompt, width, height, positive=False)
+
+    def unconditional_prompt_token_ids(
+        self, tokenizer, width: int, height: int, negative_prompt: str = NEGATIVE_PROMPT
+    ) -> list[int]:
+        return list(tokenizer(self.unconditional_prompt(width, height, negative_prompt))["input_ids"])

@@ -1,0 +1,76 @@
+"""Classifier-free guidance (CFG) as request pairs: what a guided request carries.
+
+A request with guidance scale s > 1 is served as two engine requests: the
+client's (conditional) one and an unconditional twin that the SJD scheduler
+(patches/cfg_scheduler.py) creates from the token ids the request carries.
+Both generate the same image tokens; the runner (patches/sjd_runner.py)
+verifies and samples from the guided logits
+
+    uncond + s * (cond - uncond)
+
+inside the image span, copies the conditional request's tokens to the twin, and
+the scheduler keeps the twin out of every client-visible output.
+
+This module holds the request-level contract (SamplingParams.extra_args) and
+the blend itself; plain torch, no vLLM internals.
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+GUIDANCE_ARG = "sjd_guidance"
+UNCONDITIONAL_SUFFIX = "::sjd-uncond"
+MAX_GUIDANCE_SCALE = 100.0
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """The guidance of a conditional request."""
+
+    scale: float
+    unconditional_prompt_token_ids: tuple[int, ...]
+
+
+def guidance_extra_args(scale: float, unconditional_prompt_token_ids: Sequence[int] | None) -> dict:
+    """SamplingParams.extra_args entries for guidance `scale` (none when scale == 1)."""
+    scale = float(scale)
+    if not 1.0 <= scale <= MAX_GUIDANCE_SCALE:
+        raise ValueError(f"guidance_scale must be in [1, {MAX_GUIDANCE_SCALE:g}], got {scale:g}")
+    if scale == 1.0:
+        return {}
+    ids = [int(t) for t in unconditional_prompt_token_ids or ()]
+    if not ids:
+        raise ValueError("guidance_scale > 1 needs the unconditional prompt's token ids")
+    return {GUIDANCE_ARG: {"scale": scale, "unconditional_prompt_token_ids": ids}}
+
+
+def guidance_of(extra_args: Mapping | None) -> Guidance | None:
+    """The guidance a conditional request asks for, or None."""
+    spec = (extra_args or {}).get(GUIDANCE_ARG)
+    if not spec or "scale" not in spec:
+        return None
+    return Guidance(float(spec["scale"]), tuple(spec["unconditional_prompt_token_ids"]))
+
+
+def unconditional_extra_args(extra_args: Mapping, conditional_request_id: str) -> dict:
+    """The twin's extra_args: the same image layout, marked with its partner's id."""
+    twin = {k: v for k, v in extra_args.items() if k != GUIDANCE_ARG}
+    twin[GUIDANCE_ARG] = {"conditional_request_id": conditional_request_id}
+    return twin
+
+
+def conditional_partner_of(extra_args: Mapping | None) -> str | None:
+    """For an unconditional twin, its conditional request's id; else None."""
+    spec = (extra_args or {}).get(GUIDANCE_ARG)
+    return spec.get("conditional_request_id") if spec else None
+
+
+def unconditional_request_id(conditional_request_id: str) -> str:
+    return conditional_request_id + UNCONDITIONAL_SUFFIX
+
+
+def blend(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """uncond + s * (cond - uncond), row-wise; `scale` broadcasts as [rows, 1]."""
+    return torch.lerp(uncond, cond, scale)
