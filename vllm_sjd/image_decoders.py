@@ -1,0 +1,70 @@
+"""The VQ decoder that turns a served model's image tokens into pixels.
+
+Where the decoder's files are, per family (`vq_path` is the image option
+"vq", else the checkpoint folder itself):
+- Chameleon family (Lumina-mGPT, Anole, the bundled demo model): Chameleon's
+  VQGAN, `vqgan.yaml` plus `vqgan.ckpt` or `vqgan.safetensors`; image token ids
+  map to codes through the checkpoint's vocabulary_map;
+- Emu3-Gen: a folder holding transformers' Emu3VQVAE (config.json of
+  model_type "emu3_vqgan" and its safetensors).
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from vllm_sjd.image_generation import decode_image
+from vllm_sjd.models.layout import ImageGrid
+
+
+class NoImageDecoder(ValueError):
+    """The served model has no VQ decoder the plugin can find."""
+
+
+class ImageDecoder:
+    """tokens of one image -> PIL image, for one served model."""
+
+    def __init__(self, to_codebook, decoder) -> None:
+        self.to_codebook = to_codebook
+        self.decoder = decoder
+
+    def __call__(self, tokens: Sequence[int], grid: ImageGrid) -> Image.Image:
+        return decode_image(tokens, grid, self.to_codebook, self.decoder)
+
+
+def image_decoder_for(model_path: str | Path, hf_config, vq_path: str | Path | None = None) -> ImageDecoder:
+    architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
+    folder = Path(vq_path or model_path)
+    if architecture in ("ChameleonXLLMXForConditionalGeneration", "ChameleonForConditionalGeneration"):
+        return _chameleon_decoder(folder, hf_config)
+    if architecture == "Emu3ForConditionalGeneration":
+        from vllm_sjd.vq.emu3 import Emu3ImageDecoder
+
+        if not (folder / "config.json").is_file():
+            raise NoImageDecoder(
+                f"Emu3-Gen needs its vision tokenizer: pass the folder of an Emu3VQVAE "
+                f"checkpoint as the image option 'vq' (looked in {folder})"
+            )
+        decoder = Emu3ImageDecoder.from_pretrained(folder, hf_config.vocabulary_map)
+        return ImageDecoder(decoder.codes_from_tokens, decoder)
+    raise NoImageDecoder(f"{architecture} is not an image-generating model of this plugin")
+
+
+def _chameleon_decoder(folder: Path, hf_config) -> ImageDecoder:
+    from vllm_sjd.vq.chameleon_vqgan import BPEToCodebook, ChameleonVQGANDecoder
+
+    yaml_path = folder / "vqgan.yaml"
+    weights = next(
+        (folder / name for name in ("vqgan.safetensors", "vqgan.ckpt") if (folder / name).is_file()),
+        None,
+    )
+    if not yaml_path.is_file() or weights is None:
+        raise NoImageDecoder(
+            "the Chameleon family decodes with Chameleon's VQGAN: put vqgan.yaml and "
+            f"vqgan.ckpt (or vqgan.safetensors) in {folder}, or name their folder with "
+            "the image option 'vq'"
+        )
+    decoder = ChameleonVQGANDecoder.from_yaml(yaml_path, weights).eval()
+    num_codes = decoder.config.num_embeddings
+    return ImageDecoder(BPEToCodebook.from_vocab(hf_config.vocabulary_map, num_codes), decoder)

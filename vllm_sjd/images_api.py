@@ -1,0 +1,200 @@
+"""POST /v1/images/generations for `vllm serve`: OpenAI's Images API on an image model.
+
+Request fields follow OpenAI's `images.generate` (prompt, n, size,
+response_format "b64_json", model, user) plus `seed`, `guidance_scale`,
+`temperature` and `top_k`. The response is OpenAI's ImagesResponse with PNGs
+as base64, and per image the request's SJD figures: forward passes (engine
+steps that produced its tokens), tokens and tokens per pass.
+
+The service runs on the API server's EngineClient (public API only): it
+builds the prompt and sampling parameters from the model's image layout,
+generates the n images concurrently, and decodes them with the model's VQ
+decoder (vllm_sjd/image_decoders.py). Bad input is answered with HTTP 400 in
+OpenAI's error shape by the route (vllm_sjd/images_plugin.py).
+"""
+
+import asyncio
+import base64
+import io
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from vllm_sjd.image_generation import image_sampling_params
+from vllm_sjd.models.layout import UnsupportedImageSize
+
+# Under the "vllm" logger, so that vLLM's log configuration shows it.
+logger = logging.getLogger("vllm.sjd.images")
+
+MAX_IMAGES = 10  # OpenAI's limit for n
+MAX_PROMPT_CHARS = 4000
+
+
+class ImageRequestError(ValueError):
+    """A request the model cannot serve (HTTP 400); `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ImageGenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: str | None = None
+    n: int = Field(default=1, ge=1, le=MAX_IMAGES)
+    size: str | None = Field(default=None, pattern=r"^(auto|\d+x\d+)$")
+    response_format: Literal["b64_json"] = "b64_json"
+    user: str | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    guidance_scale: float | None = Field(default=None, ge=1.0, le=100.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=10.0)
+    top_k: int | None = Field(default=None, ge=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt must not be blank")
+        return prompt
+
+    @field_validator("guidance_scale", "temperature", mode="before")
+    @classmethod
+    def _numbers_may_be_ints(cls, value):
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def openai_error(message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+
+
+@dataclass
+class ImageStats:
+    tokens: int
+    forward_passes: int
+
+    def as_dict(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "forward_passes": self.forward_passes,
+            "tokens_per_pass": round(self.tokens / max(self.forward_passes, 1), 3),
+        }
+
+
+class ImageService:
+    """Generates images for one served model."""
+
+    def __init__(self, engine_client, layout, decoder, model_name: str, tokenizer) -> None:
+        self.engine_client = engine_client
+        self.layout = layout
+        self.decoder = decoder
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        speculative = engine_client.vllm_config.speculative_config
+        self.speculative = speculative is not None
+
+    def _size(self, size: str | None) -> tuple[int, int]:
+        if size in (None, "auto"):
+            return self.layout.default_size
+        width, height = (int(v) for v in size.split("x"))
+        return width, height
+
+    async def generate(self, request: ImageGenerationRequest) -> dict:
+        if request.model not in (None, self.model_name):
+            raise ImageRequestError(
+                f"this server serves {self.model_name!r}, not {request.model!r}", "model"
+            )
+        width, height = self._size(request.size)
+        try:
+            grid = self.layout.grid(width, height)
+        except UnsupportedImageSize as e:
+            raise ImageRequestError(str(e), "size") from None
+        prompt = self.layout.prompt(request.prompt, width, height)
+        prompt_ids = self.tokenizer(prompt)["input_ids"]
+        max_len = self.engine_client.model_config.max_model_len
+        if len(prompt_ids) + grid.num_tokens > max_len:
+            raise ImageRequestError(
+                f"prompt of {len(prompt_ids)} tokens plus the {grid.num_tokens} image tokens "
+                f"exceed the model's context of {max_len} tokens",
+                "prompt",
+            )
+        scale = request.guidance_scale
+        if scale is None:
+            scale = self.layout.default_guidance_scale
+        unconditional = (
+            self.layout.unconditional_prompt_token_ids(self.tokenizer, width, height)
+            if scale != 1.0
+            else None
+        )
+        base_seed = request.seed
+        params = [
+            image_sampling_params(
+                grid,
+                temperature=1.0 if request.temperature is None else request.temperature,
+                top_k=request.top_k or self.layout.default_top_k,
+                seed=None if base_seed is None else base_seed + i,
+                guidance_scale=scale,
+                unconditional_prompt_token_ids=unconditional,
+            )
+            for i in range(request.n)
+        ]
+        request_id = f"img-{uuid.uuid4().hex[:16]}"
+        logger.info(
+            "%s: %d image(s) of %dx%d (%d tokens each), guidance %.2g, %s",
+            request_id, request.n, width, height, grid.num_tokens, scale,
+            "SJD" if self.speculative else "autoregressive",
+        )
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(
+                self._one_image(f"{request_id}-{i}", {"prompt_token_ids": prompt_ids}, p, grid)
+                for i, p in enumerate(params)
+            )
+        )
+        data = []
+        for image, stats in results:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            data.append({"b64_json": base64.b64encode(buffer.getvalue()).decode(), "sjd": stats.as_dict()})
+        elapsed = time.monotonic() - started
+        passes = sum(s.forward_passes for _, s in results)
+        tokens = sum(s.tokens for _, s in results)
+        logger.info(
+            "%s: done in %.1f s, %d tokens in %d forward passes (%.2f tokens/pass)",
+            request_id, elapsed, tokens, passes, tokens / max(passes, 1),
+        )
+        return {
+            "created": int(time.time()),
+            "data": data,
+            "sjd": {
+                "speculative": self.speculative,
+                "guidance_scale": scale,
+                "seconds": round(elapsed, 3),
+            },
+        }
+
+    async def _one_image(self, request_id, prompt, params, grid):
+        from vllm.sampling_params import RequestOutputKind
+
+        params.output_kind = RequestOutputKind.DELTA
+        tokens: list[int] = []
+        passes = 0
+        next_report = 0.25
+        async for output in self.engine_client.generate(prompt, params, request_id):
+            new = output.outputs[0].token_ids
+            if new:
+                passes += 1
+                tokens.extend(new)
+            if len(tokens) >= next_report * grid.num_tokens and not output.finished:
+                logger.info(
+                    "%s: %d%% (%d/%d tokens, %d passes)", request_id,
+                    100 * len(tokens) // grid.num_tokens, len(tokens), grid.num_tokens, passes,
+                )
+                next_report += 0.25
+        image = await asyncio.to_thread(self.decoder, tokens, grid)
+        return image, ImageStats(tokens=len(tokens), forward_passes=passes)
