@@ -2,9 +2,10 @@
 
 Where the decoder's files are, per family (`vq_path` is the image option
 "vq", else the checkpoint folder itself):
-- Chameleon family (Lumina-mGPT, Anole, the bundled demo model): Chameleon's
-  VQGAN, `vqgan.yaml` plus `vqgan.ckpt` or `vqgan.safetensors`; image token ids
-  map to codes through the checkpoint's vocabulary_map;
+- Chameleon family (Lumina-mGPT, Anole): Chameleon's VQGAN, `vqgan.yaml` plus
+  `vqgan.ckpt` or `vqgan.safetensors`; or, as the bundled demo model ships it,
+  `vq/decoder.safetensors` shaped by the config's own vq_config. Image token
+  ids map to codes through the checkpoint's vocabulary_map;
 - Emu3-Gen: a folder holding transformers' Emu3VQVAE (config.json of
   model_type "emu3_vqgan" and its safetensors).
 """
@@ -54,6 +55,11 @@ def image_decoder_for(model_path: str | Path, hf_config, vq_path: str | Path | N
 def _chameleon_decoder(folder: Path, hf_config) -> ImageDecoder:
     from vllm_sjd.vq.chameleon_vqgan import BPEToCodebook, ChameleonVQGANDecoder
 
+    own = folder / "vq" / "decoder.safetensors"
+    if own.is_file() and getattr(hf_config, "vq_config", None) is not None:
+        decoder = ChameleonVQGANDecoder(hf_config.vq_config).load_checkpoint(own).eval()
+        num_codes = decoder.config.num_embeddings
+        return ImageDecoder(BPEToCodebook.from_vocab(hf_config.vocabulary_map, num_codes), decoder)
     yaml_path = folder / "vqgan.yaml"
     weights = next(
         (folder / name for name in ("vqgan.safetensors", "vqgan.ckpt") if (folder / name).is_file()),

@@ -1,0 +1,41 @@
+"""`vllm-sjd serve`: the vllm serve command line it builds."""
+
+import json
+
+import pytest
+
+from vllm_sjd.cli import DEFAULT_SPECULATIVE_CONFIG, serve_command
+
+
+def test_a_named_model_gets_sjd_the_endpoint_and_float32_on_cpu(monkeypatch):
+    monkeypatch.setenv("VLLM_PLUGINS", "other")
+    command, env = serve_command(["/models/x", "--port", "9000"], has_gpu=False)
+    assert command[:3] == ["vllm", "serve", "/models/x"]
+    assert command[3:5] == ["--port", "9000"]
+    spec = command[command.index("--speculative-config") + 1]
+    assert json.loads(spec) == json.loads(DEFAULT_SPECULATIVE_CONFIG)
+    assert command[command.index("--dtype") + 1] == "float32"
+    assert env["VLLM_PLUGINS"].split(",") == ["other", "sjd", "sjd_images"]
+
+
+def test_the_users_settings_win(monkeypatch):
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    user_spec = '{"method": "sjd", "num_speculative_tokens": 4}'
+    command, _ = serve_command(["m", "--speculative-config", user_spec, "--dtype", "bfloat16"],
+                               has_gpu=False)
+    assert command.count("--speculative-config") == 1 and user_spec in command
+    assert command.count("--dtype") == 1 and "bfloat16" in command
+    gpu_command, _ = serve_command(["m"], has_gpu=True)
+    assert "--dtype" not in gpu_command
+
+
+def test_no_model_means_the_demo_model():
+    from vllm_sjd.demo import MODEL_PATH
+
+    if not (MODEL_PATH / "config.json").is_file():
+        with pytest.raises(SystemExit, match="demo model is missing"):
+            serve_command([], has_gpu=False)
+        return
+    command, _ = serve_command(["--port", "1"], has_gpu=False)
+    assert command[2] == str(MODEL_PATH)
+    assert command[command.index("--served-model-name") + 1] == "vllm-sjd-demo"

@@ -1,0 +1,67 @@
+"""`vllm-sjd serve [MODEL] [vLLM options]`: `vllm serve` with the plugin's defaults.
+
+- no MODEL: the bundled demo model (vllm_sjd/demo/model), named "vllm-sjd-demo";
+- SJD on (K = 16) unless --speculative-config is given;
+- the image endpoint on (VLLM_PLUGINS gains sjd and sjd_images);
+- on a machine without a GPU, float32 unless --dtype is given.
+Everything else passes through to `vllm serve` unchanged.
+"""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+DEFAULT_SPECULATIVE_CONFIG = '{"method": "sjd", "num_speculative_tokens": 16}'
+DEMO_MODEL_NAME = "vllm-sjd-demo"
+USAGE = "usage: vllm-sjd serve [MODEL] [vllm serve options]"
+
+
+def serve_command(argv: list[str], has_gpu: bool) -> tuple[list[str], dict[str, str]]:
+    """The `vllm serve` command line and the environment additions for `argv`."""
+    options = list(argv)
+    if options and not options[0].startswith("-"):
+        model = options.pop(0)
+    else:
+        from vllm_sjd.demo import MODEL_PATH
+
+        if not (MODEL_PATH / "config.json").is_file():
+            raise SystemExit(f"vllm-sjd: the demo model is missing from {MODEL_PATH}")
+        model = str(MODEL_PATH)
+        if "--served-model-name" not in options:
+            options += ["--served-model-name", DEMO_MODEL_NAME]
+    if "--speculative-config" not in options and not any(
+        o.startswith("--speculative-config=") for o in options
+    ):
+        options += ["--speculative-config", DEFAULT_SPECULATIVE_CONFIG]
+    if not has_gpu and "--dtype" not in options:
+        options += ["--dtype", "float32"]
+    plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]
+    plugins += [p for p in ("sjd", "sjd_images") if p not in plugins]
+    return ["vllm", "serve", model, *options], {"VLLM_PLUGINS": ",".join(plugins)}
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "serve" or argv[1:2] in (["-h"], ["--help"]):
+        print(USAGE + "\n" + __doc__, file=sys.stderr)
+        return 0 if argv[1:2] in (["-h"], ["--help"]) else 2
+    command, env = serve_command(argv[1:], _has_gpu())
+    executable = shutil.which("vllm") or str(Path(sys.executable).parent / "vllm")
+    print(f"vllm-sjd: VLLM_PLUGINS={env['VLLM_PLUGINS']} {' '.join(command)}", file=sys.stderr, flush=True)
+    os.environ.update(env)
+    os.execv(executable, [executable, *command[1:]])
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
