@@ -129,3 +129,55 @@ def test_emu3_layout_from_its_vocabulary():
     assert layout.unconditional_prompt(720, 720).startswith("lowres, bad anatomy")
     with pytest.raises(UnsupportedImageSize, match="720x720"):
         layout.grid(512, 512)
+
+
+def test_llamagen_layout_is_a_bare_grid_of_the_checkpoint_size():
+    from vllm_sjd.models import image_layout_for
+    from vllm_sjd.models.llamagen_layout import LlamaGenImageLayout, llamagen_config
+
+    layout = image_layout_for(llamagen_config("GPT-XL", 256))
+    assert isinstance(layout, LlamaGenImageLayout)
+    assert layout.sizes == [(256, 256)] and layout.default_size == (256, 256)
+    assert layout.default_guidance_scale == 7.5
+    grid = layout.grid(256, 256)
+    assert (grid.rows, grid.cols, grid.num_tokens) == (16, 16, 256)
+    assert grid.header == () and grid.trailer == () and grid.row_end is None
+    forced, low, high = grid.constraints(torch.arange(grid.num_tokens + 3))
+    assert (forced == FREE).all() and (low == 0).all() and (high == 16384).all()
+    codes = torch.randint(0, 16384, (16, 16))
+    assert torch.equal(grid.codes(codes.flatten().tolist()), codes)
+    with pytest.raises(ValueError, match="breaks the layout"):
+        grid.codes([16384] + codes.flatten().tolist()[1:])  # a null-caption id is not a code
+    big = image_layout_for(llamagen_config("GPT-XL", 512)).grid(512, 512)
+    assert (big.rows, big.cols, big.num_tokens) == (32, 32, 1024)
+    with pytest.raises(UnsupportedImageSize, match="supported sizes: 256x256"):
+        layout.grid(512, 512)
+
+
+def test_llamagen_unconditional_prompt_is_the_null_caption_of_the_same_slots():
+    from vllm_sjd.models.llamagen_layout import LlamaGenImageLayout
+
+    layout = LlamaGenImageLayout()
+    assert layout.unconditional_prompt_token_ids() == list(range(16384, 16384 + 120))
+    # A 5-row caption sits in slots 115..119 (LlamaGen left-pads); so does its partner.
+    assert layout.unconditional_prompt_token_ids(None, 256, 256, caption_length=5) == [
+        16384 + s for s in range(115, 120)
+    ]
+    assert layout.null_caption_id(0) == 16384
+    for bad in (0, 121):
+        with pytest.raises(ValueError, match="caption_length"):
+            layout.unconditional_prompt_token_ids(caption_length=bad)
+
+
+def test_llamagen_config_describes_gpt_xl():
+    from vllm_sjd.models.llamagen_layout import LlamaGenConfig, llamagen_config
+
+    config = llamagen_config("GPT-XL", 512)
+    assert (config.num_hidden_layers, config.num_attention_heads, config.hidden_size) == (36, 20, 1280)
+    assert (config.head_dim, config.intermediate_size, config.caption_dim) == (64, 3584, 2048)
+    assert (config.codebook_size, config.cls_token_num, config.vocab_size) == (16384, 120, 16504)
+    assert config.grid_size == 32 and config.max_position_embeddings >= 120 + 1024
+    assert config.architectures == ["LlamaGenT2IForCausalLM"]
+    assert LlamaGenConfig.model_type == "llamagen_t2i"
+    with pytest.raises(ValueError, match="unknown LlamaGen model"):
+        llamagen_config("GPT-XS")
