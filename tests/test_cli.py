@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from vllm_sjd.cli import DEFAULT_SPECULATIVE_CONFIG, serve_command
+from vllm_sjd.cli import DEFAULT_SPECULATIVE_CONFIG, DEMO_MODEL_PATH, serve_command
 
 
 def test_a_named_model_gets_sjd_the_endpoint_and_float32_on_cpu(monkeypatch):
@@ -30,12 +30,10 @@ def test_the_users_settings_win(monkeypatch):
 
 
 def test_no_model_means_the_demo_model():
-    from vllm_sjd.demo import MODEL_PATH
-
-    if not (MODEL_PATH / "config.json").is_file():
+    if not (DEMO_MODEL_PATH / "config.json").is_file():
         with pytest.raises(SystemExit, match="demo model is missing"):
             serve_command([], has_gpu=False)
         return
     command, _ = serve_command(["--port", "1"], has_gpu=False)
-    assert command[2] == str(MODEL_PATH)
+    assert command[2] == str(DEMO_MODEL_PATH)
     assert command[command.index("--served-model-name") + 1] == "vllm-sjd-demo"

@@ -12,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+DEMO_MODEL_PATH = Path(__file__).resolve().parent / "demo" / "model"
 DEFAULT_SPECULATIVE_CONFIG = '{"method": "sjd", "num_speculative_tokens": 16}'
 DEMO_MODEL_NAME = "vllm-sjd-demo"
 USAGE = "usage: vllm-sjd serve [MODEL] [vllm serve options]"
@@ -23,11 +24,9 @@ def serve_command(argv: list[str], has_gpu: bool) -> tuple[list[str], dict[str, 
     if options and not options[0].startswith("-"):
         model = options.pop(0)
     else:
-        from vllm_sjd.demo import MODEL_PATH
-
-        if not (MODEL_PATH / "config.json").is_file():
-            raise SystemExit(f"vllm-sjd: the demo model is missing from {MODEL_PATH}")
-        model = str(MODEL_PATH)
+        if not (DEMO_MODEL_PATH / "config.json").is_file():
+            raise SystemExit(f"vllm-sjd: the demo model is missing from {DEMO_MODEL_PATH}")
+        model = str(DEMO_MODEL_PATH)
         if "--served-model-name" not in options:
             options += ["--served-model-name", DEMO_MODEL_NAME]
     if "--speculative-config" not in options and not any(
