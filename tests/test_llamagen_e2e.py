@@ -12,6 +12,7 @@ from tests.tiny_llamagen import (
     build_tiny_t5,
     load_state,
     reference_greedy,
+    reference_logits,
     tiny_config,
 )
 from vllm_sjd.image_generation import decode_image, image_sampling_params
@@ -94,6 +95,31 @@ def test_greedy_sjd_draws_llamagens_greedy_image(sjd_llm, model_dir, encoder):
     )
     assert [list(o.outputs[0].token_ids) for o in outputs] == expected
     assert spec_counters(sjd_llm)["num_accepted_tokens"] > before
+
+
+def test_guided_greedy_sjd_is_llamagens_guided_greedy(sjd_llm, model_dir, encoder):
+    """Guidance at LlamaGen's 7.5 with the null caption of the same slots as the
+    unconditional twin: generate.py's uncond + s * (cond - uncond), greedily."""
+    config, state = tiny_config(), load_state(model_dir)
+    layout = LlamaGenImageLayout.from_config(config)
+    grid = layout.grid(*layout.default_size)
+    scale = layout.default_guidance_scale
+    expected = []
+    for features in encoder.caption_features(CAPTIONS):
+        tokens: list[int] = []
+        for _ in range(grid.num_tokens):
+            cond = reference_logits(config, state, features, tokens)[-1]
+            uncond = reference_logits(config, state, None, tokens, len(features))[-1]
+            tokens.append(int((uncond + scale * (cond - uncond)).argmax()))
+        expected.append(tokens)
+    prompts = encoder.prompts(CAPTIONS)
+    params = [
+        image_sampling_params(grid, temperature=0.0, guidance_scale=scale,
+                              unconditional_prompt_token_ids=encoder.unconditional_prompt_token_ids(p))
+        for p in prompts
+    ]
+    outputs = sjd_llm.generate(prompts, params, use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outputs] == expected
 
 
 def test_other_sizes_are_refused_with_the_list():
