@@ -102,7 +102,8 @@ class LlamaGenConfig(PretrainedConfig):
         self.image_size = image_size
         self.downsample = downsample
         self.grid_size = image_size // downsample
-        kwargs.pop("vocab_size", None)  # always derived
+        for derived in ("vocab_size", "head_dim", "grid_size"):  # saved, but always recomputed
+            kwargs.pop(derived, None)
         self.vocab_size = codebook_size + cls_token_num
         self.max_position_embeddings = max_position_embeddings or (
             cls_token_num + self.grid_size**2 + WINDOW_MARGIN
