@@ -33,7 +33,7 @@ def image_layout_for(hf_config, target_size: int | None = None):
     target_size: the resolution a Lumina-mGPT checkpoint was trained at (512,
     768 or 1024; its name says which); it decides the supported sizes.
     A Lumina-format config may name its own in an optional key,
-    "sjd_image_layout": {"target_size": 128, "downsample": 8, "num_codes": 1024}
+    "sjd_image_layout": {"target_size": 64, "downsample": 4, "num_codes": 512}
     (px per code, 16 if absent; codebook size, 8192 if absent), as the bundled
     demo model does; an explicit target_size argument wins over the config's.
     """

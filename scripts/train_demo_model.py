@@ -1,0 +1,714 @@
+#!/usr/bin/env python
+"""Train the bundled demo model: a VQ tokenizer and a Lumina-mGPT-format
+Chameleon on procedurally drawn captioned scenes (vllm_sjd/demo/scenes.py).
+
+One command, on CPU, time-budgeted:
+
+    .venv/bin/python scripts/train_demo_model.py --seed 0
+
+Phases (each stops at its step count or its share of the wall-clock budget,
+whichever comes first; the counts actually run are written to the report):
+
+1. Render the scenes (64x64 px; a held-out set from seed + 1).
+2. VQ tokenizer, 4x downsampling, 512 codes of 8 dims: transformers'
+   ChameleonVQVAE encoder (+ quant_conv) and our Chameleon VQGAN decoder
+   (vllm_sjd/vq/chameleon_vqgan.py), both built small from one
+   ChameleonVQVAEConfig. A plain autoencoder warm-up, a k-means initialised
+   codebook, then EMA codebook updates with dead-code restarts; 32 px crops
+   first (4x cheaper, the nets are fully convolutional), then full images.
+   Loss: L1 + MSE, commitment 0.25.
+3. Encode every scene to a 16x16 code grid.
+4. The language model: ChameleonConfig (Lumina-mGPT's
+   ChameleonXLLMXForConditionalGeneration), width 256, 6 layers. A sequence
+   is the tokenized Lumina prompt "Generate an image of 64x64 according to
+   the following prompt:\\n{caption}<reserved08706>", the image header
+   (image start, height, width tokens), 16 rows of 16 codes each closed by
+   end-of-line, end of image. 10% of sequences are unconditional (the header
+   and the image only, for classifier-free guidance). Loss on the image part
+   only (codes, end-of-line, end of image): a softmax over those ids at every
+   position plus a full-vocabulary softmax at 32 sampled positions per
+   sequence, which keeps every unused id improbable at a fraction of the
+   cost. Constant learning rate after warm-up; the saved weights are an
+   exponential moving average, so a run cut short by the budget is the run
+   with that step count.
+
+5. Decoder polish: the VQ decoder alone on the frozen codes, its loss weighted
+   towards coloured pixels (objects), so that hues survive decoding.
+
+Outputs (vllm_sjd/demo/model/ by default): config.json, model.safetensors
+(bf16, the encoder as model.vqmodel.*), tokenizer files,
+vq/decoder.safetensors (fp32; vLLM loads every top-level *.safetensors),
+train_report.json.
+
+Same seed + same step counts (--vq-warmup-steps ... --lm-steps, with
+--budget-min 0 to turn the clock off) reproduces the run on the same
+machine and thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+# Other jobs share the two cores: spinning OpenMP threads then wait on each
+# other (a 2-thread step measured 4x slower than 1 thread); passive waiting
+# avoids that. Must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import shutil
+import sys
+import time
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from vllm_sjd.demo import scenes as sc  # noqa: E402
+from vllm_sjd.models import chameleon_layout as cl  # noqa: E402
+
+# ---- fixed design ---------------------------------------------------------
+DOWNSAMPLE = 4
+GRID = sc.IMAGE_SIZE // DOWNSAMPLE  # 16 codes per side
+NUM_CODES = 512
+EMBED_DIM = 8
+VOCAB_SIZE = 8960
+FIRST_WORD_ID = 8900
+PROMPT_WORDS = ["Generate", "an", "image", "of", f"{sc.IMAGE_SIZE}x{sc.IMAGE_SIZE}", "according",
+                "to", "the", "following", "prompt:"]
+UNCOND_PROB = 0.1
+FULL_SOFTMAX_POSITIONS = 32
+
+
+def vq_config():
+    from transformers import ChameleonVQVAEConfig
+
+    return ChameleonVQVAEConfig(
+        embed_dim=EMBED_DIM, num_embeddings=NUM_CODES, double_latent=False, latent_channels=32,
+        resolution=sc.IMAGE_SIZE, in_channels=3, base_channels=32,
+        channel_multiplier=[1, 2, 2], num_res_blocks=1, attn_resolutions=[],
+        dropout=0.0, attn_type="vanilla",
+    )
+
+
+def lm_config_kwargs(vocab_map: dict[str, int]) -> dict:
+    return dict(
+        vocab_size=VOCAB_SIZE, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        rms_norm_eps=1e-5, vocabulary_map=vocab_map, tie_word_embeddings=False,
+        vq_config=vq_config().to_dict(), bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )
+
+
+# ---- vocabulary -------------------------------------------------------------
+
+def image_token_name(code: int) -> str:
+    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+SIZE_TOKEN_IDS = range(cl.SIZE_TOKEN_BASE, FIRST_WORD_ID)
+
+
+def vocabulary() -> dict[str, int]:
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    vocab.update({image_token_name(c): cl.CODE_LOW + c for c in range(NUM_CODES)})
+    vocab.update({"<eoss>": cl.IMAGE_END, "<racm3:break>": cl.IMAGE_START, "<image>": 8711,
+                  "<reserved08799>": cl.END_OF_LINE, cl.TURN_SEPARATOR: cl.END_OF_TURN})
+    vocab.update({f"<reserved{i - 4:05d}>": i for i in SIZE_TOKEN_IDS})
+    words = list(dict.fromkeys(PROMPT_WORDS + sc.CAPTION_WORDS))
+    vocab.update({w: FIRST_WORD_ID + i for i, w in enumerate(words)})
+    assert max(vocab.values()) < VOCAB_SIZE
+    return vocab
+
+
+def save_tokenizer(path: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocabulary(), unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    specials = [cl.TURN_SEPARATOR, "<racm3:break>", "<eoss>", "<reserved08799>",
+                *(f"<reserved{i - 4:05d}>" for i in SIZE_TOKEN_IDS)]
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>", additional_special_tokens=specials,
+    )
+    fast.save_pretrained(path)
+    return fast
+
+
+def header_ids() -> list[int]:
+    unit = 2 * DOWNSAMPLE
+    return [cl.IMAGE_START, cl.SIZE_TOKEN_BASE + sc.IMAGE_SIZE // unit,
+            cl.SIZE_TOKEN_BASE + sc.IMAGE_SIZE // unit]
+
+
+def prompt_text_ids(tokenizer, caption: str) -> list[int]:
+    """The templated text prompt (without the image header)."""
+    text = cl.PROMPT_TEMPLATE.format(width=sc.IMAGE_SIZE, height=sc.IMAGE_SIZE, prompt=caption)
+    ids = tokenizer(text)["input_ids"]
+    assert 0 not in ids, f"unknown word in {text!r}"
+    return ids
+
+
+def image_ids(codes: np.ndarray) -> list[int]:
+    """[16, 16] codes -> rows of ids each closed by end-of-line, then end of image."""
+    out: list[int] = []
+    for row in codes:
+        out += [cl.CODE_LOW + int(c) for c in row] + [cl.END_OF_LINE]
+    return out + [cl.IMAGE_END]
+
+
+# ---- helpers ------------------------------------------------------------------
+
+class Clock:
+    def __init__(self, budget_s: float):
+        self.start = time.monotonic()
+        self.budget_s = budget_s
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def deadline(self, fraction_end: float) -> float:
+        """Absolute monotonic time at which a phase ending at this fraction stops."""
+        return math.inf if self.budget_s <= 0 else self.start + fraction_end * self.budget_s
+
+
+def log(msg: str):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _render_chunk(scenes):
+    return np.stack([sc.render(s) for s in scenes])
+
+
+def render_all(scenes, workers: int = 2) -> np.ndarray:
+    chunks = [scenes[i:i + 256] for i in range(0, len(scenes), 256)]
+    with get_context("fork").Pool(workers) as pool:
+        parts = pool.map(_render_chunk, chunks)
+    return np.concatenate(parts)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1], on the uint8 scale."""
+    a8 = ((a.clamp(-1, 1) + 1) * 127.5).round()
+    b8 = ((b.clamp(-1, 1) + 1) * 127.5).round()
+    mse = ((a8 - b8) ** 2).mean().item()
+    return 10 * math.log10(255.0**2 / max(mse, 1e-10))
+
+
+# ---- VQ -------------------------------------------------------------------------
+
+class EMACodebook:
+    def __init__(self, num: int, dim: int, decay: float = 0.95):
+        self.decay = decay
+        self.embed = torch.zeros(num, dim)
+        self.count = torch.ones(num)
+        self.sum = torch.zeros(num, dim)
+
+    def init_kmeans(self, z: torch.Tensor, gen: torch.Generator, iters: int = 20):
+        k = self.embed.shape[0]
+        centres = z[torch.randperm(z.shape[0], generator=gen)[:k]].clone()
+        for _ in range(iters):
+            idx = self.assign(z, centres)
+            counts = torch.bincount(idx, minlength=k).float()
+            sums = torch.zeros_like(centres).index_add_(0, idx, z)
+            empty = counts == 0
+            centres = torch.where(empty[:, None], centres, sums / counts.clamp(min=1)[:, None])
+            if empty.any():  # re-seed empty clusters with random points
+                centres[empty] = z[torch.randint(z.shape[0], (int(empty.sum()),), generator=gen)]
+        self.embed = centres
+        self.count = torch.ones(k)
+        self.sum = centres.clone()
+
+    @staticmethod
+    def assign(z: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+        d = (z * z).sum(1, keepdim=True) - 2 * z @ embed.T + (embed * embed).sum(1)
+        return d.argmin(1)
+
+    def quantize(self, z: torch.Tensor, update: bool, gen: torch.Generator | None = None):
+        """z [B, D, h, w] -> (straight-through zq, commitment loss, indices [B, h, w])."""
+        b, d, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+        idx = self.assign(flat.detach(), self.embed)
+        zq = self.embed[idx]
+        commit = F.mse_loss(flat, zq)
+        if update:
+            with torch.no_grad():
+                counts = torch.bincount(idx, minlength=self.embed.shape[0]).float()
+                sums = torch.zeros_like(self.embed).index_add_(0, idx, flat.detach())
+                self.count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+                self.sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+                n = self.count.sum()
+                smoothed = (self.count + 1e-5) / (n + self.embed.shape[0] * 1e-5) * n
+                self.embed = self.sum / smoothed[:, None]
+                dead = self.count < 0.02  # unused for about 80 steps
+                if gen is not None and dead.any():
+                    pick = torch.randint(flat.shape[0], (int(dead.sum()),), generator=gen)
+                    self.embed[dead] = flat.detach()[pick]
+                    self.sum[dead] = self.embed[dead]
+                    self.count[dead] = 1.0
+        zq = flat + (zq - flat).detach()
+        return zq.view(b, h, w, d).permute(0, 3, 1, 2), commit, idx.view(b, h, w)
+
+
+def train_vq(args, images: np.ndarray, val_images: np.ndarray, clock: Clock, report: dict):
+    from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
+
+    from vllm_sjd.vq.chameleon_vqgan import ChameleonVQGANDecoder
+
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    cfg = vq_config()
+    enc = ChameleonVQVAE(cfg).train()  # encoder + quant_conv (+ unused codebook copy)
+    dec = ChameleonVQGANDecoder(cfg).train()
+    params = list(enc.encoder.parameters()) + list(enc.quant_conv.parameters()) + \
+        list(dec.post_quant_conv.parameters()) + list(dec.decoder.parameters())
+    opt = torch.optim.Adam(params, lr=args.vq_lr, betas=(0.9, 0.99))
+    book = EMACodebook(NUM_CODES, EMBED_DIM)
+    n = images.shape[0]
+    val = to_tensor(val_images[:64])
+
+    def batch(size: int, crop: int) -> torch.Tensor:
+        idx = torch.randint(n, (size,), generator=gen)
+        x = to_tensor(images[idx.numpy()])
+        if crop < sc.IMAGE_SIZE:
+            # Crops aligned to the code grid, like the full image's tokens.
+            top = torch.randint(0, (sc.IMAGE_SIZE - crop) // DOWNSAMPLE + 1, (2,), generator=gen)
+            y0, x0 = int(top[0]) * DOWNSAMPLE, int(top[1]) * DOWNSAMPLE
+            x = x[:, :, y0:y0 + crop, x0:x0 + crop]
+        return x
+
+    def encode(x):
+        return enc.quant_conv(enc.encoder(x))
+
+    def decode(zq):
+        return dec.decoder(dec.post_quant_conv(zq))
+
+    history = []
+    phases = [
+        ("warmup", args.vq_warmup_steps, args.vq_crop, False, 0.09),
+        ("crops", args.vq_crop_steps, args.vq_crop, True, 0.24),
+        ("full", args.vq_full_steps, sc.IMAGE_SIZE, True, 0.30),
+    ]
+    steps_run = {}
+    for name, max_steps, crop, quantize, end_fraction in phases:
+        deadline = clock.deadline(end_fraction)
+        if quantize and name == "crops":
+            with torch.no_grad():
+                enc.eval()
+                z = torch.cat([encode(to_tensor(images[i:i + 32])) for i in range(0, 256, 32)])
+                enc.train()
+            flat = z.permute(0, 2, 3, 1).reshape(-1, EMBED_DIM)
+            flat = flat[torch.randperm(flat.shape[0], generator=gen)[:16384]]
+            book.init_kmeans(flat, gen)
+            log(f"vq: k-means codebook from {flat.shape[0]} vectors")
+        if name == "full":
+            for group in opt.param_groups:
+                group["lr"] = args.vq_lr * 0.5
+        bs = args.vq_batch
+        t0 = time.monotonic()
+        step = 0
+        while step < max_steps and time.monotonic() < deadline:
+            x = batch(bs, crop)
+            z = encode(x)
+            if quantize:
+                zq, commit, idx = book.quantize(z, update=True, gen=gen if step % 20 == 0 else None)
+            else:
+                zq, commit = z, torch.zeros(())
+            y = decode(zq)
+            rec = F.l1_loss(y, x) + F.mse_loss(y, x)
+            loss = rec + 0.25 * commit
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            if step % 25 == 0 or step == 1:
+                used = int(torch.unique(idx).numel()) if quantize else 0
+                history.append(dict(phase=name, step=step, rec=round(rec.item(), 4),
+                                    commit=round(commit.item(), 5), codes_in_batch=used))
+                log(f"vq {name} step {step} rec {rec.item():.4f} commit {commit.item():.5f} "
+                    f"codes/batch {used} ({(time.monotonic() - t0) / step:.2f} s/step)")
+        steps_run[name] = step
+        log(f"vq {name}: {step} steps in {time.monotonic() - t0:.0f} s")
+
+    enc.eval()
+    dec.eval()
+    with torch.no_grad():
+        z = encode(val)
+        zq, _, idx = book.quantize(z, update=False)
+        recon = decode(zq)
+        val_psnr = psnr(recon, val)
+        ae_psnr = psnr(decode(z), val)
+    # Codebook into both halves; post_quant_conv into the encoder's copy too.
+    with torch.no_grad():
+        enc.quantize.embedding.weight.copy_(book.embed)
+        dec.quantize.embedding.weight.copy_(book.embed)
+        enc.post_quant_conv.load_state_dict(dec.post_quant_conv.state_dict())
+    counts = torch.bincount(idx.flatten(), minlength=NUM_CODES).float()
+    p = counts / counts.sum()
+    report["vq"] = dict(
+        config=cfg.to_dict(), steps=steps_run, history=history, val_psnr_db=round(val_psnr, 2),
+        val_psnr_unquantized_db=round(ae_psnr, 2),
+        val_codes_used=int((counts > 0).sum()),
+        val_code_perplexity=round(float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())), 1),
+        encoder_params=sum(x.numel() for x in enc.encoder.parameters()),
+        decoder_params=sum(x.numel() for x in dec.parameters()),
+    )
+    log(f"vq: val PSNR {val_psnr:.2f} dB (unquantised {ae_psnr:.2f}), "
+        f"{report['vq']['val_codes_used']} codes used, perplexity {report['vq']['val_code_perplexity']}")
+    return enc, dec
+
+
+@torch.no_grad()
+def encode_all(enc, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    out = []
+    book = enc.quantize.embedding.weight
+    for i in range(0, images.shape[0], batch):
+        z = enc.quant_conv(enc.encoder(to_tensor(images[i:i + batch])))
+        flat = z.permute(0, 2, 3, 1).reshape(-1, EMBED_DIM)
+        out.append(EMACodebook.assign(flat, book).view(z.shape[0], GRID, GRID).numpy())
+    return np.concatenate(out).astype(np.int16)
+
+
+# ---- language model -------------------------------------------------------------
+
+def build_sequences(tokenizer, captions, codes):
+    header = header_ids()
+    prompts = {}
+    cond, uncond = [], []
+    for caption, grid in zip(captions, codes):
+        if caption not in prompts:
+            prompts[caption] = prompt_text_ids(tokenizer, caption)
+        body = header + image_ids(grid)
+        cond.append(prompts[caption] + body)
+        uncond.append(body)
+    return cond, uncond
+
+
+def make_batch(seqs, length: int, gen: torch.Generator):
+    """Right-padded ids [B, T], targets [B, T-1] (-100 outside the image part),
+    and FULL_SOFTMAX_POSITIONS sampled target positions per row."""
+    b = len(seqs)
+    ids = torch.full((b, length), 3, dtype=torch.long)
+    targets = torch.full((b, length - 1), -100, dtype=torch.long)
+    image_tokens = GRID * (GRID + 1) + 1
+    sample = torch.empty((b, FULL_SOFTMAX_POSITIONS), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = torch.tensor(s)
+        first = len(s) - image_tokens  # position of the first image token
+        targets[r, first - 1:len(s) - 1] = ids[r, first:len(s)]
+        sample[r] = first - 1 + torch.randint(image_tokens, (FULL_SOFTMAX_POSITIONS,), generator=gen)
+    return ids, targets, sample
+
+
+def train_lm(args, tokenizer, train_caps, train_codes, val_caps, val_codes, clock, report, enc):
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    torch.manual_seed(args.seed + 7)
+    gen = torch.Generator().manual_seed(args.seed + 7)
+    config = ChameleonConfig(**lm_config_kwargs(vocabulary()))
+    model = ChameleonForConditionalGeneration(config).float()
+    body, head = model.model, model.lm_head
+    for p in body.vqmodel.parameters():
+        p.requires_grad_(False)
+    params = [p for n, p in model.named_parameters() if "vqmodel" not in n]
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if "vqmodel" in n:
+            continue
+        (no_decay if p.dim() < 2 or "norm" in n else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lm_lr, betas=(0.9, 0.95))
+    ema = {n: p.detach().clone() for n, p in model.named_parameters() if "vqmodel" not in n}
+
+    cond, uncond = build_sequences(tokenizer, train_caps, train_codes)
+    vcond, vuncond = build_sequences(tokenizer, val_caps, val_codes)
+    length = max(len(s) for s in cond + vcond)
+    active = torch.tensor(list(range(cl.CODE_LOW, cl.CODE_LOW + NUM_CODES))
+                          + [cl.END_OF_LINE, cl.IMAGE_END])
+    to_active = torch.full((VOCAB_SIZE,), -100, dtype=torch.long)
+    to_active[active] = torch.arange(active.numel())
+
+    def losses(ids, targets, sample):
+        h = body(input_ids=ids).last_hidden_state[:, :-1]  # [B, T-1, H]
+        act = F.linear(h, head.weight[active])  # [B, T-1, A]
+        t_act = to_active[targets.clamp(min=0)].masked_fill(targets < 0, -100)
+        ce_act = F.cross_entropy(act.reshape(-1, act.shape[-1]).float(), t_act.reshape(-1))
+        hs = torch.gather(h, 1, sample[..., None].expand(-1, -1, h.shape[-1]))
+        full = head(hs).float()  # [B, S, V]
+        ts = torch.gather(targets, 1, sample)
+        ce_full = F.cross_entropy(full.reshape(-1, full.shape[-1]), ts.reshape(-1))
+        return ce_act, ce_full
+
+    step_fn = torch.compile(losses) if args.compile else losses
+
+    eval_gen = torch.Generator().manual_seed(args.seed + 11)
+
+    @torch.no_grad()
+    def evaluate(seqs, weights=None):
+        """Full-vocabulary cross-entropy (nats/token) on the image part."""
+        if weights is not None:
+            saved = {n: p.detach().clone() for n, p in model.named_parameters() if n in weights}
+            for n, p in model.named_parameters():
+                if n in weights:
+                    p.copy_(weights[n])
+        total, count = 0.0, 0
+        for i in range(0, len(seqs), 32):
+            ids, targets, _ = make_batch(seqs[i:i + 32], length, eval_gen)
+            h = body(input_ids=ids).last_hidden_state[:, :-1]
+            logits = head(h).float()
+            loss = F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), targets.reshape(-1),
+                                   reduction="sum", ignore_index=-100)
+            total += loss.item()
+            count += int((targets >= 0).sum())
+        if weights is not None:
+            for n, p in model.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+        return total / count
+
+    deadline = clock.deadline(args.lm_end_fraction)
+    n = len(cond)
+    history = []
+    t0 = time.monotonic()
+    step = 0
+    order = torch.randperm(n, generator=gen)
+    cursor = 0
+    while step < args.lm_steps and time.monotonic() < deadline:
+        if cursor + args.lm_batch > n:
+            order, cursor = torch.randperm(n, generator=gen), 0
+        picks = order[cursor:cursor + args.lm_batch].tolist()
+        cursor += args.lm_batch
+        drop = torch.rand(len(picks), generator=gen) < UNCOND_PROB
+        seqs = [uncond[i] if d else cond[i] for i, d in zip(picks, drop.tolist())]
+        ids, targets, sample = make_batch(seqs, length, gen)
+        lr = args.lm_lr * min(1.0, (step + 1) / args.lm_warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        model.train()
+        ce_act, ce_full = step_fn(ids, targets, sample)
+        loss = ce_act + ce_full
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        d = min(args.lm_ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in ema:
+                    ema[name].mul_(d).add_(p.detach(), alpha=1 - d)
+        if step % 25 == 0 or step == 1:
+            rate = (time.monotonic() - t0) / step
+            history.append(dict(step=step, loss_active=round(ce_act.item(), 4),
+                                loss_full_sampled=round(ce_full.item(), 4), lr=lr))
+            log(f"lm step {step} loss(active) {ce_act.item():.4f} loss(full, sampled) "
+                f"{ce_full.item():.4f} ({rate:.2f} s/step, {clock.elapsed() / 60:.1f} min)")
+        if step % args.lm_eval_every == 0:
+            v = evaluate(vcond[:128], ema)
+            history.append(dict(step=step, val_cond_ema=round(v, 4)))
+            log(f"lm step {step} val loss (EMA, conditional) {v:.4f}")
+    train_s = time.monotonic() - t0
+    log(f"lm: {step} steps in {train_s:.0f} s")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in ema:
+                p.copy_(ema[name])
+    model.eval()
+    val_cond = evaluate(vcond)
+    val_uncond = evaluate(vuncond)
+    log(f"lm: val loss conditional {val_cond:.4f}, unconditional {val_uncond:.4f}")
+    report["lm"] = dict(
+        steps=step, batch=args.lm_batch, seconds=round(train_s), sequence_length=length,
+        train_scenes=n, sequences_seen=step * args.lm_batch,
+        params_without_vq=sum(p.numel() for p in params), history=history,
+        val_loss_conditional=round(val_cond, 4), val_loss_unconditional=round(val_uncond, 4),
+        final_train_loss_active=history[-1].get("loss_active") if history else None,
+    )
+    # The trained encoder (and codebook, post_quant_conv) as model.vqmodel.*.
+    with torch.no_grad():
+        body.vqmodel.load_state_dict(enc.state_dict())
+    return model
+
+
+def polish_decoder(args, enc, dec, images: np.ndarray, val_images: np.ndarray, report: dict):
+    """Phase 5: the decoder alone (and its copy of the codebook) on frozen codes.
+
+    The shapes are a small share of the pixels, so the plain reconstruction
+    loss is ruled by the backgrounds and object hues drift (red decodes as
+    orange). Here each pixel's loss is weighted by 1 + 8 * its chroma. The
+    encoder, its codebook and so the language model's codes do not change."""
+    torch.manual_seed(args.seed + 13)
+    gen = torch.Generator().manual_seed(args.seed + 13)
+    with torch.no_grad():
+        codes = torch.from_numpy(encode_all(enc, images).astype(np.int64))
+    val = to_tensor(val_images[:64])
+    with torch.no_grad():
+        val_codes = torch.from_numpy(encode_all(enc, val_images[:64]).astype(np.int64))
+        before = psnr(dec.decode(val_codes), val)
+    dec.train()
+    opt = torch.optim.Adam(dec.parameters(), lr=5e-4)
+    t0 = time.monotonic()
+    for step in range(1, args.polish_steps + 1):
+        idx = torch.randint(len(codes), (args.vq_batch,), generator=gen)
+        x = to_tensor(images[idx.numpy()])
+        y = dec.decoder(dec.post_quant_conv(dec.embed(codes[idx])))
+        weight = 1 + 8 * (x.max(1, keepdim=True).values - x.min(1, keepdim=True).values)
+        loss = (weight * ((y - x).abs() + (y - x) ** 2)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            log(f"decoder polish step {step} weighted loss {loss.item():.4f} "
+                f"({(time.monotonic() - t0) / step:.2f} s/step)")
+    dec.eval()
+    with torch.no_grad():
+        after = psnr(dec.decode(val_codes), val)
+    report["decoder_polish"] = dict(steps=args.polish_steps, seconds=round(time.monotonic() - t0),
+                                    val_psnr_before_db=round(before, 2), val_psnr_after_db=round(after, 2))
+    log(f"decoder polish: val PSNR {before:.2f} -> {after:.2f} dB")
+
+
+def polish_checkpoint(args) -> None:
+    """Run phase 5 on a saved checkpoint (the same function a full run ends with)."""
+    from safetensors.torch import save_file
+
+    from vllm_sjd import demo
+
+    path = args.polish_from
+    report = json.loads((path / "train_report.json").read_text())
+    enc, dec = demo.load_encoder(path), demo.load_decoder(path)
+    images = render_all(sc.sample_dataset(args.seed, args.scenes))
+    val_images = render_all(sc.sample_dataset(args.seed + 1, args.val_scenes))
+    polish_decoder(args, enc, dec, images, val_images, report)
+    save_file({k: v.contiguous() for k, v in dec.state_dict().items()},
+              str(path / "vq" / "decoder.safetensors"))
+    report["reproduce"] += f" --polish-steps {args.polish_steps}"
+    report["checkpoint_bytes"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    (path / "train_report.json").write_text(json.dumps(report, indent=2))
+
+
+def save_model(model, dec, tokenizer_dir: Path, out: Path):
+    from safetensors.torch import save_file
+
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
+    config_file = tmp / "config.json"
+    saved = json.loads(config_file.read_text())
+    saved["architectures"] = ["ChameleonXLLMXForConditionalGeneration"]
+    saved["z_loss_weight"] = 0.0
+    saved["torch_dtype"] = "bfloat16"
+    saved["sjd_image_layout"] = {"target_size": sc.IMAGE_SIZE, "downsample": DOWNSAMPLE,
+                                 "num_codes": NUM_CODES}
+    config_file.write_text(json.dumps(saved, indent=2, sort_keys=True))
+    (tmp / "generation_config.json").unlink(missing_ok=True)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, tmp / f.name)
+    # In a subfolder: vLLM loads every *.safetensors at the top level.
+    (tmp / "vq").mkdir()
+    save_file({k: v.contiguous() for k, v in dec.state_dict().items()},
+              str(tmp / "vq" / "decoder.safetensors"))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=REPO / "vllm_sjd" / "demo" / "model")
+    ap.add_argument("--budget-min", type=float, default=60.0,
+                    help="wall-clock budget for everything; 0 = no clock, step counts only")
+    ap.add_argument("--scenes", type=int, default=8000)
+    ap.add_argument("--val-scenes", type=int, default=256)
+    ap.add_argument("--vq-warmup-steps", type=int, default=150)
+    ap.add_argument("--vq-crop-steps", type=int, default=2000)
+    ap.add_argument("--vq-full-steps", type=int, default=400)
+    ap.add_argument("--vq-crop", type=int, default=32)
+    ap.add_argument("--vq-batch", type=int, default=16)
+    ap.add_argument("--vq-lr", type=float, default=1e-3)
+    ap.add_argument("--lm-steps", type=int, default=4000)
+    ap.add_argument("--lm-batch", type=int, default=16)
+    ap.add_argument("--lm-lr", type=float, default=1.5e-3)
+    ap.add_argument("--lm-warmup", type=int, default=100)
+    ap.add_argument("--lm-ema", type=float, default=0.995)
+    ap.add_argument("--lm-eval-every", type=int, default=250)
+    ap.add_argument("--lm-end-fraction", type=float, default=0.96,
+                    help="the LM phase stops at this fraction of the budget (the rest saves)")
+    ap.add_argument("--polish-steps", type=int, default=500,
+                    help="decoder-only steps on frozen codes, after the language model")
+    ap.add_argument("--polish-from", type=Path, default=None,
+                    help="only run the decoder polish on this saved checkpoint, in place")
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--stop-after-vq", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(2)
+    if args.polish_from:
+        polish_checkpoint(args)
+        return
+    clock = Clock(args.budget_min * 60)
+    report: dict = {"command": "python scripts/train_demo_model.py " + " ".join(sys.argv[1:]),
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "torch": torch.__version__, "threads": torch.get_num_threads()}
+    log(f"rendering {args.scenes} + {args.val_scenes} scenes")
+    train_scenes = sc.sample_dataset(args.seed, args.scenes)
+    val_scenes = sc.sample_dataset(args.seed + 1, args.val_scenes)
+    images = render_all(train_scenes)
+    val_images = render_all(val_scenes)
+    report["render_s"] = round(clock.elapsed())
+    log(f"rendered in {clock.elapsed():.0f} s")
+
+    enc, dec = train_vq(args, images, val_images, clock, report)
+    report["vq_done_s"] = round(clock.elapsed())
+    if args.stop_after_vq:  # development: look at the tokenizer alone
+        print(json.dumps({k: v for k, v in report["vq"].items() if k != "config"}, indent=1))
+        return
+
+    t = time.monotonic()
+    codes = encode_all(enc, images)
+    val_codes = encode_all(enc, val_images)
+    report["encode_s"] = round(time.monotonic() - t)
+    log(f"encoded {len(codes)} scenes in {report['encode_s']} s")
+
+    tok_dir = args.out.with_name(args.out.name + ".tokenizer")
+    tokenizer = save_tokenizer(tok_dir)
+    model = train_lm(args, tokenizer, [s.caption for s in train_scenes], codes,
+                     [s.caption for s in val_scenes], val_codes, clock, report, enc)
+    polish_decoder(args, enc, dec, images, val_images, report)
+    save_model(model, dec, tok_dir, args.out)
+    shutil.rmtree(tok_dir)
+    report["total_s"] = round(clock.elapsed())
+    report["reproduce"] = (
+        f"python scripts/train_demo_model.py --seed {args.seed} --budget-min 0 "
+        f"--scenes {args.scenes} --val-scenes {args.val_scenes} "
+        f"--vq-warmup-steps {report['vq']['steps']['warmup']} "
+        f"--vq-crop-steps {report['vq']['steps']['crops']} "
+        f"--vq-full-steps {report['vq']['steps']['full']} --lm-steps {report['lm']['steps']} "
+        f"--polish-steps {args.polish_steps}"
+        + ("" if args.compile else " --no-compile")
+    )
+    report["checkpoint_bytes"] = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
+    (args.out / "train_report.json").write_text(json.dumps(report, indent=2))
+    log(f"done in {report['total_s'] / 60:.1f} min; checkpoint {report['checkpoint_bytes'] / 1e6:.1f} MB "
+        f"in {args.out}")
+    log("reproduce with: " + report["reproduce"])
+
+
+if __name__ == "__main__":
+    main()
