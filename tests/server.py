@@ -21,14 +21,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def vllm_server(model: Path, args: list[str], log_path: Path, env: dict | None = None):
-    """Yields the server's base URL; stops the server afterwards."""
+def vllm_server(model: Path | None, args: list[str], log_path: Path, env: dict | None = None,
+                launcher: str = "vllm"):
+    """Yields the server's base URL; stops the server afterwards.
+
+    `launcher`: the console script that serves ("vllm", or "vllm-sjd", which
+    serves the bundled demo model when given no model)."""
     port = free_port()
     environment = dict(os.environ)
     environment.pop("VLLM_CPU_KVCACHE_SPACE", None)  # the plugin's default must do
     environment.update(env or {})
     command = [
-        str(Path(sys.executable).parent / "vllm"), "serve", str(model),
+        str(Path(sys.executable).parent / launcher), "serve", *([str(model)] if model else []),
         "--host", "127.0.0.1", "--port", str(port),
         "--dtype", "float32", "--enforce-eager", *args,
     ]
