@@ -1,0 +1,297 @@
+#!/usr/bin/env python
+"""Prompt adherence and sampling entropy of the bundled demo model.
+
+    VLLM_CPU_KVCACHE_SPACE=2 .venv/bin/python benchmarks/demo_quality.py --n 128
+
+For N captions drawn from the scene grammar (seed 1000, disjoint from the
+training draws' seeds 0 and 1), it reports the scorer's accuracy on
+
+* ground truth: the renderer's images, and the same images through the VQ
+  tokenizer (encode + decode), which bounds what the model can reach;
+* a plain PyTorch sampling loop over transformers' Chameleon on the shipped
+  weights, without guidance (scale 1) and with classifier-free guidance at
+  scale 3 (Lumina-mGPT's recipe: the unconditional stream is the image header
+  alone; guided logits uncond + s * (cond - uncond)); the same loop records
+  the entropy of every free (code) position's distribution;
+* vLLM serving the shipped checkpoint through vllm_sjd's Chameleon model,
+  autoregressive (layout logits processor) and with SJD (16 speculative
+  tokens), same temperature, top-k and seeds per request, no guidance.
+
+AR and SJD sample the same distribution (SJD is lossless), so their
+accuracies must agree within sampling noise; the script prints the binomial
+standard errors and a two-proportion z statistic.
+
+Entropy is per free image position in nats: of the model's distribution
+after the layout mask at the sampling temperature (before top-k), and of the
+top-k truncated distribution actually sampled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from vllm_sjd import demo  # noqa: E402
+from vllm_sjd.demo import scenes as sc  # noqa: E402
+from vllm_sjd.demo import scorer  # noqa: E402
+
+SIZE = sc.IMAGE_SIZE
+
+
+def captions_for(n: int, seed: int = 1000) -> list[sc.Scene]:
+    return sc.sample_dataset(seed, n)
+
+
+def ground_truth(scenes, model_path) -> dict:
+    images = [sc.render(s) for s in scenes]
+    truth = scorer.summarise([scorer.score(s.caption, im) for s, im in zip(scenes, images)])
+    enc, dec = demo.load_encoder(model_path), demo.load_decoder(model_path)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    recon = []
+    with torch.no_grad():
+        for i in range(0, len(x), 32):
+            z = enc.quant_conv(enc.encoder(x[i:i + 32]))
+            _, _, idx = enc.quantize(z)
+            idx = idx.view(z.shape[0], z.shape[2], z.shape[3])
+            recon.append(dec.decode(idx))
+    recon = torch.cat(recon)
+    mse = (((recon + 1) * 127.5).round() - ((x + 1) * 127.5).round()).pow(2).mean().item()
+    pil = dec.to_pil(recon)
+    vq = scorer.summarise([scorer.score(s.caption, im) for s, im in zip(scenes, pil)])
+    return {"renders": truth, "vq_roundtrip": vq, "vq_psnr_db": round(10 * math.log10(255**2 / mse), 2)}
+
+
+# ---- PyTorch sampling loop ------------------------------------------------------
+
+def entropy_stats(values: list[float]) -> dict:
+    a = np.asarray(values)
+    return {"mean": round(float(a.mean()), 4), "median": round(float(np.median(a)), 4),
+            "p90": round(float(np.percentile(a, 90)), 4),
+            "near_deterministic_frac": round(float((a < 0.05).mean()), 4), "n": int(a.size)}
+
+
+@torch.no_grad()
+def torch_sample(model, prompts_ids, uncond_ids, grid, *, scale, temperature, top_k, seed,
+                 batch: int = 32):
+    """Sample images token by token; returns (token lists, entropies, top-k entropies).
+
+    `model`: a checkpoint path or a loaded ChameleonForConditionalGeneration."""
+    from transformers import ChameleonForConditionalGeneration, DynamicCache
+
+    if isinstance(model, (str, Path)):
+        model = ChameleonForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
+    body, head = model.model, model.lm_head
+    gen = torch.Generator().manual_seed(seed)
+    positions = torch.arange(grid.num_tokens)
+    forced_all, low_all, high_all = grid.constraints(positions)
+    vocab = head.weight.shape[0]
+    ids = torch.arange(vocab)
+    outputs: list[list[int] | None] = [None] * len(prompts_ids)
+    entropies, topk_entropies = [], []
+    # Equal-length prompts batch together (no padding needed).
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts_ids):
+        by_length.setdefault(len(p), []).append(i)
+    for _, members in sorted(by_length.items()):
+        for start in range(0, len(members), batch):
+            rows = members[start:start + batch]
+            b = len(rows)
+            cond = torch.tensor([prompts_ids[i] for i in rows])
+            cache_c = DynamicCache()
+            h_c = body(input_ids=cond, past_key_values=cache_c, use_cache=True).last_hidden_state[:, -1]
+            if scale != 1.0:
+                cache_u = DynamicCache()
+                unc = torch.tensor([uncond_ids] * b)
+                h_u = body(input_ids=unc, past_key_values=cache_u, use_cache=True).last_hidden_state[:, -1]
+            tokens = []
+            for t in range(grid.num_tokens):
+                forced = int(forced_all[t])
+                if forced >= 0:
+                    nxt = torch.full((b,), forced, dtype=torch.long)
+                else:
+                    logits = torch.log_softmax(head(h_c).float(), -1)
+                    if scale != 1.0:
+                        lu = torch.log_softmax(head(h_u).float(), -1)
+                        logits = lu + scale * (logits - lu)
+                    allowed = (ids >= int(low_all[t])) & (ids < int(high_all[t]))
+                    logits = logits.masked_fill(~allowed, -math.inf) / temperature
+                    logp = torch.log_softmax(logits, -1)
+                    p = logp.exp()
+                    entropies += (-(p * logp.nan_to_num(neginf=0.0)).sum(-1)).tolist()
+                    if top_k:
+                        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                        logits = logits.masked_fill(logits < kth, -math.inf)
+                    logq = torch.log_softmax(logits, -1)
+                    q = logq.exp()
+                    topk_entropies += (-(q * logq.nan_to_num(neginf=0.0)).sum(-1)).tolist()
+                    nxt = torch.multinomial(q, 1, generator=gen).squeeze(1)
+                tokens.append(nxt)
+                h_c = body(input_ids=nxt[:, None], past_key_values=cache_c, use_cache=True).last_hidden_state[:, -1]
+                if scale != 1.0:
+                    h_u = body(input_ids=nxt[:, None], past_key_values=cache_u,
+                               use_cache=True).last_hidden_state[:, -1]
+            stacked = torch.stack(tokens, 1).tolist()
+            for i, row in zip(rows, stacked):
+                outputs[i] = row
+    return outputs, entropies, topk_entropies
+
+
+# ---- vLLM -----------------------------------------------------------------------------
+
+def vllm_sample(model_path, prompts, grid, *, sjd: bool, temperature, top_k, seeds, k: int):
+    from vllm import LLM
+
+    from vllm_sjd.image_generation import image_sampling_params
+
+    options = dict(model=str(model_path), dtype="float32", max_model_len=512, seed=0,
+                   enforce_eager=True, disable_log_stats=False)
+    if sjd:
+        options["speculative_config"] = {"method": "sjd", "num_speculative_tokens": k}
+    else:
+        from vllm_sjd.layout_logits_processor import LayoutLogitsProcessor
+
+        options["logits_processors"] = [LayoutLogitsProcessor]
+    llm = LLM(**options)
+    try:
+        params = [image_sampling_params(grid, temperature=temperature, top_k=top_k, seed=s)
+                  for s in seeds]
+        t0 = time.monotonic()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.monotonic() - t0
+        counters = {}
+        for metric in llm.get_metrics():
+            if metric.name.startswith("vllm:spec_decode"):
+                counters[metric.name.removeprefix("vllm:spec_decode_")] = (
+                    getattr(metric, "values", None) or getattr(metric, "value", 0))
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    return [list(o.outputs[0].token_ids) for o in outs], seconds, counters
+
+
+def score_tokens(scenes, token_lists, grid, model_path) -> tuple[dict, list]:
+    decoder, to_codebook = demo.load_decoder(model_path), demo.to_codebook(model_path)
+    from vllm_sjd.image_generation import decode_image
+
+    scores, images, broken = [], [], 0
+    for scene, tokens in zip(scenes, token_lists):
+        try:
+            image = decode_image(tokens, grid, to_codebook, decoder)
+        except ValueError:
+            broken += 1
+            image = None
+        images.append(image)
+        if image is None:
+            s = scorer.Score(caption=scene.caption, checks={a: [False] for a in scorer.ATTRIBUTES})
+        else:
+            s = scorer.score(scene.caption, image)
+        scores.append(s)
+    summary = scorer.summarise(scores)
+    summary["layout_broken"] = broken
+    summary["caption_se"] = round(math.sqrt(summary["caption"] * (1 - summary["caption"]) / len(scores)), 4)
+    return summary, images
+
+
+def z_two_proportions(a: float, b: float, n: int) -> float:
+    p = (a + b) / 2
+    se = math.sqrt(max(2 * p * (1 - p) / n, 1e-12))
+    return round((a - b) / se, 2)
+
+
+def save_grid(images, path: Path, columns: int = 8):
+    from PIL import Image
+
+    tiles = [im if im is not None else Image.new("RGB", (SIZE, SIZE)) for im in images]
+    rows = math.ceil(len(tiles) / columns)
+    sheet = Image.new("RGB", (columns * SIZE, rows * SIZE))
+    for i, tile in enumerate(tiles):
+        sheet.paste(tile, ((i % columns) * SIZE, (i // columns) * SIZE))
+    sheet.save(path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=demo.MODEL_PATH)
+    ap.add_argument("--n", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=100)
+    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--spec-tokens", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["truth", "torch", "vllm"])
+    ap.add_argument("--out", type=Path, default=Path("/tmp/demo_quality"))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from transformers import AutoTokenizer
+
+    layout = demo.layout(args.model)
+    grid = layout.grid(SIZE, SIZE)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    scenes = captions_for(args.n)
+    prompts = [layout.prompt(s.caption, SIZE, SIZE) for s in scenes]
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    assert all(0 not in p for p in prompt_ids), "a prompt word is not in the vocabulary"
+    uncond = layout.unconditional_prompt_token_ids(tokenizer, SIZE, SIZE)
+    results: dict = {"settings": {k: str(v) for k, v in vars(args).items()},
+                     "grid": [grid.rows, grid.cols], "prompt_example": prompts[0],
+                     "prompt_ids_example": prompt_ids[0], "unconditional_prompt_ids": uncond}
+    seeds = [args.seed * 100003 + i for i in range(args.n)]
+
+    def report():
+        (args.out / "demo_quality.json").write_text(json.dumps(results, indent=2))
+
+    if "truth" not in args.skip:
+        t = time.monotonic()
+        results["ground_truth"] = ground_truth(scenes, args.model)
+        print("ground truth", json.dumps(results["ground_truth"]), f"{time.monotonic() - t:.0f} s", flush=True)
+        report()
+    if "torch" not in args.skip:
+        for scale in (1.0, args.guidance):
+            t = time.monotonic()
+            tokens, ent, ent_k = torch_sample(args.model, prompt_ids, uncond, grid, scale=scale,
+                                              temperature=args.temperature, top_k=args.top_k,
+                                              seed=args.seed)
+            summary, images = score_tokens(scenes, tokens, grid, args.model)
+            key = f"torch_cfg{scale:g}"
+            results[key] = {"accuracy": summary, "entropy": entropy_stats(ent),
+                            "entropy_after_top_k": entropy_stats(ent_k),
+                            "seconds": round(time.monotonic() - t)}
+            save_grid(images[:32], args.out / f"{key}.png")
+            print(key, json.dumps(results[key]), flush=True)
+            report()
+    if "vllm" not in args.skip:
+        for sjd in (False, True):
+            tokens, seconds, counters = vllm_sample(
+                args.model, prompts, grid, sjd=sjd, temperature=args.temperature,
+                top_k=args.top_k, seeds=seeds, k=args.spec_tokens)
+            summary, images = score_tokens(scenes, tokens, grid, args.model)
+            key = "vllm_sjd" if sjd else "vllm_ar"
+            results[key] = {"accuracy": summary, "seconds": round(seconds, 1), "spec_decode": counters}
+            if sjd and counters.get("num_drafts"):
+                results[key]["accepted_per_draft"] = round(
+                    float(counters.get("num_accepted_tokens", 0)) / float(counters["num_drafts"]), 3)
+            save_grid(images[:32], args.out / f"{key}.png")
+            print(key, json.dumps(results[key]), flush=True)
+            report()
+        a, b = results["vllm_ar"]["accuracy"], results["vllm_sjd"]["accuracy"]
+        results["ar_vs_sjd_caption_z"] = z_two_proportions(a["caption"], b["caption"], args.n)
+        print("AR vs SJD whole-caption z =", results["ar_vs_sjd_caption_z"])
+        report()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+#!/usr/bin/env python
+"""AR vs SJD on the bundled demo model, through the real vLLM engine, in one run.
+
+    .venv/bin/python benchmarks/sjd_demo_benchmark.py --out benchmarks/results/demo
+
+For one prompt set (captions from the scene grammar, several seeds each) and
+classifier-free guidance on (the demo's default scale), it runs:
+
+* a plain PyTorch/transformers sampling loop, AR, batch 1 (the baseline a
+  user would write), timed per image; it also records the per-token entropy
+  of the guided distribution SJD has to draft against;
+* vLLM without speculation (AR) and with SJD at each window K, one engine per
+  configuration, in-process. Each engine serves the prompts with 1, 4 and 16
+  requests in flight (a closed loop: a new request enters as one finishes),
+  and reports forward passes per image (engine steps: prefill + one per token
+  for AR, prefill + one verify pass per SJD step), tokens per pass, latency
+  per image (median, p90), images per minute, and ratios against AR;
+* prompt adherence (vllm_sjd.demo.scorer) of every configuration's images,
+  the same prompts and seeds, with a two-proportion z against AR;
+* a cProfile of one image at concurrency 1 per configuration, summed into
+  the step's parts (model forward, sampling and verification, SJD proposer,
+  scheduler), per forward pass.
+
+Writes results.json and two plots (step compression vs K, latency and
+throughput vs concurrency) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import math
+import os
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+# The engine core in this process: the profile sees the model runner, and
+# every configuration pays the same (no) inter-process hop.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+import torch  # noqa: E402
+
+import demo_quality as dq  # noqa: E402
+from vllm_sjd import demo  # noqa: E402
+from vllm_sjd.demo import scenes as sc  # noqa: E402
+
+SIZE = sc.IMAGE_SIZE
+
+# cProfile function names -> the step part they belong to (first match wins).
+STEP_PARTS = {
+    "model forward": ["_model_forward"],
+    "layout mask + guidance": ["_apply_layout", "_guide"],
+    "sampling + verification": ["_sample"],
+    "SJD proposer": ["propose_draft_token_ids"],
+    "scheduler": ["schedule", "update_from_output"],
+}
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, math.ceil(q / 100 * len(values)) - 1))]
+
+
+def spec_drafts(llm) -> float:
+    return sum(m.value for m in llm.get_metrics() if m.name == "vllm:spec_decode_num_drafts")
+
+
+def closed_loop(llm, prompts, params, concurrency: int, tag: str):
+    """Serve all prompts keeping `concurrency` requests in flight.
+
+    Returns (token lists in prompt order, per-request latencies, wall seconds)."""
+    engine = llm.llm_engine
+    pending = list(range(len(prompts)))
+    in_flight: dict[str, tuple[int, float]] = {}
+    tokens: dict[int, list[int]] = {}
+    latency: dict[int, float] = {}
+    start = time.perf_counter()
+    while pending or in_flight:
+        while pending and len(in_flight) < concurrency:
+            i = pending.pop(0)
+            request_id = engine.add_request(f"{tag}-{i}", prompts[i], params[i])
+            in_flight[request_id] = (i, time.perf_counter())
+        for out in engine.step():
+            if out.finished and out.request_id in in_flight:
+                i, began = in_flight.pop(out.request_id)
+                latency[i] = time.perf_counter() - began
+                tokens[i] = list(out.outputs[0].token_ids)
+    wall = time.perf_counter() - start
+    order = range(len(prompts))
+    return [tokens[i] for i in order], [latency[i] for i in order], wall
+
+
+def profile_one(llm, prompt, param, tag: str) -> dict:
+    """Seconds per part of one image's serving, from cProfile cumulative times."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    closed_loop(llm, [prompt], [param], 1, tag)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (cc, nc, tt, ct, callers)
+    cumulative: dict[str, float] = {}
+    for (_, _, name), (_, _, _, ct, _) in stats.items():
+        # An override calling super() is nested in itself: keep the outermost.
+        cumulative[name] = max(cumulative.get(name, 0.0), ct)
+    parts = {part: round(sum(cumulative.get(n, 0.0) for n in names), 3)
+             for part, names in STEP_PARTS.items()}
+    parts["total"] = round(sum(tt for (_, _, tt, _, _) in stats.values()), 3)
+    return parts
+
+
+def run_engine(model_path, window, prompts, params, concurrencies, profile_prompt):
+    from vllm import LLM
+
+    options = dict(model=str(model_path), dtype="float32", max_model_len=512, seed=0,
+                   enforce_eager=True, disable_log_stats=False, max_num_seqs=2 * max(concurrencies))
+    if window:
+        options["speculative_config"] = {"method": "sjd", "num_speculative_tokens": window}
+    t0 = time.perf_counter()
+    llm = LLM(**options)
+    result = {"engine_start_s": round(time.perf_counter() - t0, 1), "by_concurrency": {}}
+    tag = f"K{window}" if window else "AR"
+    try:
+        closed_loop(llm, prompts[:2], params[:2], 2, f"{tag}-warmup")
+        for c in concurrencies:
+            drafts = spec_drafts(llm)
+            tokens, latencies, wall = closed_loop(llm, prompts, params, c, f"{tag}-c{c}")
+            n = len(prompts)
+            steps = (spec_drafts(llm) - drafts) / n
+            per_image = sum(len(t) for t in tokens) / n
+            passes = 1 + steps if window else per_image
+            result["by_concurrency"][c] = {
+                "images": n, "wall_s": round(wall, 2),
+                "images_per_min": round(60 * n / wall, 2),
+                "latency_median_s": round(statistics.median(latencies), 3),
+                "latency_p90_s": round(percentile(latencies, 90), 3),
+                "passes_per_image": round(passes, 1),
+                "tokens_per_pass": round(per_image / passes, 3),
+            }
+            result["tokens"] = tokens  # the last concurrency's images are scored
+            print(tag, f"c={c}", json.dumps(result["by_concurrency"][c]), flush=True)
+        result["profile"] = profile_one(llm, *profile_prompt, f"{tag}-profile")
+        print(tag, "profile", json.dumps(result["profile"]), flush=True)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    return result
+
+
+def torch_baseline(model_path, prompt_ids, uncond, grid, seeds, scale, temperature, top_k):
+    from transformers import ChameleonForConditionalGeneration
+
+    model = ChameleonForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32).eval()
+    latencies, tokens, entropy, entropy_k = [], [], [], []
+    for ids, seed in zip(prompt_ids, seeds):
+        t0 = time.perf_counter()
+        out, ent, ent_k = dq.torch_sample(model, [ids], uncond, grid, scale=scale,
+                                          temperature=temperature, top_k=top_k, seed=seed, batch=1)
+        latencies.append(time.perf_counter() - t0)
+        tokens += out
+        entropy += ent
+        entropy_k += ent_k
+    return {
+        "latency_median_s": round(statistics.median(latencies), 3),
+        "latency_p90_s": round(percentile(latencies, 90), 3),
+        "images_per_min": round(60 * len(latencies) / sum(latencies), 2),
+        "passes_per_image": grid.num_tokens,
+        "entropy": dq.entropy_stats(entropy),
+        "entropy_after_top_k": dq.entropy_stats(entropy_k),
+        "tokens": tokens,
+    }
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = results["vllm"]
+    windows = [k for k in configs if k != "AR"]
+    c1 = "1"
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ks = [int(k[1:]) for k in windows]
+    ax.plot(ks, [configs[k]["by_concurrency"][c1]["tokens_per_pass"] for k in windows], "o-",
+            label="tokens per pass (step compression)")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="AR")
+    ax.set_xlabel("SJD window K")
+    ax.set_ylabel("tokens per forward pass")
+    ax.set_xticks(ks)
+    ax.set_title("Demo model, guidance on, 1 request in flight")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "step_compression_vs_k.png", dpi=120)
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for name, cfg in configs.items():
+        cs = sorted(int(c) for c in cfg["by_concurrency"])
+        left.plot(cs, [cfg["by_concurrency"][str(c)]["latency_median_s"] for c in cs], "o-", label=name)
+        right.plot(cs, [cfg["by_concurrency"][str(c)]["images_per_min"] for c in cs], "o-", label=name)
+    for axis, label in ((left, "median latency per image (s)"), (right, "images per minute")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("requests in flight")
+        axis.set_ylabel(label)
+        axis.set_xticks(cs, [str(c) for c in cs])
+        axis.legend(fontsize=8)
+    fig.suptitle("Demo model on vLLM (CPU), guidance on")
+    fig.tight_layout()
+    fig.savefig(out / "latency_vs_concurrency.png", dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=demo.MODEL_PATH)
+    ap.add_argument("--captions", type=int, default=16)
+    ap.add_argument("--seeds", type=int, default=2, help="seeds per caption")
+    ap.add_argument("--windows", type=int, nargs="+", default=[8, 16, 32])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--baseline-images", type=int, default=8)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--guidance", type=float, default=None, help="default: the layout's")
+    ap.add_argument("--top-k", type=int, default=None, help="default: the layout's")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "demo")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from transformers import AutoTokenizer
+
+    from vllm_sjd.image_generation import image_sampling_params
+
+    layout = demo.layout(args.model)
+    grid = layout.grid(SIZE, SIZE)
+    scale = args.guidance if args.guidance is not None else layout.default_guidance_scale
+    top_k = args.top_k if args.top_k is not None else layout.default_top_k
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    uncond = layout.unconditional_prompt_token_ids(tokenizer, SIZE, SIZE)
+    scenes = [s for s in dq.captions_for(args.captions) for _ in range(args.seeds)]
+    seeds = [1000 + i for i in range(len(scenes))]
+    prompts = [layout.prompt(s.caption, SIZE, SIZE) for s in scenes]
+    params = [image_sampling_params(grid, temperature=args.temperature, top_k=top_k, seed=seed,
+                                    guidance_scale=scale, unconditional_prompt_token_ids=uncond)
+              for seed in seeds]
+    results: dict = {
+        "settings": {"model": str(args.model), "images": len(prompts), "captions": args.captions,
+                     "seeds_per_caption": args.seeds, "size": SIZE, "tokens_per_image": grid.num_tokens,
+                     "guidance_scale": scale, "top_k": top_k, "temperature": args.temperature,
+                     "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "vllm": {},
+    }
+
+    def save():
+        (args.out / "results.json").write_text(json.dumps(results, indent=1))
+
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    n_base = args.baseline_images
+    base = torch_baseline(args.model, prompt_ids[:n_base], uncond, grid, seeds[:n_base], scale,
+                          args.temperature, top_k)
+    accuracy, _ = dq.score_tokens(scenes[:n_base], base.pop("tokens"), grid, args.model)
+    base["accuracy"] = accuracy
+    results["torch_baseline"] = base
+    print("torch baseline", json.dumps(base), flush=True)
+    save()
+
+    for window in [0, *args.windows]:
+        name = f"K{window}" if window else "AR"
+        res = run_engine(args.model, window, prompts, params, args.concurrency,
+                         (prompts[0], params[0]))
+        summary, images = dq.score_tokens(scenes, res.pop("tokens"), grid, args.model)
+        res["accuracy"] = summary
+        dq.save_grid(images[:32], args.out / f"{name}.png")
+        results["vllm"][name] = res
+        save()
+
+    ar = results["vllm"]["AR"]
+    for name, res in results["vllm"].items():
+        res["vs_AR"] = {}
+        for c, row in res["by_concurrency"].items():
+            ref = ar["by_concurrency"][c]
+            res["vs_AR"][c] = {
+                "pass_ratio": round(ref["passes_per_image"] / row["passes_per_image"], 2),
+                "latency_speedup": round(ref["latency_median_s"] / row["latency_median_s"], 2),
+                "throughput_ratio": round(row["images_per_min"] / ref["images_per_min"], 2),
+            }
+        res["caption_z_vs_AR"] = dq.z_two_proportions(
+            res["accuracy"]["caption"], ar["accuracy"]["caption"], len(prompts))
+    results["vllm"] = json.loads(json.dumps(results["vllm"]))  # concurrency keys as strings
+    save()
+    plot(results, args.out)
+    print(json.dumps({k: {"vs_AR": v["vs_AR"], "caption": v["accuracy"]["caption"],
+                          "z": v["caption_z_vs_AR"]} for k, v in results["vllm"].items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
