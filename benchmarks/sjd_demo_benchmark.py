@@ -33,6 +33,7 @@ import json
 import math
 import os
 import pstats
+import re
 import statistics
 import sys
 import time
@@ -79,18 +80,21 @@ def closed_loop(llm, prompts, params, concurrency: int, tag: str):
     Returns (token lists in prompt order, per-request latencies, wall seconds)."""
     engine = llm.llm_engine
     pending = list(range(len(prompts)))
-    in_flight: dict[str, tuple[int, float]] = {}
+    in_flight: dict[int, float] = {}  # prompt index -> start time
     tokens: dict[int, list[int]] = {}
     latency: dict[int, float] = {}
     start = time.perf_counter()
     while pending or in_flight:
         while pending and len(in_flight) < concurrency:
             i = pending.pop(0)
-            request_id = engine.add_request(f"{tag}-{i}", prompts[i], params[i])
-            in_flight[request_id] = (i, time.perf_counter())
+            engine.add_request(f"{tag}-{i}", prompts[i], params[i])
+            in_flight[i] = time.perf_counter()
         for out in engine.step():
-            if out.finished and out.request_id in in_flight:
-                i, began = in_flight.pop(out.request_id)
+            # The engine may suffix the id it was given; the prefix names the prompt.
+            match = re.match(re.escape(tag) + r"-(\d+)", out.request_id)
+            if out.finished and match and int(match.group(1)) in in_flight:
+                i = int(match.group(1))
+                began = in_flight.pop(i)
                 latency[i] = time.perf_counter() - began
                 tokens[i] = list(out.outputs[0].token_ids)
     wall = time.perf_counter() - start
