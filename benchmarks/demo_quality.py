@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -199,6 +200,11 @@ def score_tokens(scenes, token_lists, grid, model_path) -> tuple[dict, list]:
             s = scorer.score(scene.caption, image)
         scores.append(s)
     summary = scorer.summarise(scores)
+    # Fraction of an image's checks that pass: finer-grained than whole captions,
+    # so AR and SJD can be compared even where few captions pass outright.
+    checks = [[v for values in s.checks.values() for v in values] for s in scores]
+    summary["check_fraction_per_image"] = [round(sum(c) / len(c), 4) for c in checks]
+    summary["checks_passed"] = round(statistics.fmean(summary["check_fraction_per_image"]), 4)
     summary["layout_broken"] = broken
     summary["caption_se"] = round(math.sqrt(summary["caption"] * (1 - summary["caption"]) / len(scores)), 4)
     return summary, images
@@ -208,6 +214,12 @@ def z_two_proportions(a: float, b: float, n: int) -> float:
     p = (a + b) / 2
     se = math.sqrt(max(2 * p * (1 - p) / n, 1e-12))
     return round((a - b) / se, 2)
+
+
+def z_two_means(a: list[float], b: list[float]) -> float:
+    """Welch z of mean(a) - mean(b)."""
+    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    return round((statistics.fmean(a) - statistics.fmean(b)) / max(se, 1e-12), 2)
 
 
 def save_grid(images, path: Path, columns: int = 8):

@@ -234,7 +234,11 @@ def main():
     ap.add_argument("--guidance", type=float, default=None, help="default: the layout's")
     ap.add_argument("--top-k", type=int, default=None, help="default: the layout's")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "demo")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plots from --out/results.json")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads((args.out / "results.json").read_text()), args.out)
+        return
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -265,6 +269,9 @@ def main():
     def save():
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
 
+    # The scorer's own accuracy on the renderer's images and on their VQ round trip.
+    results["ground_truth"] = dq.ground_truth(dq.captions_for(args.captions), args.model)
+    save()
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
     n_base = args.baseline_images
     base = torch_baseline(args.model, prompt_ids[:n_base], uncond, grid, seeds[:n_base], scale,
@@ -297,11 +304,14 @@ def main():
             }
         res["caption_z_vs_AR"] = dq.z_two_proportions(
             res["accuracy"]["caption"], ar["accuracy"]["caption"], len(prompts))
+        res["checks_z_vs_AR"] = dq.z_two_means(res["accuracy"]["check_fraction_per_image"],
+                                               ar["accuracy"]["check_fraction_per_image"])
     results["vllm"] = json.loads(json.dumps(results["vllm"]))  # concurrency keys as strings
     save()
     plot(results, args.out)
     print(json.dumps({k: {"vs_AR": v["vs_AR"], "caption": v["accuracy"]["caption"],
-                          "z": v["caption_z_vs_AR"]} for k, v in results["vllm"].items()}, indent=1))
+                          "z": v["caption_z_vs_AR"],
+                          "checks_passed": v["accuracy"]["checks_passed"], "checks_z": v["checks_z_vs_AR"]} for k, v in results["vllm"].items()}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Markdown tables for RESULTS.md from the benchmark JSON files.
+
+    python benchmarks/results_tables.py demo benchmarks/results/demo/results.json
+    python benchmarks/results_tables.py gpu benchmarks/results/forward_cost_7b_h100.json \\
+        --compression benchmarks/results/demo/results.json
+
+Printing from the JSON keeps the published figures identical to the run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ATTRIBUTES = ["background", "colour", "shape", "size", "position", "count", "caption", "checks_passed"]
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt(value, digits=2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def demo_tables(results: dict) -> str:
+    configs = results["vllm"]
+    out = []
+    rows = []
+    for name, cfg in configs.items():
+        for c, row in cfg["by_concurrency"].items():
+            ratio = cfg["vs_AR"][c]
+            rows.append([name, c, row["images"], fmt(row["passes_per_image"], 1), fmt(row["tokens_per_pass"]),
+                         fmt(row["latency_median_s"]), fmt(row["latency_p90_s"]), fmt(row["images_per_min"], 1),
+                         f"{ratio['pass_ratio']:.2f}x", f"{ratio['latency_speedup']:.2f}x",
+                         f"{ratio['throughput_ratio']:.2f}x"])
+    out.append(table(["config", "in flight", "images", "passes/image", "tokens/pass", "latency median s",
+                      "latency p90 s", "images/min", "passes vs AR", "latency speed-up", "throughput vs AR"],
+                     rows))
+
+    rows = []
+    for name, cfg in configs.items():
+        prof = cfg["profile"]
+        passes = cfg["by_concurrency"]["1"]["passes_per_image"]
+        parts = [k for k in prof if k != "total"]
+        other = prof["total"] - sum(prof[k] for k in parts)
+        rows.append([name, fmt(passes, 1)] + [fmt(1000 * prof[k] / passes, 1) for k in parts]
+                    + [fmt(1000 * other / passes, 1), fmt(1000 * prof["total"] / passes, 1)])
+    parts = [k for k in next(iter(configs.values()))["profile"] if k != "total"]
+    out.append(table(["config", "passes/image"] + [f"{k} ms/pass" for k in parts] + ["rest ms/pass", "total ms/pass"],
+                     rows))
+
+    gt = results.get("ground_truth", {})
+    rows = []
+    for label, acc in [("renderer (ground truth)", gt.get("renders")), ("VQ round trip of the renders", gt.get("vq_roundtrip")),
+                       ("PyTorch loop", results["torch_baseline"]["accuracy"])] + \
+                      [(f"vLLM {k}", v["accuracy"]) for k, v in configs.items()]:
+        if acc is None:
+            continue
+        z = ""
+        for k, v in configs.items():
+            if acc is v["accuracy"]:
+                z = fmt(v.get("checks_z_vs_AR"))
+        rows.append([label, acc["n"]] + [fmt(acc.get(a)) for a in ATTRIBUTES] + [z])
+    out.append(table(["images from", "n"] + ATTRIBUTES + ["z (checks passed) vs AR"], rows))
+
+    base = results["torch_baseline"]
+    ar1 = configs["AR"]["by_concurrency"]["1"]
+    rows = [["PyTorch/transformers loop, batch 1 (AR)", base["passes_per_image"], fmt(base["latency_median_s"]),
+             fmt(base["latency_p90_s"]), fmt(base["images_per_min"], 1), "1.00x"]]
+    for name, cfg in configs.items():
+        for c in ("1", max(cfg["by_concurrency"], key=int)):
+            row = cfg["by_concurrency"][c]
+            rows.append([f"vLLM {name}, {c} in flight", fmt(row["passes_per_image"], 1), fmt(row["latency_median_s"]),
+                         fmt(row["latency_p90_s"]), fmt(row["images_per_min"], 1),
+                         f"{row['images_per_min'] / base['images_per_min']:.2f}x"])
+    out.append(table(["how", "passes/image", "latency median s", "latency p90 s", "images/min",
+                      "images/min vs PyTorch loop"], rows))
+    e = base["entropy"]
+    out.append(f"Per-token entropy of the guided distribution (PyTorch loop, {e['n']} tokens): "
+               f"mean {e['mean']:.2f} nats, median {e['median']:.2f}, p90 {e['p90']:.2f}; "
+               f"AR at 1 in flight: {ar1['latency_median_s']:.2f} s per image.")
+    return "\n\n".join(out)
+
+
+def gpu_tables(cost: dict, demo: dict | None) -> str:
+    out = [table(["attention", "batch", "context", "1-token pass ms", "K=8", "K=16", "K=32"],
+                 [[r["attention"], r["batch"], r["context"], fmt(r["ms_q1"])]
+                  + [fmt(r.get(f"ratio_K{k}")) for k in (8, 16, 32)]
+                  for r in sorted(cost["rows"], key=lambda r: (r["attention"], r["batch"], r["context"]))])]
+    if demo is None:
+        return out[0]
+    # Guided requests in flight c use batch 2c; c=1 -> B=2, c=4 -> B=8, c=16 -> B=32.
+    rows = []
+    for c, batch in (("1", 2), ("4", 8), ("16", 32)):
+        for r in cost["rows"]:
+            if r["attention"] != "flex" or r["batch"] != batch:
+                continue
+            cells = []
+            for k in (8, 16, 32):
+                compression = demo["vllm"][f"K{k}"]["by_concurrency"][c]["tokens_per_pass"]
+                cells.append(f"{compression:.2f} / {r[f'ratio_K{k}']:.2f} = {compression / r[f'ratio_K{k}']:.2f}x")
+            rows.append([c, batch, r["context"]] + cells)
+    out.append(table(["guided requests in flight", "batch", "context", "K=8", "K=16", "K=32"], rows))
+    return "\n\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("kind", choices=["demo", "gpu"])
+    ap.add_argument("path", type=Path)
+    ap.add_argument("--compression", type=Path, help="demo results.json whose step compression to project")
+    args = ap.parse_args()
+    data = json.loads(args.path.read_text())
+    if args.kind == "demo":
+        print(demo_tables(data))
+    else:
+        demo = json.loads(args.compression.read_text()) if args.compression else None
+        print(gpu_tables(data, demo))
+
+
+if __name__ == "__main__":
+    main()
