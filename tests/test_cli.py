@@ -15,16 +15,18 @@ def test_a_named_model_gets_sjd_the_endpoint_and_float32_on_cpu(monkeypatch):
     spec = command[command.index("--speculative-config") + 1]
     assert json.loads(spec) == json.loads(DEFAULT_SPECULATIVE_CONFIG)
     assert command[command.index("--dtype") + 1] == "float32"
+    assert command[command.index("--per-request-spec-decode-metrics") + 1] == "summary"
     assert env["VLLM_PLUGINS"].split(",") == ["other", "sjd", "sjd_images"]
 
 
 def test_the_users_settings_win(monkeypatch):
     monkeypatch.delenv("VLLM_PLUGINS", raising=False)
     user_spec = '{"method": "sjd", "num_speculative_tokens": 4}'
-    command, _ = serve_command(["m", "--speculative-config", user_spec, "--dtype", "bfloat16"],
-                               has_gpu=False)
+    command, _ = serve_command(["m", "--speculative-config", user_spec, "--dtype", "bfloat16",
+                                "--per-request-spec-decode-metrics=none"], has_gpu=False)
     assert command.count("--speculative-config") == 1 and user_spec in command
     assert command.count("--dtype") == 1 and "bfloat16" in command
+    assert "--per-request-spec-decode-metrics" not in command
     gpu_command, _ = serve_command(["m"], has_gpu=True)
     assert "--dtype" not in gpu_command
 

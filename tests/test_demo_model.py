@@ -9,8 +9,10 @@ accuracies are measured in benchmarks/.
 import base64
 import io
 import json
+import re
 
 import pytest
+import requests
 from PIL import Image
 
 from tests.server import vllm_server
@@ -52,14 +54,26 @@ def test_vllm_sjd_serve_without_a_model_serves_the_demo(tmp_path):
     with vllm_server(None, ["--max-model-len", "512"], log, launcher="vllm-sjd") as url:
         client = OpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["vllm-sjd-demo"]
+        steps_before = verify_steps(url)
         result = client.images.generate(
             model="vllm-sjd-demo", prompt="a large red square on the left on a white background",
-            n=1, response_format="b64_json", extra_body={"seed": 3},
+            n=2, response_format="b64_json", extra_body={"seed": 3},
         )
-    image = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
-    assert image.format == "PNG" and image.size == (64, 64)
-    stats = result.data[0].model_extra["sjd"]
-    assert stats["tokens"] == 16 * 17 + 1
-    assert stats["forward_passes"] < stats["tokens"]  # SJD accepted drafts
+        steps = verify_steps(url) - steps_before
+    stats = [image.model_extra["sjd"] for image in result.data]
+    for image, image_stats in zip(result.data, stats):
+        png = Image.open(io.BytesIO(base64.b64decode(image.b64_json)))
+        assert png.format == "PNG" and png.size == (64, 64)
+        assert image_stats["tokens"] == 16 * 17 + 1
+        assert image_stats["forward_passes"] < image_stats["tokens"]  # SJD accepted drafts
+    # Each image's passes are its prefill plus its verify steps, exactly as the
+    # engine counted them, even with both images in flight at once.
+    assert sum(s["forward_passes"] - 1 for s in stats) == steps
     text = log.read_text()
     assert "speculative" in text and "sjd" in text
+
+
+def verify_steps(url: str) -> float:
+    """vLLM's count of SJD verify steps so far (one per request per step)."""
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    return sum(float(v) for v in re.findall(r"^vllm:spec_decode_num_drafts_total\{[^}]*\} (\S+)$", text, re.M))

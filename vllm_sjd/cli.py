@@ -1,7 +1,8 @@
 """`vllm-sjd serve [MODEL] [vLLM options]`: `vllm serve` with the plugin's defaults.
 
 - no MODEL: the bundled demo model (vllm_sjd/demo/model), named "vllm-sjd-demo";
-- SJD on (K = 16) unless --speculative-config is given;
+- SJD on (K = 16) unless --speculative-config is given, with vLLM's
+  per-request speculative metrics on (the image endpoint's pass counts);
 - the image endpoint on (VLLM_PLUGINS gains sjd and sjd_images);
 - on a machine without a GPU, float32 unless --dtype is given.
 Everything else passes through to `vllm serve` unchanged.
@@ -29,15 +30,19 @@ def serve_command(argv: list[str], has_gpu: bool) -> tuple[list[str], dict[str, 
         model = str(DEMO_MODEL_PATH)
         if "--served-model-name" not in options:
             options += ["--served-model-name", DEMO_MODEL_NAME]
-    if "--speculative-config" not in options and not any(
-        o.startswith("--speculative-config=") for o in options
-    ):
+    if not _given(options, "--speculative-config"):
         options += ["--speculative-config", DEFAULT_SPECULATIVE_CONFIG]
+    if not _given(options, "--per-request-spec-decode-metrics"):
+        options += ["--per-request-spec-decode-metrics", "summary"]
     if not has_gpu and "--dtype" not in options:
         options += ["--dtype", "float32"]
     plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]
     plugins += [p for p in ("sjd", "sjd_images") if p not in plugins]
     return ["vllm", "serve", model, *options], {"VLLM_PLUGINS": ",".join(plugins)}
+
+
+def _given(options: list[str], flag: str) -> bool:
+    return any(o == flag or o.startswith(flag + "=") for o in options)
 
 
 def _has_gpu() -> bool:

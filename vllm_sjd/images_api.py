@@ -196,5 +196,11 @@ class ImageService:
                     100 * len(tokens) // grid.num_tokens, len(tokens), grid.num_tokens, passes,
                 )
                 next_report += 0.25
+        metrics = output.outputs[0].spec_decode_metrics
+        if metrics is not None:
+            # Exact: the prefill plus one verify step per histogram entry. The
+            # count of streamed deltas is only a lower bound, because vLLM merges
+            # deltas when the consumer falls behind.
+            passes = 1 + sum(metrics.histogram)
         image = await asyncio.to_thread(self.decoder, tokens, grid)
         return image, ImageStats(tokens=len(tokens), forward_passes=passes)
