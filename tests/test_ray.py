@@ -4,7 +4,9 @@ vLLM's CPU platform refuses the Ray executor as shipped; tests/ray_cpu_shim.py
 (test-only) lets it run RayExecutorV2, vLLM 0.32's default Ray executor. The
 test starts a local Ray cluster with two units of the shim's custom resource,
 runs the engine core in this process (where the shim is applied) and the two
-workers as Ray actors, which load the vllm-sjd plugin themselves.
+workers as Ray actors, which load the vllm-sjd plugin themselves (Ray gives
+each actor OMP_NUM_THREADS=1, so the two ranks share the 2 cores as under
+VLLM_CPU_OMP_THREADS_BIND='0|1' in test_tensor_parallel.py).
 """
 
 import os
@@ -59,7 +61,8 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def ray_tp2(peaked_model, ray_cluster):
+def ray_tp2(peaked_model, tp1_tokens, ray_cluster):
+    # tp1_tokens first: the reference engine runs before Ray starts.
     from tests import ray_cpu_shim
 
     _reset_vllm_env_cache()
@@ -67,7 +70,6 @@ def ray_tp2(peaked_model, ray_cluster):
     try:
         with pytest.MonkeyPatch.context() as env:
             env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core here, with the shim
-            env.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
             llm = make_llm(
                 peaked_model, sjd=SJD, tensor_parallel_size=2, distributed_executor_backend="ray"
             )
