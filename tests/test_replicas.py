@@ -45,13 +45,15 @@ def test_two_replicas_behind_one_endpoint_both_serve_images(tmp_path):
     from openai import OpenAI
 
     log = tmp_path / "server.log"
-    args = ["--max-model-len", "512", "--data-parallel-size", "2"]
+    # One API server in front of both engines (vLLM's default with
+    # --data-parallel-size N is N API servers sharing the port; one is lighter here).
+    args = ["--max-model-len", "512", "--data-parallel-size", "2", "--api-server-count", "1"]
     # One core per replica (the engine's OpenMP threads), as for tensor parallel.
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
     with vllm_server(None, args, log, env=env, launcher="vllm-sjd") as url:
         client = OpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0, timeout=600)
         assert [m.id for m in client.models.list().data] == ["vllm-sjd-demo"]
-        assert successes_per_engine(url) == {"0": 0.0, "1": 0.0}
+        assert sum(successes_per_engine(url).values()) == 0
 
         def generate(i: int):
             return client.images.generate(
