@@ -79,10 +79,11 @@ def worker_identity(worker) -> dict:
     from vllm_sjd import patches
 
     in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    inner = getattr(worker, "worker", worker)  # the WorkerWrapperBase holds the worker
     return {
         "pid": os.getpid(),
         "ray_actor": in_actor,
-        "worker": type(worker).__name__,
-        "runner": type(worker.model_runner).__name__,
+        "worker": type(inner).__name__,
+        "runner": type(inner.model_runner).__name__,
         "plugin_loaded": patches._applied,
     }

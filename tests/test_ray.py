@@ -39,15 +39,18 @@ def tp1_tokens(peaked_model):
 def ray_cluster():
     """A local Ray cluster on the loopback address, with the shim's resource twice."""
     import ray
+    from ray._private import ray_constants
 
     from tests import ray_cpu_shim
 
     with pytest.MonkeyPatch.context() as env:
         # Before ray.init: its processes (and so the workers) inherit these.
         env.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        # Ray's "no cluster" mode: the node address is 127.0.0.1, not the host's.
-        env.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         env.setenv("VLLM_HOST_IP", "127.0.0.1")
+        # Ray's single-machine mode (its default on macOS/Windows): the node
+        # address, which the workers' TCP store and gloo use, is 127.0.0.1
+        # rather than the host's interface address. Read when ray.init runs.
+        env.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
         ray.init(
             num_cpus=2,
             resources={ray_cpu_shim.RESOURCE: 2},
