@@ -42,7 +42,11 @@ train_report.json.
 
 Same seed + same step counts (--vq-warmup-steps ... --lm-steps, with
 --budget-min 0 to turn the clock off) reproduces the run on the same
-machine and thread count.
+machine and thread count: bit for bit with --no-compile
+(tests/test_demo_training.py); with torch.compile (the default, faster) the
+language model's weights can differ in the last bits between a cold and a
+warm compile cache (seen: up to 1.5e-5 after 3 steps, losses equal to 4
+decimals), so a long run reproduces the model's quality, not its bytes.
 """
 
 from __future__ import annotations
