@@ -42,30 +42,24 @@ def demo_tables(results: dict) -> str:
                       "latency p90 s", "images/min", "passes vs AR", "latency speed-up", "throughput vs AR"],
                      rows))
 
+    parts = [k for k in next(iter(configs.values()))["profile"] if k != "total"]
     rows = []
     for name, cfg in configs.items():
         prof = cfg["profile"]
         passes = cfg["by_concurrency"]["1"]["passes_per_image"]
-        parts = [k for k in prof if k != "total"]
         other = prof["total"] - sum(prof[k] for k in parts)
         rows.append([name, fmt(passes, 1)] + [fmt(1000 * prof[k] / passes, 1) for k in parts]
                     + [fmt(1000 * other / passes, 1), fmt(1000 * prof["total"] / passes, 1)])
-    parts = [k for k in next(iter(configs.values()))["profile"] if k != "total"]
     out.append(table(["config", "passes/image"] + [f"{k} ms/pass" for k in parts] + ["rest ms/pass", "total ms/pass"],
                      rows))
 
     gt = results.get("ground_truth", {})
-    rows = []
-    for label, acc in [("renderer (ground truth)", gt.get("renders")), ("VQ round trip of the renders", gt.get("vq_roundtrip")),
-                       ("PyTorch loop", results["torch_baseline"]["accuracy"])] + \
-                      [(f"vLLM {k}", v["accuracy"]) for k, v in configs.items()]:
-        if acc is None:
-            continue
-        z = ""
-        for k, v in configs.items():
-            if acc is v["accuracy"]:
-                z = fmt(v.get("checks_z_vs_AR"))
-        rows.append([label, acc["n"]] + [fmt(acc.get(a)) for a in ATTRIBUTES] + [z])
+    sources = [("renderer (ground truth)", gt.get("renders"), None),
+               ("VQ round trip of the renders", gt.get("vq_roundtrip"), None),
+               ("PyTorch loop", results["torch_baseline"]["accuracy"], None)]
+    sources += [(f"vLLM {k}", v["accuracy"], v.get("checks_z_vs_AR")) for k, v in configs.items()]
+    rows = [[label, acc["n"]] + [fmt(acc.get(a)) for a in ATTRIBUTES] + ["" if z is None else fmt(z)]
+            for label, acc, z in sources if acc is not None]
     out.append(table(["images from", "n"] + ATTRIBUTES + ["z (checks passed) vs AR"], rows))
 
     base = results["torch_baseline"]

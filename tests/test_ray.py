@@ -14,7 +14,14 @@ import os
 import pytest
 
 from tests.conftest import make_llm, shutdown
-from tests.test_tensor_parallel import PARAMS, SJD, rank_windows_mid_flight, run
+# tp1_tokens is that module's fixture; module-scoped, it runs again here.
+from tests.test_tensor_parallel import (  # noqa: F401
+    PARAMS,
+    SJD,
+    rank_windows_mid_flight,
+    run,
+    tp1_tokens,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -25,14 +32,6 @@ def _reset_vllm_env_cache():
     from vllm import envs
 
     envs.disable_envs_cache()
-
-
-@pytest.fixture(scope="module")
-def tp1_tokens(peaked_model):
-    llm = make_llm(peaked_model, sjd=SJD)
-    tokens = run(llm)
-    shutdown(llm)
-    return tokens
 
 
 @pytest.fixture(scope="module")
