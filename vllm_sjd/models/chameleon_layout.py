@@ -88,7 +88,7 @@ class ChameleonImageLayout:
     """Lumina-mGPT's image layout for a checkpoint trained at `target_size` px.
 
     `downsample`: px per code of the checkpoint's VQ model (16 for Chameleon's
-    VQGAN; the bundled demo model's is 8). Size tokens count units of twice
+    VQGAN; the bundled demo model's is 4). Size tokens count units of twice
     that (32 px for Lumina-mGPT). `num_codes`: a VQ codebook smaller than
     Chameleon's 8192 uses the first ids of the image block, 4 .. 4 + num_codes.
     """
