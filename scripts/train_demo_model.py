@@ -269,14 +269,19 @@ class EMACodebook:
         return zq.view(b, h, w, d).permute(0, 3, 1, 2), commit, idx.view(b, h, w)
 
 
+def chroma_weighted_loss(y: torch.Tensor, x: torch.Tensor, chroma_weight: float) -> torch.Tensor:
+    """L1 + MSE per pixel, weighted by 1 + chroma_weight * the target's chroma."""
+    weight = 1 + chroma_weight * (x.max(1, keepdim=True).values - x.min(1, keepdim=True).values)
+    return (weight * ((y - x).abs() + (y - x) ** 2)).mean()
+
+
 def reconstruction_loss(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """L1 + MSE weighted towards coloured pixels, plus an edge term.
 
     Objects are a small share of the pixels: an unweighted loss spends the
     codebook on backgrounds and decodes shapes as soft blobs. Weighting by
     chroma and matching the images' finite differences keeps object outlines."""
-    weight = 1 + 4 * (x.max(1, keepdim=True).values - x.min(1, keepdim=True).values)
-    pixel = (weight * ((y - x).abs() + (y - x) ** 2)).mean()
+    pixel = chroma_weighted_loss(y, x, 4)
     edges = (torch.diff(y, dim=-1) - torch.diff(x, dim=-1)).abs().mean() + \
         (torch.diff(y, dim=-2) - torch.diff(x, dim=-2)).abs().mean()
     return pixel + edges
@@ -592,8 +597,7 @@ def polish_decoder(args, enc, dec, images: np.ndarray, val_images: np.ndarray, r
         idx = torch.randint(len(codes), (args.vq_batch,), generator=gen)
         x = to_tensor(images[idx.numpy()])
         y = dec.decoder(dec.post_quant_conv(dec.embed(codes[idx])))
-        weight = 1 + 8 * (x.max(1, keepdim=True).values - x.min(1, keepdim=True).values)
-        loss = (weight * ((y - x).abs() + (y - x) ** 2)).mean()
+        loss = chroma_weighted_loss(y, x, 8)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
