@@ -575,7 +575,8 @@ def train_lm(args, tokenizer, train_caps, train_codes, val_caps, val_codes, cloc
     return model
 
 
-def polish_decoder(args, enc, dec, images: np.ndarray, val_images: np.ndarray, report: dict):
+def polish_decoder(args, enc, dec, images: np.ndarray, val_images: np.ndarray, report: dict,
+                   codes: np.ndarray | None = None):
     """Phase 5: the decoder alone (and its copy of the codebook) on frozen codes.
 
     The shapes are a small share of the pixels, so the plain reconstruction
@@ -584,8 +585,9 @@ def polish_decoder(args, enc, dec, images: np.ndarray, val_images: np.ndarray, r
     encoder, its codebook and so the language model's codes do not change."""
     torch.manual_seed(args.seed + 13)
     gen = torch.Generator().manual_seed(args.seed + 13)
-    with torch.no_grad():
-        codes = torch.from_numpy(encode_all(enc, images).astype(np.int64))
+    if codes is None:
+        codes = encode_all(enc, images)
+    codes = torch.from_numpy(codes.astype(np.int64))
     val = to_tensor(val_images[:64])
     with torch.no_grad():
         val_codes = torch.from_numpy(encode_all(enc, val_images[:64]).astype(np.int64))
@@ -722,7 +724,7 @@ def main(argv=None):
     tokenizer = save_tokenizer(tok_dir)
     model = train_lm(args, tokenizer, [s.caption for s in train_scenes], codes,
                      [s.caption for s in val_scenes], val_codes, clock, report, enc)
-    polish_decoder(args, enc, dec, images, val_images, report)
+    polish_decoder(args, enc, dec, images, val_images, report, codes)
     save_model(model, dec, tok_dir, args.out)
     shutil.rmtree(tok_dir)
     report["total_s"] = round(clock.elapsed())
