@@ -575,8 +575,8 @@ def train_lm(args, tokenizer, train_caps, train_codes, val_caps, val_codes, cloc
     return model
 
 
-def polish_decoder(args, enc, dec, images: np.ndarray, val_images: np.ndarray, report: dict,
-                   codes: np.ndarray | None = None):
+def polish_decoder(args, enc, dec, images: np.ndarray, codes: np.ndarray, val_images: np.ndarray,
+                   report: dict):
     """Phase 5: the decoder alone (and its copy of the codebook) on frozen codes.
 
     The shapes are a small share of the pixels, so the plain reconstruction
@@ -585,8 +585,6 @@ def polish_decoder(args, enc, dec, images: np.ndarray, val_images: np.ndarray, r
     encoder, its codebook and so the language model's codes do not change."""
     torch.manual_seed(args.seed + 13)
     gen = torch.Generator().manual_seed(args.seed + 13)
-    if codes is None:
-        codes = encode_all(enc, images)
     codes = torch.from_numpy(codes.astype(np.int64))
     val = to_tensor(val_images[:64])
     with torch.no_grad():
@@ -625,7 +623,7 @@ def polish_checkpoint(args) -> None:
     enc, dec = demo.load_encoder(path), demo.load_decoder(path)
     images = render_all(sc.sample_dataset(args.seed, args.scenes))
     val_images = render_all(sc.sample_dataset(args.seed + 1, args.val_scenes))
-    polish_decoder(args, enc, dec, images, val_images, report)
+    polish_decoder(args, enc, dec, images, encode_all(enc, images), val_images, report)
     save_file({k: v.contiguous() for k, v in dec.state_dict().items()},
               str(path / "vq" / "decoder.safetensors"))
     report["reproduce"] += f" --polish-steps {args.polish_steps}"
@@ -724,7 +722,7 @@ def main(argv=None):
     tokenizer = save_tokenizer(tok_dir)
     model = train_lm(args, tokenizer, [s.caption for s in train_scenes], codes,
                      [s.caption for s in val_scenes], val_codes, clock, report, enc)
-    polish_decoder(args, enc, dec, images, val_images, report, codes)
+    polish_decoder(args, enc, dec, images, codes, val_images, report)
     save_model(model, dec, tok_dir, args.out)
     shutil.rmtree(tok_dir)
     report["total_s"] = round(clock.elapsed())
