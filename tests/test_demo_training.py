@@ -33,3 +33,48 @@ def test_same_seed_same_checkpoint_other_seed_other_weights(tmp_path):
     other = train(tmp_path / "c", 4, "--no-compile")
     assert other["model.safetensors"] != first["model.safetensors"]
     assert other["vq/decoder.safetensors"] != first["vq/decoder.safetensors"]
+
+
+def _training_script():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import train_demo_model
+
+    return train_demo_model
+
+
+def test_object_cells_are_the_cells_the_shapes_cover():
+    """The object-weighted loss's cells: every cell mostly inside a shape is one,
+    and no cell without any shape pixel is."""
+    import numpy as np
+
+    from vllm_sjd.demo import scenes as sc
+
+    t = _training_script()
+    scenes = sc.sample_dataset(5, 24)
+    cells = t.object_cells(t.render_all(scenes, workers=1))
+    n = sc.IMAGE_SIZE * sc.SUPERSAMPLE
+    x, y = sc._grid(n)
+    per_cell = n // t.GRID
+    for scene, marked in zip(scenes, cells):
+        inside = np.zeros((n, n), bool)
+        for obj in scene.objects:
+            inside |= sc._shape_mask(obj, x, y)
+        cover = inside.reshape(t.GRID, per_cell, t.GRID, per_cell).mean(axis=(1, 3))
+        assert marked[cover >= 0.5].all(), scene.caption
+        assert not marked[cover == 0].any(), scene.caption
+        assert marked.any()
+
+
+def test_object_weights_follow_the_image_token_order():
+    """Weights line up with image_ids: 16 codes then end-of-line per row, then
+    end of image; the end-of-line and end-of-image tokens weigh 1."""
+    import numpy as np
+
+    t = _training_script()
+    cells = np.zeros((1, t.GRID, t.GRID), bool)
+    cells[0, 2, 5] = True
+    weights = t.image_token_weights(cells, 4.0)[0]
+    codes = np.zeros((t.GRID, t.GRID), np.int16)
+    assert len(weights) == len(t.image_ids(codes))
+    assert weights[2 * (t.GRID + 1) + 5] == 4.0
+    assert (np.delete(weights, 2 * (t.GRID + 1) + 5) == 1.0).all()
