@@ -82,6 +82,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from vllm_sjd.demo import scenes as sc  # noqa: E402
+from vllm_sjd.demo.scorer import CHROMA_THRESHOLD  # noqa: E402
 from vllm_sjd.models import chameleon_layout as cl  # noqa: E402
 
 # ---- fixed design ---------------------------------------------------------
@@ -427,14 +428,14 @@ def build_sequences(tokenizer, captions, codes):
     return cond, uncond
 
 
-def object_cells(images: np.ndarray, threshold: float = 0.15) -> np.ndarray:
-    """[N, GRID, GRID] bool: the code cells holding any coloured (object) pixel.
-    Backgrounds are achromatic, shapes saturated (scenes.py), so chroma finds them."""
+def object_cells(images: np.ndarray) -> np.ndarray:
+    """[N, GRID, GRID] bool: the code cells holding any object pixel, by the
+    scorer's test (chroma at least CHROMA_THRESHOLD; backgrounds are achromatic)."""
     rgb = images.astype(np.float32) / 255.0
     chroma = rgb.max(axis=-1) - rgb.min(axis=-1)  # [N, H, W]
     n = images.shape[0]
     cells = chroma.reshape(n, GRID, DOWNSAMPLE, GRID, DOWNSAMPLE).max(axis=(2, 4))
-    return cells > threshold
+    return cells >= CHROMA_THRESHOLD
 
 
 def image_token_weights(cells: np.ndarray, object_weight: float) -> np.ndarray:
@@ -498,7 +499,6 @@ def train_lm(args, tokenizer, train_caps, train_codes, train_cells, val_caps, va
     to_active[active] = torch.arange(active.numel())
 
     weights_by_scene = image_token_weights(train_cells, args.lm_object_weight)
-
     uniform = args.lm_object_weight == 1.0
 
     def losses(ids, targets, sample, weights):
@@ -590,8 +590,8 @@ def train_lm(args, tokenizer, train_caps, train_codes, train_cells, val_caps, va
                                 loss_active_weighted=round(ce_act.item(), 4),
                                 loss_full_sampled=round(ce_full.item(), 4), lr=lr))
             log(f"lm step {step} loss(active) {ce_plain.item():.4f} weighted {ce_act.item():.4f} "
-                f"loss(full, sampled) "
-                f"{ce_full.item():.4f} ({rate:.2f} s/step, {clock.elapsed() / 60:.1f} min)")
+                f"loss(full, sampled) {ce_full.item():.4f} "
+                f"({rate:.2f} s/step, {clock.elapsed() / 60:.1f} min)")
         if step % args.lm_eval_every == 0:
             v = evaluate(vcond[:128], ema)
             history.append(dict(step=step, val_cond_ema=round(v, 4)))
