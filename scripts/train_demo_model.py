@@ -670,7 +670,12 @@ def polish_checkpoint(args) -> None:
     polish_decoder(args, enc, dec, images, encode_all(enc, images), val_images, report)
     save_file({k: v.contiguous() for k, v in dec.state_dict().items()},
               str(path / "vq" / "decoder.safetensors"))
-    report["reproduce"] += f" --polish-steps {args.polish_steps}"
+    # A second polish is a second command: appending its flag to the first would
+    # name one polish (argparse keeps the last --polish-steps), not both.
+    report["reproduce"] += (
+        f" && python scripts/train_demo_model.py --seed {args.seed} --scenes {args.scenes} "
+        f"--val-scenes {args.val_scenes} --polish-from vllm_sjd/demo/model "
+        f"--polish-steps {args.polish_steps}")
     report["checkpoint_bytes"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     (path / "train_report.json").write_text(json.dumps(report, indent=2))
 
