@@ -169,12 +169,19 @@ def prompt_text_ids(tokenizer, caption: str) -> list[int]:
     return ids
 
 
+def in_image_token_order(cell_values: np.ndarray, end_of_line, end_of_image) -> np.ndarray:
+    """[..., GRID, GRID] per-cell values -> [..., GRID * (GRID + 1) + 1] in the
+    image-token order: each row closed by end_of_line, then end_of_image."""
+    lead = cell_values.shape[:-2]
+    eol = np.full(lead + (GRID, 1), end_of_line, cell_values.dtype)
+    rows = np.concatenate([cell_values, eol], axis=-1).reshape(lead + (-1,))
+    return np.concatenate([rows, np.full(lead + (1,), end_of_image, rows.dtype)], axis=-1)
+
+
 def image_ids(codes: np.ndarray) -> list[int]:
     """[16, 16] codes -> rows of ids each closed by end-of-line, then end of image."""
-    out: list[int] = []
-    for row in codes:
-        out += [cl.CODE_LOW + int(c) for c in row] + [cl.END_OF_LINE]
-    return out + [cl.IMAGE_END]
+    return in_image_token_order(codes.astype(np.int64) + cl.CODE_LOW, cl.END_OF_LINE,
+                                cl.IMAGE_END).tolist()
 
 
 # ---- helpers ------------------------------------------------------------------
@@ -439,13 +446,9 @@ def object_cells(images: np.ndarray) -> np.ndarray:
 
 
 def image_token_weights(cells: np.ndarray, object_weight: float) -> np.ndarray:
-    """[N, GRID * (GRID + 1) + 1] loss weights in image-token order (rows of codes
-    each closed by end-of-line, then end of image): object_weight on object cells,
-    1 elsewhere."""
-    n = cells.shape[0]
-    w = np.where(cells, object_weight, 1.0).astype(np.float32)  # [N, GRID, GRID]
-    w = np.concatenate([w, np.ones((n, GRID, 1), np.float32)], axis=2).reshape(n, -1)
-    return np.concatenate([w, np.ones((n, 1), np.float32)], axis=1)
+    """[N, GRID * (GRID + 1) + 1] loss weights in image-token order: object_weight
+    on object cells, 1 elsewhere (end-of-line and end of image included)."""
+    return in_image_token_order(np.where(cells, object_weight, 1.0).astype(np.float32), 1.0, 1.0)
 
 
 def make_batch(seqs, length: int, gen: torch.Generator, image_weights=None):
