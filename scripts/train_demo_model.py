@@ -79,6 +79,7 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
+DEMO_MODEL_DIR = REPO / "vllm_sjd" / "demo" / "model"  # where the package loads it from
 sys.path.insert(0, str(REPO))
 
 from vllm_sjd.demo import scenes as sc  # noqa: E402
@@ -677,7 +678,7 @@ def polish_checkpoint(args) -> None:
     # name one polish (argparse keeps the last --polish-steps), not both.
     report["reproduce"] += (
         f" && python scripts/train_demo_model.py --seed {args.seed} --scenes {args.scenes} "
-        f"--val-scenes {args.val_scenes} --polish-from vllm_sjd/demo/model "
+        f"--val-scenes {args.val_scenes} --polish-from {DEMO_MODEL_DIR.relative_to(REPO)} "
         f"--polish-steps {args.polish_steps}")
     report["checkpoint_bytes"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     (path / "train_report.json").write_text(json.dumps(report, indent=2))
@@ -713,7 +714,7 @@ def save_model(model, dec, tokenizer_dir: Path, out: Path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=REPO / "vllm_sjd" / "demo" / "model")
+    ap.add_argument("--out", type=Path, default=DEMO_MODEL_DIR)
     ap.add_argument("--budget-min", type=float, default=68.0,
                     help="wall-clock budget for everything; 0 = no clock, step counts only")
     ap.add_argument("--scenes", type=int, default=8000)
