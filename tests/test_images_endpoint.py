@@ -30,6 +30,8 @@ def server(tmp_path_factory):
         "--speculative-config", '{"method": "sjd", "num_speculative_tokens": 8}',
         "--additional-config", '{"sjd_image": {"target_size": 128}}',
         "--max-model-len", "512", "--api-key", API_KEY, "--served-model-name", "tiny-lumina",
+        # A model default that a request can see: greedy unless it names a temperature.
+        "--override-generation-config", '{"temperature": 0}',
     ]
     log = tmp_path_factory.mktemp("serve") / "server.log"
     with vllm_server(model, args, log, env={"VLLM_PLUGINS": "sjd,sjd_images"}) as url:
@@ -54,7 +56,7 @@ def test_openai_client_gets_pngs_of_the_requested_size_with_sjd_figures(client, 
     grid = LAYOUT.grid(*size)
     result = client.images.generate(
         model="tiny-lumina", prompt=PROMPT, n=2, size=f"{size[0]}x{size[1]}",
-        response_format="b64_json", extra_body={"seed": 7, "guidance_scale": 3.0},
+        response_format="b64_json", extra_body={"seed": 7, "guidance_scale": 3.0, "temperature": 1.0},
     )
     assert len(result.data) == 2
     pictures = []
@@ -70,15 +72,29 @@ def test_openai_client_gets_pngs_of_the_requested_size_with_sjd_figures(client, 
         assert stats["tokens_per_pass"] == pytest.approx(stats["tokens"] / stats["forward_passes"], abs=1e-3)
     assert pictures[0] != pictures[1]  # seeds 7 and 8
     assert result.model_extra["sjd"]["guidance_scale"] == 3.0
+    assert result.model_extra["sjd"]["temperature"] == 1.0
     # The same seed gives the same picture.
     again = client.images.generate(
         model="tiny-lumina", prompt=PROMPT, n=1, size=f"{size[0]}x{size[1]}",
-        response_format="b64_json", extra_body={"seed": 7, "guidance_scale": 3.0},
+        response_format="b64_json", extra_body={"seed": 7, "guidance_scale": 3.0, "temperature": 1.0},
     )
     assert Image.open(io.BytesIO(base64.b64decode(again.data[0].b64_json))).tobytes() == pictures[0]
     # Progress and figures reach the server log.
     log = server[1].read_text()
     assert "image(s) of 160x96" in log and "tokens/pass" in log
+
+
+def test_a_request_without_temperature_takes_the_models_default(server):
+    # The server's generation config says temperature 0: unseeded requests agree.
+    body = {"prompt": PROMPT, "size": "128x128", "guidance_scale": 1}
+    first, second = post(server, body), post(server, body)
+    assert first.status_code == second.status_code == 200, first.text
+    assert first.json()["sjd"]["temperature"] == 0.0
+    assert first.json()["sjd"]["top_k"] == LAYOUT.default_top_k
+    assert first.json()["data"][0]["b64_json"] == second.json()["data"][0]["b64_json"]
+    sampled = [post(server, {**body, "temperature": 1.0, "seed": s}).json() for s in (1, 2)]
+    assert sampled[0]["sjd"]["temperature"] == 1.0
+    assert sampled[0]["data"][0]["b64_json"] != sampled[1]["data"][0]["b64_json"]
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,9 @@
 
 Request fields follow OpenAI's `images.generate` (prompt, n, size,
 response_format "b64_json", model, user) plus `seed`, `guidance_scale`,
-`temperature` and `top_k`. The response is OpenAI's ImagesResponse with PNGs
+`temperature` and `top_k`; absent, the last two come from the model's
+generation config as on vLLM's other routes (temperature 1 and the family's
+top-k where it names none). The response is OpenAI's ImagesResponse with PNGs
 as base64, and per image the request's SJD figures: forward passes (engine
 steps that produced its tokens), tokens and tokens per pass.
 
@@ -97,6 +99,11 @@ class ImageService:
         self.tokenizer = tokenizer
         speculative = engine_client.vllm_config.speculative_config
         self.speculative = speculative is not None
+        # The model's sampling defaults as vLLM's other routes see them
+        # (generation_config.json, or --generation-config / --override-generation-config).
+        model_defaults = engine_client.model_config.get_diff_sampling_param()
+        self.default_temperature = float(model_defaults.get("temperature", 1.0))
+        self.default_top_k = model_defaults.get("top_k") or layout.default_top_k
 
     def _size(self, size: str | None) -> tuple[int, int]:
         if size in (None, "auto"):
@@ -132,11 +139,13 @@ class ImageService:
             else None
         )
         base_seed = request.seed
+        temperature = self.default_temperature if request.temperature is None else request.temperature
+        top_k = request.top_k or self.default_top_k
         params = [
             image_sampling_params(
                 grid,
-                temperature=1.0 if request.temperature is None else request.temperature,
-                top_k=request.top_k or self.layout.default_top_k,
+                temperature=temperature,
+                top_k=top_k,
                 seed=None if base_seed is None else base_seed + i,
                 guidance_scale=scale,
                 unconditional_prompt_token_ids=unconditional,
@@ -174,6 +183,8 @@ class ImageService:
             "sjd": {
                 "speculative": self.speculative,
                 "guidance_scale": scale,
+                "temperature": temperature,
+                "top_k": top_k,
                 "seconds": round(elapsed, 3),
             },
         }
