@@ -71,6 +71,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import shutil
 import sys
 import time
+from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -660,6 +661,15 @@ def polish_decoder(args, enc, dec, images: np.ndarray, codes: np.ndarray, val_im
     log(f"decoder polish: val PSNR {before:.2f} -> {after:.2f} dB")
 
 
+def training_scenes(args, seed: int, count: int) -> list[sc.Scene]:
+    """The scene grammar's scenes; with `--object-fills flat` every object is
+    drawn in one flat shade, so fewer codes stand for each colour and shape."""
+    scenes = sc.sample_dataset(seed, count)
+    if args.object_fills == "varied":
+        return scenes
+    return [replace(s, objects=tuple(replace(o, fill="flat") for o in s.objects)) for s in scenes]
+
+
 def polish_checkpoint(args) -> None:
     """Run phase 5 on a saved checkpoint (the same function a full run ends with)."""
     from safetensors.torch import save_file
@@ -669,8 +679,8 @@ def polish_checkpoint(args) -> None:
     path = args.polish_from
     report = json.loads((path / "train_report.json").read_text())
     enc, dec = demo.load_encoder(path), demo.load_decoder(path)
-    images = render_all(sc.sample_dataset(args.seed, args.scenes))
-    val_images = render_all(sc.sample_dataset(args.seed + 1, args.val_scenes))
+    images = render_all(training_scenes(args, args.seed, args.scenes))
+    val_images = render_all(training_scenes(args, args.seed + 1, args.val_scenes))
     polish_decoder(args, enc, dec, images, encode_all(enc, images), val_images, report)
     save_file({k: v.contiguous() for k, v in dec.state_dict().items()},
               str(path / "vq" / "decoder.safetensors"))
@@ -679,7 +689,8 @@ def polish_checkpoint(args) -> None:
     report["reproduce"] += (
         f" && python scripts/train_demo_model.py --seed {args.seed} --scenes {args.scenes} "
         f"--val-scenes {args.val_scenes} --polish-from {DEMO_MODEL_DIR.relative_to(REPO)} "
-        f"--polish-steps {args.polish_steps}")
+        f"--polish-steps {args.polish_steps}"
+        + ("" if args.object_fills == "varied" else f" --object-fills {args.object_fills}"))
     report["checkpoint_bytes"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     (path / "train_report.json").write_text(json.dumps(report, indent=2))
 
@@ -732,6 +743,9 @@ def main(argv=None):
     ap.add_argument("--lm-ema", type=float, default=0.995)
     ap.add_argument("--lm-object-weight", type=float, default=4.0,
                     help="loss weight of image tokens in cells holding an object (1 = uniform)")
+    ap.add_argument("--object-fills", choices=("varied", "flat"), default="varied",
+                    help="objects' shading in the training scenes: the grammar's random "
+                         "fills (flat, gradient, radial) or flat only")
     ap.add_argument("--lm-eval-every", type=int, default=250)
     ap.add_argument("--lm-end-fraction", type=float, default=0.96,
                     help="the LM phase stops at this fraction of the budget (the rest saves)")
@@ -754,8 +768,8 @@ def main(argv=None):
                     "args": {k: str(v) for k, v in vars(args).items()},
                     "torch": torch.__version__, "threads": torch.get_num_threads()}
     log(f"rendering {args.scenes} + {args.val_scenes} scenes")
-    train_scenes = sc.sample_dataset(args.seed, args.scenes)
-    val_scenes = sc.sample_dataset(args.seed + 1, args.val_scenes)
+    train_scenes = training_scenes(args, args.seed, args.scenes)
+    val_scenes = training_scenes(args, args.seed + 1, args.val_scenes)
     images = render_all(train_scenes)
     val_images = render_all(val_scenes)
     report["render_s"] = round(clock.elapsed())
@@ -789,6 +803,7 @@ def main(argv=None):
         f"--vq-full-steps {report['vq']['steps']['full']} --lm-steps {report['lm']['steps']} "
         f"--lm-object-weight {args.lm_object_weight:g} "
         f"--polish-steps {args.polish_steps}"
+        + ("" if args.object_fills == "varied" else f" --object-fills {args.object_fills}")
         + ("" if args.compile else " --no-compile")
     )
     report["checkpoint_bytes"] = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())

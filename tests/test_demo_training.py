@@ -78,3 +78,33 @@ def test_object_weights_follow_the_image_token_order():
     assert len(weights) == len(t.image_ids(codes))
     assert weights[2 * (t.GRID + 1) + 5] == 4.0
     assert (np.delete(weights, 2 * (t.GRID + 1) + 5) == 1.0).all()
+
+
+def test_flat_object_fills_shade_each_object_evenly_and_keep_the_captions():
+    """--object-fills flat: the same scenes and captions, every object one shade."""
+    import argparse
+
+    import numpy as np
+
+    from vllm_sjd.demo import scenes as sc
+
+    t = _training_script()
+    varied = t.training_scenes(argparse.Namespace(object_fills="varied"), 5, 24)
+    flat = t.training_scenes(argparse.Namespace(object_fills="flat"), 5, 24)
+    assert [s.caption for s in flat] == [s.caption for s in varied]
+    assert any(o.fill != "flat" for s in varied for o in s.objects)
+    n = sc.IMAGE_SIZE * sc.SUPERSAMPLE
+    x, y = sc._grid(n)
+    def pixels(obj):  # [IMAGE_SIZE, IMAGE_SIZE, 2x2 supersampled pixels] inside obj
+        mask = sc._shape_mask(obj, x, y)
+        return mask.reshape(sc.IMAGE_SIZE, sc.SUPERSAMPLE, sc.IMAGE_SIZE, sc.SUPERSAMPLE)
+
+    for scene, image in zip(flat, t.render_all(flat, workers=1)):
+        for obj in scene.objects:
+            # Pixels wholly inside the shape and wholly outside the other one
+            # share one colour.
+            inside = pixels(obj).all(axis=(1, 3))
+            for other in (o for o in scene.objects if o is not obj):
+                inside &= ~pixels(other).any(axis=(1, 3))
+            colours = np.unique(image[inside].reshape(-1, 3), axis=0)
+            assert len(colours) == 1, (scene.caption, len(colours))
