@@ -41,7 +41,8 @@ whichever comes first; the counts actually run are written to the report):
 5. Decoder polish: the VQ decoder alone on the frozen codes, its loss weighted
    towards coloured pixels (objects), so that hues survive decoding.
 
-Outputs (vllm_sjd/demo/model/ by default): config.json, model.safetensors
+Outputs (vllm_sjd/demo/model/ by default): config.json, generation_config.json
+(the served default temperature, 0.8), model.safetensors
 (bf16, the encoder as model.vqmodel.*), tokenizer files,
 vq/decoder.safetensors (fp32; vLLM loads every top-level *.safetensors),
 train_report.json.
@@ -81,6 +82,10 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MODEL_DIR = REPO / "vllm_sjd" / "demo" / "model"  # where the package loads it from
+# Sampling defaults for requests that name none (vLLM reads generation_config.json):
+# at temperature 0.8 the pictures carry fewer stray blobs than at 1 and pass more
+# whole captions (benchmarks/RESULTS.md, "Sampling settings").
+DEMO_GENERATION_CONFIG = {"do_sample": True, "temperature": 0.8}
 sys.path.insert(0, str(REPO))
 
 from vllm_sjd.demo import scenes as sc  # noqa: E402
@@ -710,7 +715,8 @@ def save_model(model, dec, tokenizer_dir: Path, out: Path):
     saved["sjd_image_layout"] = {"target_size": sc.IMAGE_SIZE, "downsample": DOWNSAMPLE,
                                  "num_codes": NUM_CODES}
     config_file.write_text(json.dumps(saved, indent=2, sort_keys=True))
-    (tmp / "generation_config.json").unlink(missing_ok=True)
+    (tmp / "generation_config.json").write_text(
+        json.dumps(DEMO_GENERATION_CONFIG, indent=2, sort_keys=True) + "\n")
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, tmp / f.name)
     # In a subfolder: vLLM loads every *.safetensors at the top level.

@@ -25,8 +25,8 @@ MAX_CHECKPOINT_BYTES = 40 * 1024 * 1024
 def test_the_checkpoint_ships_complete_and_small():
     files = {p.relative_to(demo.MODEL_PATH).as_posix(): p.stat().st_size
              for p in demo.MODEL_PATH.rglob("*") if p.is_file()}
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 demo.DECODER_FILE, "train_report.json"):
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json", demo.DECODER_FILE, "train_report.json"):
         assert name in files, name
     assert sum(files.values()) <= MAX_CHECKPOINT_BYTES
     report = json.loads((demo.MODEL_PATH / "train_report.json").read_text())
