@@ -675,6 +675,11 @@ def training_scenes(args, seed: int, count: int) -> list[sc.Scene]:
     return [replace(s, objects=tuple(replace(o, fill="flat") for o in s.objects)) for s in scenes]
 
 
+def scene_flags(args) -> str:
+    """The reproduce line's flags for the training scenes (none for the grammar's own)."""
+    return "" if args.object_fills == "varied" else f" --object-fills {args.object_fills}"
+
+
 def polish_checkpoint(args) -> None:
     """Run phase 5 on a saved checkpoint (the same function a full run ends with)."""
     from safetensors.torch import save_file
@@ -694,8 +699,7 @@ def polish_checkpoint(args) -> None:
     report["reproduce"] += (
         f" && python scripts/train_demo_model.py --seed {args.seed} --scenes {args.scenes} "
         f"--val-scenes {args.val_scenes} --polish-from {DEMO_MODEL_DIR.relative_to(REPO)} "
-        f"--polish-steps {args.polish_steps}"
-        + ("" if args.object_fills == "varied" else f" --object-fills {args.object_fills}"))
+        f"--polish-steps {args.polish_steps}" + scene_flags(args))
     report["checkpoint_bytes"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     (path / "train_report.json").write_text(json.dumps(report, indent=2))
 
@@ -809,7 +813,7 @@ def main(argv=None):
         f"--vq-full-steps {report['vq']['steps']['full']} --lm-steps {report['lm']['steps']} "
         f"--lm-object-weight {args.lm_object_weight:g} "
         f"--polish-steps {args.polish_steps}"
-        + ("" if args.object_fills == "varied" else f" --object-fills {args.object_fills}")
+        + scene_flags(args)
         + ("" if args.compile else " --no-compile")
     )
     report["checkpoint_bytes"] = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())

@@ -95,6 +95,7 @@ def test_flat_object_fills_shade_each_object_evenly_and_keep_the_captions():
     assert any(o.fill != "flat" for s in varied for o in s.objects)
     n = sc.IMAGE_SIZE * sc.SUPERSAMPLE
     x, y = sc._grid(n)
+
     def pixels(obj):  # [IMAGE_SIZE, IMAGE_SIZE, 2x2 supersampled pixels] inside obj
         mask = sc._shape_mask(obj, x, y)
         return mask.reshape(sc.IMAGE_SIZE, sc.SUPERSAMPLE, sc.IMAGE_SIZE, sc.SUPERSAMPLE)
