@@ -20,7 +20,7 @@ whichever comes first; the counts actually run are written to the report):
    images' finite differences), commitment 0.25.
 3. Encode every scene to a 16x16 code grid.
 4. The language model: ChameleonConfig (Lumina-mGPT's
-   ChameleonXLLMXForConditionalGeneration), width 256, 6 layers. A sequence
+   ChameleonXLLMXForConditionalGeneration), 6 layers. A sequence
    is the tokenized Lumina prompt "Generate an image of 64x64 according to
    the following prompt:\\n{caption}<reserved08706>", the image header
    (image start, height, width tokens), 16 rows of 16 codes each closed by
@@ -34,7 +34,10 @@ whichever comes first; the counts actually run are written to the report):
    per-position softmax (--lm-object-weight): they carry what the caption
    says, and the shipped run with the weight matched captions better than
    the one without (benchmarks/RESULTS.md).
-   Constant learning rate after warm-up; the saved weights are an
+   Width 256 by default (--lm-width, heads of 64 channels, MLP 3x the
+   width). Constant learning rate after warm-up, or a linear decay to 0 at
+   the step the clock allows (--lm-lr-decay, estimated from the measured step
+   rate) or at --lm-decay-steps; the saved weights are an
    exponential moving average, so a run cut short by the budget is the run
    with that step count.
 
@@ -103,6 +106,12 @@ PROMPT_WORDS = ["Generate", "an", "image", "of", f"{sc.IMAGE_SIZE}x{sc.IMAGE_SIZ
                 "to", "the", "following", "prompt:"]
 UNCOND_PROB = 0.1
 FULL_SOFTMAX_POSITIONS = 32
+# --lm-lr-decay without --lm-decay-steps: the step rate is measured between
+# these steps (after compilation) and the schedule ends at this share of the
+# time left (evaluations take the rest).
+RATE_FROM_STEP = 25
+ESTIMATE_AT_STEP = 125
+ESTIMATE_MARGIN = 0.95
 
 
 def vq_config():
@@ -116,10 +125,12 @@ def vq_config():
     )
 
 
-def lm_config_kwargs(vocab_map: dict[str, int]) -> dict:
+def lm_config_kwargs(vocab_map: dict[str, int], width: int = 256) -> dict:
+    # Heads of 64 channels whatever the width (vLLM's CPU attention has kernels for it).
+    heads = width // 64
     return dict(
-        vocab_size=VOCAB_SIZE, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        vocab_size=VOCAB_SIZE, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=6,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512,
         rms_norm_eps=1e-5, vocabulary_map=vocab_map, tie_word_embeddings=False,
         vq_config=vq_config().to_dict(), bos_token_id=1, eos_token_id=2, pad_token_id=3,
     )
@@ -478,13 +489,21 @@ def make_batch(seqs, length: int, gen: torch.Generator, image_weights=None):
     return ids, targets, sample, weights
 
 
+def learning_rate(step: int, peak: float, warmup: int, decay_steps: int | None) -> float:
+    """Linear warm-up to the peak, then constant, or linear to 0 at decay_steps."""
+    lr = peak * min(1.0, (step + 1) / warmup)
+    if decay_steps is not None and step >= warmup:
+        lr *= max(0.0, (decay_steps - step) / max(1, decay_steps - warmup))
+    return lr
+
+
 def train_lm(args, tokenizer, train_caps, train_codes, train_cells, val_caps, val_codes, clock,
              report, enc):
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
     torch.manual_seed(args.seed + 7)
     gen = torch.Generator().manual_seed(args.seed + 7)
-    config = ChameleonConfig(**lm_config_kwargs(vocabulary()))
+    config = ChameleonConfig(**lm_config_kwargs(vocabulary(), args.lm_width))
     model = ChameleonForConditionalGeneration(config).float()
     body, head = model.model, model.lm_head
     for p in body.vqmodel.parameters():
@@ -570,7 +589,9 @@ def train_lm(args, tokenizer, train_caps, train_codes, train_cells, val_caps, va
     step = 0
     order = torch.randperm(n, generator=gen)
     cursor = 0
-    while step < args.lm_steps and time.monotonic() < deadline:
+    decay_steps = args.lm_decay_steps
+    while (step < args.lm_steps and time.monotonic() < deadline
+           and (decay_steps is None or step < decay_steps)):
         if cursor + args.lm_batch > n:
             order, cursor = torch.randperm(n, generator=gen), 0
         picks = order[cursor:cursor + args.lm_batch].tolist()
@@ -578,7 +599,15 @@ def train_lm(args, tokenizer, train_caps, train_codes, train_cells, val_caps, va
         drop = torch.rand(len(picks), generator=gen) < UNCOND_PROB
         seqs = [uncond[i] if d else cond[i] for i, d in zip(picks, drop.tolist())]
         ids, targets, sample, weights = make_batch(seqs, length, gen, weights_by_scene[picks])
-        lr = args.lm_lr * min(1.0, (step + 1) / args.lm_warmup)
+        if step == RATE_FROM_STEP:
+            t_rate = time.monotonic()
+        if args.lm_lr_decay and decay_steps is None and step == ESTIMATE_AT_STEP:
+            # The clock decides how many steps fit; from here on the schedule is
+            # a number (the reproduce line pins it), not a time.
+            rate = (time.monotonic() - t_rate) / (step - RATE_FROM_STEP)
+            decay_steps = step + int(ESTIMATE_MARGIN * (deadline - time.monotonic()) / rate)
+            log(f"lm: learning rate decays to 0 at step {decay_steps}")
+        lr = learning_rate(step, args.lm_lr, args.lm_warmup, decay_steps)
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()
@@ -617,7 +646,8 @@ def train_lm(args, tokenizer, train_caps, train_codes, train_cells, val_caps, va
     val_uncond = evaluate(vuncond)
     log(f"lm: val loss conditional {val_cond:.4f}, unconditional {val_uncond:.4f}")
     report["lm"] = dict(
-        steps=step, batch=args.lm_batch, seconds=round(train_s), sequence_length=length,
+        steps=step, decay_steps=decay_steps, width=args.lm_width, batch=args.lm_batch,
+        seconds=round(train_s), sequence_length=length,
         train_scenes=n, sequences_seen=step * args.lm_batch,
         params_without_vq=sum(p.numel() for p in params), history=history,
         val_loss_conditional=round(val_cond, 4), val_loss_unconditional=round(val_uncond, 4),
@@ -678,6 +708,14 @@ def training_scenes(args, seed: int, count: int) -> list[sc.Scene]:
 def scene_flags(args) -> str:
     """The reproduce line's flags for the training scenes (none for the grammar's own)."""
     return "" if args.object_fills == "varied" else f" --object-fills {args.object_fills}"
+
+
+def lm_flags(args, lm_report: dict) -> str:
+    """The language model's shape and schedule flags for the reproduce line ('' for defaults)."""
+    flags = f"--lm-width {args.lm_width} " if args.lm_width != 256 else ""
+    if lm_report["decay_steps"] is not None:
+        flags += f"--lm-decay-steps {lm_report['decay_steps']} "
+    return flags
 
 
 def polish_checkpoint(args) -> None:
@@ -751,6 +789,13 @@ def main(argv=None):
     ap.add_argument("--lm-lr", type=float, default=1.5e-3)
     ap.add_argument("--lm-warmup", type=int, default=100)
     ap.add_argument("--lm-ema", type=float, default=0.995)
+    ap.add_argument("--lm-width", type=int, default=256,
+                    help="the language model's hidden size (a multiple of 64; 6 layers, MLP 3x)")
+    ap.add_argument("--lm-lr-decay", action="store_true",
+                    help="after warm-up, decay the learning rate linearly to 0 at the step "
+                         "the clock allows (estimated from the step rate; default: constant)")
+    ap.add_argument("--lm-decay-steps", type=int, default=None,
+                    help="decay linearly to 0 at this step instead (the reproduce line's form)")
     ap.add_argument("--lm-object-weight", type=float, default=4.0,
                     help="loss weight of image tokens in cells holding an object (1 = uniform)")
     ap.add_argument("--object-fills", choices=("varied", "flat"), default="varied",
@@ -768,6 +813,10 @@ def main(argv=None):
                          "compiled cold every run); --no-compile runs it eagerly")
     ap.add_argument("--stop-after-vq", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.lm_width % 64:
+        ap.error(f"--lm-width {args.lm_width} is not a multiple of 64")
+    if args.lm_lr_decay and args.lm_decay_steps is None and args.budget_min <= 0:
+        ap.error("--lm-lr-decay without a clock (--budget-min 0) needs --lm-decay-steps")
 
     torch.set_num_threads(2)
     if args.polish_from:
@@ -812,6 +861,7 @@ def main(argv=None):
         f"--vq-crop-steps {report['vq']['steps']['crops']} "
         f"--vq-full-steps {report['vq']['steps']['full']} --lm-steps {report['lm']['steps']} "
         f"--lm-object-weight {args.lm_object_weight:g} "
+        + lm_flags(args, report["lm"]) +
         f"--polish-steps {args.polish_steps}"
         + scene_flags(args)
         + ("" if args.compile else " --no-compile")

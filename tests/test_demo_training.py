@@ -109,3 +109,30 @@ def test_flat_object_fills_shade_each_object_evenly_and_keep_the_captions():
                 inside &= ~pixels(other).any(axis=(1, 3))
             colours = np.unique(image[inside].reshape(-1, 3), axis=0)
             assert len(colours) == 1, (scene.caption, len(colours))
+
+
+def test_learning_rate_warms_up_then_stays_or_decays_to_zero():
+    t = _training_script()
+    peak, warmup = 1e-3, 10
+    assert t.learning_rate(0, peak, warmup, None) == peak / warmup
+    assert t.learning_rate(9, peak, warmup, None) == peak
+    assert t.learning_rate(500, peak, warmup, None) == peak
+    assert t.learning_rate(10, peak, warmup, 110) == peak
+    assert abs(t.learning_rate(60, peak, warmup, 110) - peak / 2) < 1e-12
+    assert t.learning_rate(110, peak, warmup, 110) == 0.0
+
+
+def test_width_and_decay_reach_the_config_the_report_and_the_reproduce_line(tmp_path):
+    """--lm-width 128 gives 2 heads of 64; --lm-decay-steps ends the phase there
+    (before --lm-steps) and the reproduce line names both."""
+    import json
+
+    out = tmp_path / "narrow"
+    train(out, 3, "--no-compile", "--lm-width", "128", "--lm-warmup", "1",
+          "--lm-decay-steps", "2")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["hidden_size"], config["num_attention_heads"],
+            config["intermediate_size"]) == (128, 2, 384)
+    report = json.loads((out / "train_report.json").read_text())
+    assert (report["lm"]["steps"], report["lm"]["decay_steps"]) == (2, 2)
+    assert " --lm-width 128 --lm-decay-steps 2 " in report["reproduce"]
