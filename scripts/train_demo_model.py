@@ -126,7 +126,7 @@ def vq_config():
 
 
 def lm_config_kwargs(vocab_map: dict[str, int], width: int = 256) -> dict:
-    # Heads of 64 channels whatever the width (vLLM's CPU attention has kernels for it).
+    # Heads of 64 channels at every width: the head size the shipped model is served with.
     heads = width // 64
     return dict(
         vocab_size=VOCAB_SIZE, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=6,
