@@ -106,6 +106,7 @@ PROMPT_WORDS = ["Generate", "an", "image", "of", f"{sc.IMAGE_SIZE}x{sc.IMAGE_SIZ
                 "to", "the", "following", "prompt:"]
 UNCOND_PROB = 0.1
 FULL_SOFTMAX_POSITIONS = 32
+DEFAULT_LM_WIDTH = 256  # the shipped model's; the reproduce line names any other
 # --lm-lr-decay without --lm-decay-steps: the step rate is measured between
 # these steps (after compilation) and the schedule ends at this share of the
 # time left (evaluations take the rest).
@@ -125,7 +126,7 @@ def vq_config():
     )
 
 
-def lm_config_kwargs(vocab_map: dict[str, int], width: int = 256) -> dict:
+def lm_config_kwargs(vocab_map: dict[str, int], width: int) -> dict:
     # Heads of 64 channels at every width: the head size the shipped model is served with.
     heads = width // 64
     return dict(
@@ -712,9 +713,9 @@ def scene_flags(args) -> str:
 
 def lm_flags(args, lm_report: dict) -> str:
     """The language model's shape and schedule flags for the reproduce line ('' for defaults)."""
-    flags = f"--lm-width {args.lm_width} " if args.lm_width != 256 else ""
+    flags = f" --lm-width {args.lm_width}" if args.lm_width != DEFAULT_LM_WIDTH else ""
     if lm_report["decay_steps"] is not None:
-        flags += f"--lm-decay-steps {lm_report['decay_steps']} "
+        flags += f" --lm-decay-steps {lm_report['decay_steps']}"
     return flags
 
 
@@ -789,7 +790,7 @@ def main(argv=None):
     ap.add_argument("--lm-lr", type=float, default=1.5e-3)
     ap.add_argument("--lm-warmup", type=int, default=100)
     ap.add_argument("--lm-ema", type=float, default=0.995)
-    ap.add_argument("--lm-width", type=int, default=256,
+    ap.add_argument("--lm-width", type=int, default=DEFAULT_LM_WIDTH,
                     help="the language model's hidden size (a multiple of 64; 6 layers, MLP 3x)")
     ap.add_argument("--lm-lr-decay", action="store_true",
                     help="after warm-up, decay the learning rate linearly to 0 at the step "
@@ -860,9 +861,9 @@ def main(argv=None):
         f"--vq-warmup-steps {report['vq']['steps']['warmup']} "
         f"--vq-crop-steps {report['vq']['steps']['crops']} "
         f"--vq-full-steps {report['vq']['steps']['full']} --lm-steps {report['lm']['steps']} "
-        f"--lm-object-weight {args.lm_object_weight:g} "
-        + lm_flags(args, report["lm"]) +
-        f"--polish-steps {args.polish_steps}"
+        f"--lm-object-weight {args.lm_object_weight:g}"
+        + lm_flags(args, report["lm"])
+        + f" --polish-steps {args.polish_steps}"
         + scene_flags(args)
         + ("" if args.compile else " --no-compile")
     )
