@@ -4,7 +4,7 @@
 # Needs the environment scripts/install-cpu.sh builds (.venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-prompt=${1:-"a large yellow circle in the center on a black background"}
+prompt=${1:-"a large blue square in the center on a white background"}
 output=${2:-demo.png}
 port=${PORT:-8000}
 log=${LOG:-demo-server.log}

@@ -33,7 +33,14 @@ whichever comes first; the counts actually run are written to the report):
    coloured pixel; about 13% of cells) weigh 4 times the others in the
    per-position softmax (--lm-object-weight): they carry what the caption
    says, and the shipped run with the weight matched captions better than
-   the one without (benchmarks/RESULTS.md).
+   the one without (benchmarks/RESULTS.md). A linear probe, used in training
+   only and not saved, reads from every position that predicts a code the
+   shape and colour of the object covering that cell (in sequences with a
+   caption) and the cell's row and column (--lm-aux-weight 0.5 on its
+   loss): without it the image positions never read the caption's shape
+   word (benchmarks/caption_discrimination.py) and the shapes came out at
+   chance; with it they follow the caption (benchmarks/RESULTS.md, "The
+   auxiliary probe").
    Width 256 by default (--lm-width, heads of 64 channels, MLP 3x the
    width). Constant learning rate after warm-up, or a linear decay to 0 at
    the step the clock allows (--lm-lr-decay, estimated from the measured step
@@ -470,6 +477,43 @@ def image_token_weights(cells: np.ndarray, object_weight: float) -> np.ndarray:
     return in_image_token_order(np.where(cells, object_weight, 1.0).astype(np.float32), 1.0, 1.0)
 
 
+# --lm-aux-weight: classes of the auxiliary probe, read at every position that
+# predicts a code, for the cell it predicts. Shape and colour of the object
+# that covers the cell teach the image positions to read the caption's words
+# for that object; row and column teach them where in the 2-D grid they are
+# (the model sees a 1-D stream with end-of-line tokens).
+AUX_CLASSES = {"shape": len(sc.SHAPES), "colour": len(sc.COLOURS), "row": GRID, "column": GRID}
+AUX_MIN_COVER = 0.1  # share of a cell an object must cover to name its shape and colour
+
+
+def auxiliary_labels(scenes) -> np.ndarray:
+    """[N, len(AUX_CLASSES), image tokens] class ids in image-token order; -100
+    where there is none (end-of-line, end of image; shape and colour of cells no
+    object covers)."""
+    rows, columns = np.meshgrid(np.arange(GRID), np.arange(GRID), indexing="ij")
+    colours = list(sc.COLOURS)
+    labels = []
+    for scene in scenes:
+        cover = sc.object_coverage(scene, GRID)  # [objects, GRID, GRID]
+        owner, covered = cover.argmax(0), cover.max(0) >= AUX_MIN_COVER
+        shape = np.array([sc.SHAPES.index(o.shape) for o in scene.objects])[owner]
+        colour = np.array([colours.index(o.colour) for o in scene.objects])[owner]
+        cells = np.stack([np.where(covered, shape, -100), np.where(covered, colour, -100),
+                          rows, columns])
+        labels.append(in_image_token_order(cells, -100, -100))
+    return np.stack(labels).astype(np.int64)
+
+
+def auxiliary_batch(seqs, length: int, labels: np.ndarray) -> torch.Tensor:
+    """[B, len(AUX_CLASSES), T-1] labels aligned with make_batch's targets."""
+    aux = torch.full((len(seqs), labels.shape[1], length - 1), -100, dtype=torch.long)
+    image_tokens = labels.shape[2]
+    for r, s in enumerate(seqs):
+        first = len(s) - image_tokens
+        aux[r, :, first - 1:len(s) - 1] = torch.from_numpy(labels[r])
+    return aux
+
+
 def make_batch(seqs, length: int, gen: torch.Generator, image_weights=None):
     """Right-padded ids [B, T], targets [B, T-1] (-100 outside the image part),
     FULL_SOFTMAX_POSITIONS sampled target positions per row, and per-target loss
@@ -499,7 +543,7 @@ def learning_rate(step: int, peak: float, warmup: int, decay_steps: int | None) 
 
 
 def train_lm(args, tokenizer, train_caps, train_codes, train_cells, val_caps, val_codes, clock,
-             report, enc):
+             report, enc, train_aux=None):
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
     torch.manual_seed(args.seed + 7)
@@ -515,6 +559,12 @@ def train_lm(args, tokenizer, train_caps, train_codes, train_cells, val_caps, va
         if "vqmodel" in n:
             continue
         (no_decay if p.dim() < 2 or "norm" in n else decay).append(p)
+    aux_head = None
+    if args.lm_aux_weight > 0:  # a training-time probe; not part of the saved model
+        aux_head = torch.nn.Linear(args.lm_width, sum(AUX_CLASSES.values()))
+        params += list(aux_head.parameters())
+        decay.append(aux_head.weight)
+        no_decay.append(aux_head.bias)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lm_lr, betas=(0.9, 0.95))
@@ -531,7 +581,7 @@ def train_lm(args, tokenizer, train_caps, train_codes, train_cells, val_caps, va
     weights_by_scene = image_token_weights(train_cells, args.lm_object_weight)
     uniform = args.lm_object_weight == 1.0
 
-    def losses(ids, targets, sample, weights):
+    def losses(ids, targets, sample, weights, aux_labels=None):
         h = body(input_ids=ids).last_hidden_state[:, :-1]  # [B, T-1, H]
         act = F.linear(h, head.weight[active])  # [B, T-1, A]
         t_act = to_active[targets.clamp(min=0)].masked_fill(targets < 0, -100)
@@ -548,7 +598,14 @@ def train_lm(args, tokenizer, train_caps, train_codes, train_cells, val_caps, va
         full = head(hs).float()  # [B, S, V]
         ts = torch.gather(targets, 1, sample)
         ce_full = F.cross_entropy(full.reshape(-1, full.shape[-1]), ts.reshape(-1))
-        return ce_act, ce_plain, ce_full
+        ce_aux = torch.zeros((), device=h.device)
+        if aux_labels is not None:
+            parts = aux_head(h).float().split(list(AUX_CLASSES.values()), dim=-1)
+            for k, part in enumerate(parts):  # a mean per class group, summed
+                labels = aux_labels[:, k].reshape(-1)
+                total = F.cross_entropy(part.reshape(-1, part.shape[-1]), labels, reduction="sum")
+                ce_aux = ce_aux + total / (labels >= 0).sum().clamp(min=1)
+        return ce_act, ce_plain, ce_full, ce_aux
 
     if args.compile:
         # Bit-reproducible compiled training (see the module docstring).
@@ -600,6 +657,11 @@ def train_lm(args, tokenizer, train_caps, train_codes, train_cells, val_caps, va
         drop = torch.rand(len(picks), generator=gen) < UNCOND_PROB
         seqs = [uncond[i] if d else cond[i] for i, d in zip(picks, drop.tolist())]
         ids, targets, sample, weights = make_batch(seqs, length, gen, weights_by_scene[picks])
+        aux = None
+        if aux_head is not None:
+            labels = train_aux[picks].copy()
+            labels[drop.numpy(), :2] = -100  # no caption: nothing names the object
+            aux = auxiliary_batch(seqs, length, labels)
         if step == RATE_FROM_STEP:
             t_rate = time.monotonic()
         if args.lm_lr_decay and decay_steps is None and step == ESTIMATE_AT_STEP:
@@ -612,8 +674,10 @@ def train_lm(args, tokenizer, train_caps, train_codes, train_cells, val_caps, va
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()
-        ce_act, ce_plain, ce_full = step_fn(ids, targets, sample, weights)
+        ce_act, ce_plain, ce_full, ce_aux = step_fn(ids, targets, sample, weights, aux)
         loss = ce_act + ce_full
+        if aux_head is not None:
+            loss = loss + args.lm_aux_weight * ce_aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -628,9 +692,11 @@ def train_lm(args, tokenizer, train_caps, train_codes, train_cells, val_caps, va
             rate = (time.monotonic() - t0) / step
             history.append(dict(step=step, loss_active=round(ce_plain.item(), 4),
                                 loss_active_weighted=round(ce_act.item(), 4),
-                                loss_full_sampled=round(ce_full.item(), 4), lr=lr))
+                                loss_full_sampled=round(ce_full.item(), 4), lr=lr)
+                           | ({"loss_aux": round(ce_aux.item(), 4)} if aux_head is not None else {}))
             log(f"lm step {step} loss(active) {ce_plain.item():.4f} weighted {ce_act.item():.4f} "
                 f"loss(full, sampled) {ce_full.item():.4f} "
+                + (f"aux {ce_aux.item():.4f} " if aux_head is not None else "") +
                 f"({rate:.2f} s/step, {clock.elapsed() / 60:.1f} min)")
         if step % args.lm_eval_every == 0:
             v = evaluate(vcond[:128], ema)
@@ -648,6 +714,7 @@ def train_lm(args, tokenizer, train_caps, train_codes, train_cells, val_caps, va
     log(f"lm: val loss conditional {val_cond:.4f}, unconditional {val_uncond:.4f}")
     report["lm"] = dict(
         steps=step, decay_steps=decay_steps, width=args.lm_width, batch=args.lm_batch,
+        aux_weight=args.lm_aux_weight,
         seconds=round(train_s), sequence_length=length,
         train_scenes=n, sequences_seen=step * args.lm_batch,
         params_without_vq=sum(p.numel() for p in params), history=history,
@@ -716,6 +783,8 @@ def lm_flags(args, lm_report: dict) -> str:
     flags = f" --lm-width {args.lm_width}" if args.lm_width != DEFAULT_LM_WIDTH else ""
     if lm_report["decay_steps"] is not None:
         flags += f" --lm-decay-steps {lm_report['decay_steps']}"
+    if args.lm_aux_weight:
+        flags += f" --lm-aux-weight {args.lm_aux_weight:g}"
     return flags
 
 
@@ -799,6 +868,9 @@ def main(argv=None):
                     help="decay linearly to 0 at this step instead (the reproduce line's form)")
     ap.add_argument("--lm-object-weight", type=float, default=4.0,
                     help="loss weight of image tokens in cells holding an object (1 = uniform)")
+    ap.add_argument("--lm-aux-weight", type=float, default=0.5,
+                    help="weight of the auxiliary probe loss (shape, colour, row, column of the "
+                         "cell each position predicts); 0 turns it off")
     ap.add_argument("--object-fills", choices=("varied", "flat"), default="varied",
                     help="objects' shading in the training scenes: the grammar's random "
                          "fills (flat, gradient, radial) or flat only")
@@ -850,7 +922,8 @@ def main(argv=None):
     tok_dir = args.out.with_name(args.out.name + ".tokenizer")
     tokenizer = save_tokenizer(tok_dir)
     model = train_lm(args, tokenizer, [s.caption for s in train_scenes], codes, object_cells(images),
-                     [s.caption for s in val_scenes], val_codes, clock, report, enc)
+                     [s.caption for s in val_scenes], val_codes, clock, report, enc,
+                     auxiliary_labels(train_scenes) if args.lm_aux_weight > 0 else None)
     polish_decoder(args, enc, dec, images, codes, val_images, report)
     save_model(model, dec, tok_dir, args.out)
     shutil.rmtree(tok_dir)

@@ -45,21 +45,13 @@ def _training_script():
 def test_object_cells_are_the_cells_the_shapes_cover():
     """The object-weighted loss's cells: every cell mostly inside a shape is one,
     and no cell without any shape pixel is."""
-    import numpy as np
-
     from vllm_sjd.demo import scenes as sc
 
     t = _training_script()
     scenes = sc.sample_dataset(5, 24)
     cells = t.object_cells(t.render_all(scenes, workers=1))
-    n = sc.IMAGE_SIZE * sc.SUPERSAMPLE
-    x, y = sc._grid(n)
-    per_cell = n // t.GRID
     for scene, marked in zip(scenes, cells):
-        inside = np.zeros((n, n), bool)
-        for obj in scene.objects:
-            inside |= sc._shape_mask(obj, x, y)
-        cover = inside.reshape(t.GRID, per_cell, t.GRID, per_cell).mean(axis=(1, 3))
+        cover = sc.object_coverage(scene, t.GRID).sum(axis=0)  # objects never overlap
         assert marked[cover >= 0.5].all(), scene.caption
         assert not marked[cover == 0].any(), scene.caption
         assert marked.any()
@@ -120,6 +112,33 @@ def test_learning_rate_warms_up_then_stays_or_decays_to_zero():
     assert t.learning_rate(10, peak, warmup, 110) == peak
     assert abs(t.learning_rate(60, peak, warmup, 110) - peak / 2) < 1e-12
     assert t.learning_rate(110, peak, warmup, 110) == 0.0
+
+
+def test_auxiliary_labels_name_each_objects_cells_and_every_cells_place():
+    """The probe's labels in image-token order: row and column at every code,
+    nothing at end-of-line or end of image; each object's centre cell carries
+    its shape and colour, and cells without a coloured pixel carry none."""
+    import numpy as np
+
+    from vllm_sjd.demo import scenes as sc
+
+    t = _training_script()
+    scenes = sc.sample_dataset(6, 24)
+    labels = t.auxiliary_labels(scenes)
+    cells = t.object_cells(t.render_all(scenes, workers=1))
+    code_at = np.arange(t.GRID * (t.GRID + 1)).reshape(t.GRID, t.GRID + 1)[:, :t.GRID]
+    assert labels.shape == (24, len(t.AUX_CLASSES), len(t.image_ids(np.zeros((16, 16)))))
+    not_codes = np.setdiff1d(np.arange(labels.shape[2]), code_at)
+    assert (labels[:, :, not_codes] == -100).all()
+    rows, columns = np.meshgrid(np.arange(t.GRID), np.arange(t.GRID), indexing="ij")
+    assert (labels[:, 2, code_at] == rows).all() and (labels[:, 3, code_at] == columns).all()
+    for scene, scene_labels, marked in zip(scenes, labels, cells):
+        shape, colour = scene_labels[0, code_at], scene_labels[1, code_at]
+        for obj in scene.objects:
+            r, c = int(obj.cy / sc.CANVAS * t.GRID), int(obj.cx / sc.CANVAS * t.GRID)
+            assert sc.SHAPES[shape[r, c]] == obj.shape, scene.caption
+            assert list(sc.COLOURS)[colour[r, c]] == obj.colour, scene.caption
+        assert (shape[~marked] == -100).all() and (colour[~marked] == -100).all()
 
 
 def test_width_and_decay_reach_the_config_the_report_and_the_reproduce_line(tmp_path):

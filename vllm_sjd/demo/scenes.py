@@ -234,6 +234,16 @@ def render(scene: Scene) -> np.ndarray:
     return (image * 255.0 + 0.5).astype(np.uint8)
 
 
+def object_coverage(scene: Scene, cells: int) -> np.ndarray:
+    """[objects, cells, cells]: the share of each cell of a cells x cells grid
+    that each object covers, measured at the renderer's supersampled resolution."""
+    n = IMAGE_SIZE * SUPERSAMPLE
+    x, y = _grid(n)
+    step = n // cells
+    masks = np.stack([_shape_mask(obj, x, y) for obj in scene.objects]).astype(np.float32)
+    return masks.reshape(len(scene.objects), cells, step, cells, step).mean(axis=(2, 4))
+
+
 def scene_image(scene: Scene):
     """The scene as a PIL image."""
     from PIL import Image
