@@ -141,17 +141,26 @@ def test_auxiliary_labels_name_each_objects_cells_and_every_cells_place():
         assert (shape[~marked] == -100).all() and (colour[~marked] == -100).all()
 
 
-def test_width_and_decay_reach_the_config_the_report_and_the_reproduce_line(tmp_path):
+def test_width_decay_and_probe_reach_the_config_the_report_and_the_reproduce_line(tmp_path):
     """--lm-width 128 gives 2 heads of 64; --lm-decay-steps ends the phase there
-    (before --lm-steps) and the reproduce line names both."""
+    (before --lm-steps); the probe's weight reaches the report and its loss the
+    history, its weights stay out of the checkpoint; the reproduce line names all three."""
     import json
+
+    from safetensors import safe_open
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
     out = tmp_path / "narrow"
     train(out, 3, "--no-compile", "--lm-width", "128", "--lm-warmup", "1",
-          "--lm-decay-steps", "2")
+          "--lm-decay-steps", "2", "--lm-aux-weight", "0.25")
     config = json.loads((out / "config.json").read_text())
     assert (config["hidden_size"], config["num_attention_heads"],
             config["intermediate_size"]) == (128, 2, 384)
     report = json.loads((out / "train_report.json").read_text())
     assert (report["lm"]["steps"], report["lm"]["decay_steps"]) == (2, 2)
-    assert " --lm-width 128 --lm-decay-steps 2 " in report["reproduce"]
+    assert " --lm-width 128 --lm-decay-steps 2 --lm-aux-weight 0.25 " in report["reproduce"]
+    assert report["lm"]["aux_weight"] == 0.25
+    assert all("loss_aux" in h for h in report["lm"]["history"] if "loss_active" in h)
+    model = ChameleonForConditionalGeneration(ChameleonConfig(**config))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(model.state_dict())
