@@ -27,15 +27,15 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from demo_quality import captions_for, to_model_input, vq_codes  # noqa: E402
 from vllm_sjd import demo  # noqa: E402
 from vllm_sjd.demo import scenes as sc  # noqa: E402
 
 SIZE = sc.IMAGE_SIZE
-CAPTION_SEED = 1000  # demo_quality.py's captions
 
 
 def changed_captions(scene: sc.Scene) -> dict[str, list[str]]:
@@ -56,24 +56,12 @@ def changed_captions(scene: sc.Scene) -> dict[str, list[str]]:
     }
 
 
-@torch.no_grad()
-def encode(encoder, image: np.ndarray) -> np.ndarray:
-    """[H, W, 3] uint8 -> [rows, cols] codebook indices."""
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(127.5).sub(1)
-    z = encoder.quant_conv(encoder.encoder(x))
-    _, _, idx = encoder.quantize(z)
-    return idx.view(z.shape[2], z.shape[3]).numpy()
-
-
-def image_token_ids(codes: np.ndarray, grid, model_path) -> list[int]:
-    """Codebook indices in raster order, with the grid's forced tokens
-    (end-of-line, end of image) where the layout puts them."""
-    to_codebook = demo.to_codebook(model_path)
-    ids = to_codebook.image_token_ids
-    id_of_code = ids[to_codebook(ids).argsort()]
+def image_token_ids(codes: torch.Tensor, grid, to_codebook) -> list[int]:
+    """[rows, cols] codebook indices -> image-token ids in raster order, with the
+    grid's forced tokens (end-of-line, end of image) where the layout puts them."""
     forced, _, _ = grid.constraints(torch.arange(grid.num_tokens))
-    flat = iter(codes.reshape(-1).tolist())
-    return [int(f) if f >= 0 else int(id_of_code[next(flat)]) for f in forced.tolist()]
+    forced[forced < 0] = to_codebook.to_bpe(codes.reshape(-1))
+    return forced.tolist()
 
 
 @torch.no_grad()
@@ -109,8 +97,10 @@ def main():
     read: dict[str, list[bool]] = {}
     margins: dict[str, list[float]] = {}
     chance: dict[str, list[float]] = {}
-    for scene in sc.sample_dataset(CAPTION_SEED, args.n):
-        image_ids = image_token_ids(encode(encoder, sc.render(scene)), grid, args.model)
+    to_codebook = demo.to_codebook(args.model)
+    for scene in captions_for(args.n):
+        codes = vq_codes(encoder, to_model_input([sc.render(scene)]))[0]
+        image_ids = image_token_ids(codes, grid, to_codebook)
         true = score(scene.caption, image_ids)
         for attr, captions in changed_captions(scene).items():
             best_other = max(score(c, image_ids) for c in captions)

@@ -55,19 +55,26 @@ def captions_for(n: int, seed: int = 1000) -> list[sc.Scene]:
     return sc.sample_dataset(seed, n)
 
 
+def to_model_input(images) -> torch.Tensor:
+    """[N, H, W, 3] uint8 -> [N, 3, H, W] float in [-1, 1]."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+@torch.no_grad()
+def vq_codes(encoder, x: torch.Tensor) -> torch.Tensor:
+    """The VQ encoder's codebook indices, [N, rows, cols], for images from to_model_input."""
+    z = encoder.quant_conv(encoder.encoder(x))
+    _, _, idx = encoder.quantize(z)
+    return idx.view(z.shape[0], z.shape[2], z.shape[3])
+
+
 def ground_truth(scenes, model_path) -> dict:
     images = [sc.render(s) for s in scenes]
     truth = scorer.summarise([scorer.score(s.caption, im) for s, im in zip(scenes, images)])
     enc, dec = demo.load_encoder(model_path), demo.load_decoder(model_path)
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    recon = []
+    x = to_model_input(images)
     with torch.no_grad():
-        for i in range(0, len(x), 32):
-            z = enc.quant_conv(enc.encoder(x[i:i + 32]))
-            _, _, idx = enc.quantize(z)
-            idx = idx.view(z.shape[0], z.shape[2], z.shape[3])
-            recon.append(dec.decode(idx))
-    recon = torch.cat(recon)
+        recon = torch.cat([dec.decode(vq_codes(enc, x[i:i + 32])) for i in range(0, len(x), 32)])
     mse = (((recon + 1) * 127.5).round() - ((x + 1) * 127.5).round()).pow(2).mean().item()
     pil = dec.to_pil(recon)
     vq = scorer.summarise([scorer.score(s.caption, im) for s, im in zip(scenes, pil)])

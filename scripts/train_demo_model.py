@@ -105,6 +105,7 @@ from vllm_sjd.models import chameleon_layout as cl  # noqa: E402
 # ---- fixed design ---------------------------------------------------------
 DOWNSAMPLE = 4
 GRID = sc.IMAGE_SIZE // DOWNSAMPLE  # 16 codes per side
+IMAGE_TOKENS = GRID * (GRID + 1) + 1  # codes, end-of-line per row, end of image
 NUM_CODES = 512
 EMBED_DIM = 8
 VOCAB_SIZE = 8960
@@ -483,6 +484,7 @@ def image_token_weights(cells: np.ndarray, object_weight: float) -> np.ndarray:
 # for that object; row and column teach them where in the 2-D grid they are
 # (the model sees a 1-D stream with end-of-line tokens).
 AUX_CLASSES = {"shape": len(sc.SHAPES), "colour": len(sc.COLOURS), "row": GRID, "column": GRID}
+AUX_FROM_CAPTION = [list(AUX_CLASSES).index(k) for k in ("shape", "colour")]
 AUX_MIN_COVER = 0.1  # share of a cell an object must cover to name its shape and colour
 
 
@@ -504,13 +506,16 @@ def auxiliary_labels(scenes) -> np.ndarray:
     return np.stack(labels).astype(np.int64)
 
 
+def image_targets(seq) -> slice:
+    """Where a sequence's image tokens sit among the targets [T-1] (shifted by one)."""
+    return slice(len(seq) - IMAGE_TOKENS - 1, len(seq) - 1)
+
+
 def auxiliary_batch(seqs, length: int, labels: np.ndarray) -> torch.Tensor:
     """[B, len(AUX_CLASSES), T-1] labels aligned with make_batch's targets."""
     aux = torch.full((len(seqs), labels.shape[1], length - 1), -100, dtype=torch.long)
-    image_tokens = labels.shape[2]
     for r, s in enumerate(seqs):
-        first = len(s) - image_tokens
-        aux[r, :, first - 1:len(s) - 1] = torch.from_numpy(labels[r])
+        aux[r, :, image_targets(s)] = torch.from_numpy(labels[r])
     return aux
 
 
@@ -522,15 +527,13 @@ def make_batch(seqs, length: int, gen: torch.Generator, image_weights=None):
     ids = torch.full((b, length), 3, dtype=torch.long)
     targets = torch.full((b, length - 1), -100, dtype=torch.long)
     weights = torch.zeros((b, length - 1), dtype=torch.float32)
-    image_tokens = GRID * (GRID + 1) + 1
     sample = torch.empty((b, FULL_SOFTMAX_POSITIONS), dtype=torch.long)
     for r, s in enumerate(seqs):
         ids[r, :len(s)] = torch.tensor(s)
-        first = len(s) - image_tokens  # position of the first image token
-        targets[r, first - 1:len(s) - 1] = ids[r, first:len(s)]
-        weights[r, first - 1:len(s) - 1] = (1.0 if image_weights is None
-                                             else torch.from_numpy(image_weights[r]))
-        sample[r] = first - 1 + torch.randint(image_tokens, (FULL_SOFTMAX_POSITIONS,), generator=gen)
+        span = image_targets(s)
+        targets[r, span] = ids[r, span.start + 1:span.stop + 1]
+        weights[r, span] = 1.0 if image_weights is None else torch.from_numpy(image_weights[r])
+        sample[r] = span.start + torch.randint(IMAGE_TOKENS, (FULL_SOFTMAX_POSITIONS,), generator=gen)
     return ids, targets, sample, weights
 
 
@@ -660,7 +663,7 @@ def train_lm(args, tokenizer, train_caps, train_codes, train_cells, val_caps, va
         aux = None
         if aux_head is not None:
             labels = train_aux[picks].copy()
-            labels[drop.numpy(), :2] = -100  # no caption: nothing names the object
+            labels[np.ix_(drop.numpy(), AUX_FROM_CAPTION)] = -100  # no caption to read them from
             aux = auxiliary_batch(seqs, length, labels)
         if step == RATE_FROM_STEP:
             t_rate = time.monotonic()
