@@ -8,7 +8,9 @@ Bug: when a seeded request is mid chunked-prefill, its sampled token is thrown
 away and _bookkeeping_sync rewinds its generator with
 `gen.set_offset(gen.get_offset() - 4)`, a Philox (CUDA) call that CPU
 generators lack: the engine dies (seen with K=16 and 256 seeded requests,
-when spec tokens push prompts into chunks). The wrappers snapshot those
+when spec tokens push prompts into chunks). The SJD runner's held pair
+members are discarded the same way; it marks them before calling _sample,
+so they are covered here too. The wrappers snapshot those
 generators' state before sampling, hide them from the original bookkeeping,
 then restore the snapshot: the same rewind, exact. Retire when vLLM rewinds CPU
 generators itself (check with tests/test_engine_sjd.py::test_seeded_chunked_prefill).

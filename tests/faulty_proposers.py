@@ -28,3 +28,14 @@ class FaultyQProposer(SJDProposer):
             q = q.pow(self.temperature)
             q = (q / q.sum(dim=-1, keepdim=True)).contiguous()
         return drafts, q
+
+
+class CrashingProposer(SJDProposer):
+    """Raises inside the engine for a request seeded CRASH_SEED: an engine that dies mid-image."""
+
+    CRASH_SEED = 666
+
+    def propose_window(self, req_ids, rows, *, seeds, **kwargs):
+        if self.CRASH_SEED in seeds:
+            raise RuntimeError("CrashingProposer: the engine dies here, as the test asked")
+        return super().propose_window(req_ids, rows, seeds=seeds, **kwargs)

@@ -5,7 +5,12 @@ served with SJD; the official `openai` client asks for images.
 """
 
 import base64
+import http.client
 import io
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
 
 import pytest
 import requests
@@ -34,7 +39,9 @@ def server(tmp_path_factory):
         "--override-generation-config", '{"temperature": 0}',
     ]
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    with vllm_server(model, args, log, env={"VLLM_PLUGINS": "sjd,sjd_images"}) as url:
+    # Dev mode: /collective_rpc, to read every worker's SJD state.
+    env = {"VLLM_PLUGINS": "sjd,sjd_images", "VLLM_SERVER_DEV_MODE": "1"}
+    with vllm_server(model, args, log, env=env) as url:
         yield url, log
 
 
@@ -109,10 +116,20 @@ def test_a_request_without_temperature_takes_the_models_default(server):
         ({"prompt": "red " * 600}, "prompt", "exceed the model's context"),
         ({"prompt": PROMPT, "n": "2"}, "n", "valid integer"),
         ({"prompt": 5}, "prompt", "valid string"),
-        ({"prompt": PROMPT, "response_format": "url"}, "response_format", "b64_json"),
+        ({"prompt": PROMPT, "response_format": "url"}, "response_format", "serves no image files"),
+        ({"prompt": PROMPT, "output_format": "gif"}, "output_format", "png, jpeg, webp"),
+        ({"prompt": PROMPT, "output_format": "svg"}, "output_format", "not served"),
+        ({"prompt": PROMPT, "output_compression": 101}, "output_compression", "less than or equal to 100"),
+        ({"prompt": PROMPT, "background": "transparent"}, "background", "no alpha channel"),
+        ({"prompt": PROMPT, "frame_count": 4}, "frame_count", "still images"),
+        ({"prompt": PROMPT, "svg": {"model": "x"}}, "svg", "not SVG"),
+        ({"prompt": PROMPT, "complexity": "low"}, "complexity", "planning"),
+        ({"prompt": PROMPT, "stream": True}, "stream", "not served yet"),
+        ({"prompt": PROMPT, "partial_images": 2}, "partial_images", "streaming"),
+        ({"prompt": PROMPT, "quality": "ultra"}, "quality", "Input should be"),
         ({"prompt": PROMPT, "guidance_scale": 0.5}, "guidance_scale", "greater than or equal to 1"),
         ({"prompt": PROMPT, "model": "dall-e-3"}, "model", "not 'dall-e-3'"),
-        ({"prompt": PROMPT, "style": "vivid"}, "style", "Extra inputs"),
+        ({"prompt": PROMPT, "negative_prompt": "blue"}, "negative_prompt", "Extra inputs"),
         ({}, "prompt", "Field required"),
     ],
 )
@@ -122,6 +139,31 @@ def test_bad_requests_get_400_in_openais_error_shape(server, body, param, words)
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param
     assert words in error["message"]
+
+
+def test_every_field_of_openais_client_is_taken(client):
+    size = (128, 128)
+    pictures = {}
+    for output_format, compression in (("jpeg", 90), ("jpeg", 5), ("webp", 50), ("png", None)):
+        result = client.images.generate(
+            model="tiny-lumina", prompt=PROMPT, n=1, size="auto", response_format="b64_json",
+            output_format=output_format, output_compression=compression, background="opaque",
+            quality="standard", style="natural", moderation="low", user="u-1",
+            safety_identifier="hashed-user", stream=False, extra_body={"seed": 3},
+        )
+        data = base64.b64decode(result.data[0].b64_json)
+        image = Image.open(io.BytesIO(data))
+        assert image.format == output_format.upper() and image.size == size
+        assert result.output_format == output_format and result.size == "128x128"
+        assert result.background == "opaque" and result.quality == "standard"
+        assert result.safety_identifier == "hashed-user"
+        tokens = LAYOUT.grid(*size).num_tokens
+        assert result.usage.output_tokens == tokens == result.usage.output_tokens_details.image_tokens
+        assert result.usage.input_tokens > 0
+        assert result.usage.total_tokens == result.usage.input_tokens + tokens
+        pictures[output_format, compression] = data
+    # The compression level is honoured: the same picture, fewer bytes.
+    assert len(pictures["jpeg", 5]) < len(pictures["jpeg", 90]) / 2
 
 
 def test_malformed_json_gets_400_and_the_server_keeps_serving(server):
@@ -134,3 +176,97 @@ def test_malformed_json_gets_400_and_the_server_keeps_serving(server):
 def test_the_api_key_guards_the_route(server):
     assert post(server, {"prompt": PROMPT}, key=None).status_code == 401
     assert post(server, {"prompt": PROMPT}, key="wrong").status_code == 401
+
+
+def engine_counts(server) -> tuple[float, float]:
+    """(running, waiting) engine requests, twins included, from /metrics."""
+    totals = {"vllm:num_requests_running": 0.0, "vllm:num_requests_waiting": 0.0}
+    for line in requests.get(f"{server[0]}/metrics", timeout=10).text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals["vllm:num_requests_running"], totals["vllm:num_requests_waiting"]
+
+
+def tracked_requests(server) -> list[list[str]]:
+    """Request ids the SJD runner and proposer of every worker hold state for."""
+    response = requests.post(f"{server[0]}/collective_rpc", json={"method": "sjd_tracked_requests"},
+                             headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()["results"]
+
+
+def wait_until_idle(server, timeout: float = 60.0) -> float:
+    """Seconds until the engine runs nothing and no worker holds SJD state."""
+    started = time.monotonic()
+    while engine_counts(server) != (0.0, 0.0) or any(tracked_requests(server)):
+        assert time.monotonic() - started < timeout, (engine_counts(server), tracked_requests(server))
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def send_unread(server, body) -> http.client.HTTPConnection:
+    """Send an image request without reading the answer; closing the connection hangs up."""
+    address = urlparse(server[0])
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+    connection.request("POST", "/v1/images/generations", body=json.dumps(body),
+                       headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    return connection
+
+
+def test_clients_that_hang_up_mid_image_stop_costing_the_engine(server):
+    hung_up_before = server[1].read_text().count("hung up")
+    body = {"prompt": PROMPT, "n": 4, "size": "256x64", "temperature": 1.0}
+    connections = [send_unread(server, body) for _ in range(4)]
+    # Hang up once all 16 images and their 16 twins are in the engine.
+    deadline = time.monotonic() + 30
+    while sum(engine_counts(server)) < 32:
+        assert time.monotonic() < deadline, engine_counts(server)
+        time.sleep(0.05)
+    for connection in connections:
+        connection.close()
+    seconds = wait_until_idle(server)
+    print(f"engine idle {seconds:.2f} s after 4 clients (32 engine requests) hung up")
+    assert seconds < 10
+    assert server[1].read_text().count("hung up") - hung_up_before == 4
+    ok = post(server, {"prompt": PROMPT, "size": "128x128", "guidance_scale": 1})
+    assert ok.status_code == 200 and len(ok.json()["data"]) == 1
+
+
+def test_sixty_four_clients_at_once_some_hanging_up_and_some_malformed(server):
+    sizes = [(128, 128), (160, 96), (96, 160), (256, 64)]
+    bodies = [
+        {"prompt": PROMPT, "size": "{}x{}".format(*sizes[i % 4]), "temperature": 1.0,
+         **({"seed": 1000 + i} if i % 2 == 0 else {})}
+        for i in range(64)
+    ]
+    leaving = set(range(1, 64, 4))  # 16 clients, half of them seeded, hang up mid-image
+    malformed = [{"prompt": PROMPT, "size": "100x100"}, {"prompt": PROMPT, "n": 0},
+                 {"prompt": PROMPT, "frame_count": 3}, {"prompt": PROMPT, "colour": "red"}]
+    hung_up_before = server[1].read_text().count("hung up")
+    with ThreadPoolExecutor(64) as pool:
+        staying = {i: pool.submit(post, server, bodies[i]) for i in range(64) if i not in leaving}
+        connections = [send_unread(server, bodies[i]) for i in sorted(leaving)]
+        refused = [pool.submit(post, server, body) for body in malformed]
+        refused.append(pool.submit(post, server, None, data=b'{"prompt": '))
+        deadline = time.monotonic() + 60
+        while engine_counts(server)[0] < 64:
+            assert time.monotonic() < deadline, engine_counts(server)
+            time.sleep(0.05)
+        for connection in connections:
+            connection.close()
+        answers = {i: future.result() for i, future in staying.items()}
+        refusals = [future.result() for future in refused]
+    for i, response in answers.items():
+        assert response.status_code == 200, response.text
+        png = base64.b64decode(response.json()["data"][0]["b64_json"])
+        assert Image.open(io.BytesIO(png)).size == sizes[i % 4]
+    for response in refusals:
+        assert response.status_code == 400 and response.json()["error"]["message"]
+    wait_until_idle(server)
+    assert server[1].read_text().count("hung up") - hung_up_before == len(leaving)
+    # A seeded image made among 64 is the image it makes alone.
+    seeded = [i for i in answers if "seed" in bodies[i]][:2]
+    for i in seeded:
+        alone = post(server, bodies[i])
+        assert alone.json()["data"][0]["b64_json"] == answers[i].json()["data"][0]["b64_json"]

@@ -1,12 +1,15 @@
 """POST /v1/images/generations for `vllm serve`: OpenAI's Images API on an image model.
 
-Request fields follow OpenAI's `images.generate` (prompt, n, size,
-response_format "b64_json", model, user) plus `seed`, `guidance_scale`,
-`temperature` and `top_k`; absent, the last two come from the model's
-generation config as on vLLM's other routes (temperature 1 and the family's
-top-k where it names none). The response is OpenAI's ImagesResponse with PNGs
-as base64, and per image the request's SJD figures: forward passes (engine
-steps that produced its tokens), tokens and tokens per pass.
+Request fields are those of OpenAI's `images.generate` (the openai client's
+ImageGenerateParams), each either honoured, accepted without effect, or
+refused with a 400 naming it (see `ImageGenerationRequest`), plus our
+extensions `seed`, `guidance_scale`, `temperature` and `top_k`; absent, the
+last two come from the model's generation config as on vLLM's other routes
+(temperature 1 and the family's top-k where it names none). The response is
+OpenAI's ImagesResponse (created, data[].b64_json, output_format, size,
+quality, background, usage) and, per image, the request's SJD figures:
+forward passes (engine steps that produced its tokens), tokens and tokens
+per pass.
 
 The service runs on the API server's EngineClient (public API only): it
 builds the prompt and sampling parameters from the model's image layout,
@@ -44,15 +47,46 @@ class ImageRequestError(ValueError):
         self.param = param
 
 
+# OpenAI fields that ask for what an autoregressive image model cannot do.
+UNSERVED_FIELDS = {
+    "complexity": "this model has no planning stage whose effort could be set",
+    "frame_count": "this model makes still images, not animations",
+    "frame_duration_ms": "this model makes still images, not animations",
+    "svg": "this model makes raster images, not SVG",
+    "partial_images": "partial images need streaming, which this server does not serve yet",
+}
+# Formats Pillow writes for us, and those that take a compression level.
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+COMPRESSED_FORMATS = ("jpeg", "webp")
+
+
 class ImageGenerationRequest(BaseModel):
+    """OpenAI's ImageGenerateParams plus our extensions; any other field is refused."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     model: str | None = None
-    n: int = Field(default=1, ge=1, le=MAX_IMAGES)
+    n: int | None = Field(default=None, ge=1, le=MAX_IMAGES)
     size: str | None = Field(default=None, pattern=r"^(auto|\d+x\d+)$")
-    response_format: Literal["b64_json"] = "b64_json"
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: Literal["png", "jpeg", "webp", "gif", "svg"] | None = None
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    background: Literal["auto", "opaque", "transparent"] | None = None
+    # Accepted without effect here (the README says why).
+    quality: Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"] | None = None
+    style: Literal["vivid", "natural"] | None = None
+    moderation: Literal["low", "auto"] | None = None
     user: str | None = None
+    safety_identifier: str | None = None
+    stream: bool | None = None
+    # Refused unless null (UNSERVED_FIELDS).
+    complexity: str | None = None
+    frame_count: int | None = None
+    frame_duration_ms: int | None = None
+    svg: dict | None = None
+    partial_images: int | None = None
+    # Our extensions.
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     guidance_scale: float | None = Field(default=None, ge=1.0, le=100.0)
     temperature: float | None = Field(default=None, ge=0.0, le=10.0)
@@ -70,9 +104,51 @@ class ImageGenerationRequest(BaseModel):
     def _numbers_may_be_ints(cls, value):
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
+    def refusal(self) -> ImageRequestError | None:
+        """Why this server cannot serve the request as asked, or None."""
+        for name, reason in UNSERVED_FIELDS.items():
+            if getattr(self, name) is not None:
+                return ImageRequestError(f"{name}: {reason}", name)
+        if self.stream:
+            return ImageRequestError(
+                "stream: streamed images are not served yet; leave stream unset or false", "stream"
+            )
+        if self.response_format == "url":
+            return ImageRequestError(
+                "response_format: this server serves no image files; use b64_json", "response_format"
+            )
+        if self.output_format not in (None, *OUTPUT_FORMATS):
+            return ImageRequestError(
+                f"output_format: {self.output_format} is not served; use one of "
+                f"{', '.join(OUTPUT_FORMATS)}",
+                "output_format",
+            )
+        if self.background == "transparent":
+            return ImageRequestError(
+                "background: these images have no alpha channel; use auto or opaque", "background"
+            )
+        return None
 
-def openai_error(message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+
+def openai_error(
+    message: str, param: str | None = None, code: str | None = None,
+    error_type: str = "invalid_request_error",
+) -> dict:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def encode_image(image, output_format: str, compression: int | None) -> bytes:
+    """The image's bytes in `output_format`; `compression` (0-100, OpenAI's) for jpeg and webp.
+
+    OpenAI's output_compression defaults to 100, its least compressed output,
+    which is how Pillow reads quality; png is lossless and ignores it.
+    """
+    options = {}
+    if output_format in COMPRESSED_FORMATS:
+        options["quality"] = 100 if compression is None else compression
+    buffer = io.BytesIO()
+    image.save(buffer, format=output_format.upper(), **options)
+    return buffer.getvalue()
 
 
 @dataclass
@@ -112,6 +188,9 @@ class ImageService:
         return width, height
 
     async def generate(self, request: ImageGenerationRequest) -> dict:
+        refusal = request.refusal()
+        if refusal is not None:
+            raise refusal
         if request.model not in (None, self.model_name):
             raise ImageRequestError(
                 f"this server serves {self.model_name!r}, not {request.model!r}", "model"
@@ -139,6 +218,7 @@ class ImageService:
             else None
         )
         base_seed = request.seed
+        num_images = request.n or 1
         temperature = self.default_temperature if request.temperature is None else request.temperature
         top_k = request.top_k or self.default_top_k
         params = [
@@ -150,13 +230,15 @@ class ImageService:
                 guidance_scale=scale,
                 unconditional_prompt_token_ids=unconditional,
             )
-            for i in range(request.n)
+            for i in range(num_images)
         ]
         request_id = f"img-{uuid.uuid4().hex[:16]}"
+        end_user = request.safety_identifier or request.user
         logger.info(
-            "%s: %d image(s) of %dx%d (%d tokens each), guidance %.2g, %s",
-            request_id, request.n, width, height, grid.num_tokens, scale,
+            "%s: %d image(s) of %dx%d (%d tokens each), guidance %.2g, %s%s",
+            request_id, num_images, width, height, grid.num_tokens, scale,
             "SJD" if self.speculative else "autoregressive",
+            f", for {end_user}" if end_user else "",
         )
         started = time.monotonic()
         results = await asyncio.gather(
@@ -165,11 +247,14 @@ class ImageService:
                 for i, p in enumerate(params)
             )
         )
-        data = []
-        for image, stats in results:
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            data.append({"b64_json": base64.b64encode(buffer.getvalue()).decode(), "sjd": stats.as_dict()})
+        output_format = request.output_format or "png"
+        encoded = await asyncio.to_thread(
+            lambda: [encode_image(image, output_format, request.output_compression) for image, _ in results]
+        )
+        data = [
+            {"b64_json": base64.b64encode(image).decode(), "sjd": stats.as_dict()}
+            for image, (_, stats) in zip(encoded, results)
+        ]
         elapsed = time.monotonic() - started
         passes = sum(s.forward_passes for _, s in results)
         tokens = sum(s.tokens for _, s in results)
@@ -180,6 +265,18 @@ class ImageService:
         return {
             "created": int(time.time()),
             "data": data,
+            "background": "opaque",
+            "output_format": output_format,
+            "quality": request.quality or "auto",
+            "size": f"{width}x{height}",
+            **({"safety_identifier": request.safety_identifier} if request.safety_identifier else {}),
+            "usage": {
+                "input_tokens": len(prompt_ids),
+                "input_tokens_details": {"text_tokens": len(prompt_ids), "image_tokens": 0},
+                "output_tokens": tokens,
+                "output_tokens_details": {"text_tokens": 0, "image_tokens": tokens},
+                "total_tokens": len(prompt_ids) + tokens,
+            },
             "sjd": {
                 "speculative": self.speculative,
                 "guidance_scale": scale,

@@ -12,12 +12,16 @@ resolution its checkpoint was trained at. The route sits under /v1, so
 --api-key guards it like vLLM's own routes.
 """
 
+import asyncio
+import contextlib
 import json
 import logging
+from collections.abc import Awaitable
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from vllm.exceptions import VLLMError
 
 from vllm_sjd.images_api import ImageGenerationRequest, ImageRequestError, ImageService, openai_error
 
@@ -50,9 +54,48 @@ async def generate_images(raw: Request) -> JSONResponse:
         param = ".".join(str(p) for p in first["loc"]) or None
         return _bad_request(f"{param}: {first['msg']}" if param else first["msg"], param)
     try:
-        return JSONResponse(await service.generate(request))
+        response = await _unless_client_leaves(raw, service.generate(request))
     except ImageRequestError as e:
         return _bad_request(str(e), e.param)
+    except VLLMError:
+        raise  # vLLM's handlers answer (500) and stop a server whose engine died
+    except Exception:
+        logger.exception("vllm-sjd: an image request failed")
+        return JSONResponse(
+            openai_error("the server failed to make the image; see its log", error_type="server_error"),
+            status_code=500,
+        )
+    if response is None:  # the client hung up; nobody reads this
+        return Response(status_code=499)
+    return JSONResponse(response)
+
+
+async def _unless_client_leaves(raw: Request, work: Awaitable):
+    """`work`'s result, or None once the client disconnects first.
+
+    Then `work` is cancelled, which makes vLLM abort its engine requests (the
+    SJD scheduler aborts their unconditional twins with them), as vLLM's own
+    routes do. The body has been read, so what is left to receive is the
+    disconnect.
+    """
+    task = asyncio.ensure_future(work)
+    departure = asyncio.ensure_future(_disconnected(raw))
+    try:
+        await asyncio.wait((task, departure), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        departure.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    logger.info("vllm-sjd: the client of an image request hung up; its requests were aborted")
+    return None
+
+
+async def _disconnected(raw: Request) -> None:
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
 
 
 class ImagesEndpoint:
