@@ -31,6 +31,13 @@ def test_the_users_settings_win(monkeypatch):
     assert "--dtype" not in gpu_command
 
 
+def test_speculative_config_null_serves_plain_ar_without_speculative_metrics():
+    for spec in (["--speculative-config", "null"], ["--speculative-config=null"]):
+        command, _ = serve_command(["m", *spec], has_gpu=False)
+        assert "--per-request-spec-decode-metrics" not in command
+        assert sum(o.startswith("--speculative-config") for o in command) == 1
+
+
 def test_no_model_means_the_demo_model():
     if not (DEMO_MODEL_PATH / "config.json").is_file():
         with pytest.raises(SystemExit, match="demo model is missing"):

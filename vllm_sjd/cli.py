@@ -3,6 +3,7 @@
 - no MODEL: the bundled demo model (vllm_sjd/demo/model), named "vllm-sjd-demo";
 - SJD on (K = 16) unless --speculative-config is given, with vLLM's
   per-request speculative metrics on (the image endpoint's pass counts);
+  `--speculative-config null` serves plain AR;
 - the image endpoint on (VLLM_PLUGINS gains sjd and sjd_images);
 - on a machine without a GPU, float32 unless --dtype is given.
 Everything else passes through to `vllm serve` unchanged.
@@ -32,7 +33,8 @@ def serve_command(argv: list[str], has_gpu: bool) -> tuple[list[str], dict[str, 
             options += ["--served-model-name", DEMO_MODEL_NAME]
     if not _given(options, "--speculative-config"):
         options += ["--speculative-config", DEFAULT_SPECULATIVE_CONFIG]
-    if not _given(options, "--per-request-spec-decode-metrics"):
+    speculative = _value(options, "--speculative-config") not in ("null", "None", "")
+    if speculative and not _given(options, "--per-request-spec-decode-metrics"):
         options += ["--per-request-spec-decode-metrics", "summary"]
     if not has_gpu and "--dtype" not in options:
         options += ["--dtype", "float32"]
@@ -43,6 +45,17 @@ def serve_command(argv: list[str], has_gpu: bool) -> tuple[list[str], dict[str, 
 
 def _given(options: list[str], flag: str) -> bool:
     return any(o == flag or o.startswith(flag + "=") for o in options)
+
+
+def _value(options: list[str], flag: str) -> str | None:
+    """The value of the last `flag VALUE` or `flag=VALUE` in options."""
+    value = None
+    for i, option in enumerate(options):
+        if option == flag and i + 1 < len(options):
+            value = options[i + 1]
+        elif option.startswith(flag + "="):
+            value = option.split("=", 1)[1]
+    return value
 
 
 def _has_gpu() -> bool:
