@@ -240,7 +240,7 @@ def test_sixty_four_clients_at_once_some_hanging_up_and_some_malformed(server):
          **({"seed": 1000 + i} if i % 2 == 0 else {})}
         for i in range(64)
     ]
-    leaving = set(range(1, 64, 4))  # 16 clients, half of them seeded, hang up mid-image
+    leaving = set(range(0, 64, 8)) | set(range(1, 64, 8))  # 16 clients, 8 seeded, hang up
     malformed = [{"prompt": PROMPT, "size": "100x100"}, {"prompt": PROMPT, "n": 0},
                  {"prompt": PROMPT, "frame_count": 3}, {"prompt": PROMPT, "colour": "red"}]
     hung_up_before = server[1].read_text().count("hung up")

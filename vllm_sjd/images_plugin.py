@@ -9,7 +9,9 @@ allowlist for every plugin group: serve with
 `--additional-config '{"sjd_image": {"vq": DIR, "target_size": 768}}'`: the VQ
 decoder's folder (default: the checkpoint folder) and, for Lumina-mGPT, the
 resolution its checkpoint was trained at. The route sits under /v1, so
---api-key guards it like vLLM's own routes.
+--api-key guards it like vLLM's own routes. As on vLLM's own routes, a client
+that hangs up has its engine requests aborted, and vLLM's errors reach vLLM's
+handlers (500, and a server whose engine died stops).
 """
 
 import asyncio
@@ -82,6 +84,9 @@ async def _unless_client_leaves(raw: Request, work: Awaitable):
     departure = asyncio.ensure_future(_disconnected(raw))
     try:
         await asyncio.wait((task, departure), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler was cancelled (the server stops): so is the work
+        task.cancel()
+        raise
     finally:
         departure.cancel()
     if task.done():
