@@ -280,7 +280,7 @@ class SJDModelRunnerMixin:
             step.bonus_logits.device,
         )
         pairs, self._sjd_pairs = self._sjd_pairs, _GuidedPairs([], [], [])
-        return self.drafter.propose_window(
+        drafts = self.drafter.propose_window(
             req_ids,
             rows,
             num_tokens=num_tokens,
@@ -290,6 +290,13 @@ class SJDModelRunnerMixin:
             allowed=None if allowed is None else allowed.view(num_reqs, num_slots, -1),
             mirror=list(zip(pairs.twin, pairs.cond)),
         )
+        # vLLM's per-batch-size table (num_speculative_tokens_per_batch_size)
+        # sets how many drafts the next step verifies; the windows keep all K,
+        # and a shorter prefix of exact samples is as lossless as the whole.
+        limit = scheduler_output.num_spec_tokens_to_schedule
+        if limit < self.drafter.num_slots:
+            drafts = [d[:limit] for d in drafts]
+        return drafts
 
     def _verified_rows(self, step: _StepLogits, sampled_token_ids, sampling_metadata):
         num_reqs = len(sampled_token_ids)

@@ -39,3 +39,24 @@ class CrashingProposer(SJDProposer):
         if self.CRASH_SEED in seeds:
             raise RuntimeError("CrashingProposer: the engine dies here, as the test asked")
         return super().propose_window(req_ids, rows, seeds=seeds, **kwargs)
+
+
+class VaryingWindowProposer(SJDProposer):
+    """Not faulty: hands the scheduler a different number of drafts each step (0 included).
+
+    What a per-batch-size window table or a load policy does to a request; the
+    windows themselves keep all K slots, so every draft is still an exact
+    sample of its q.
+    """
+
+    CYCLE = (4, 0, 2, 3, 0, 1)
+
+    def __init__(self, vllm_config) -> None:
+        super().__init__(vllm_config)
+        self._step = 0
+
+    def propose_window(self, req_ids, rows, **kwargs):
+        drafts = super().propose_window(req_ids, rows, **kwargs)
+        limit = self.CYCLE[self._step % len(self.CYCLE)]
+        self._step += 1
+        return [d[:limit] for d in drafts]

@@ -130,3 +130,24 @@ def test_no_state_left_after_finished_and_aborted_requests(llm):
         finished.update(o.request_id for o in engine.step() if o.finished)
     assert len(finished) == 16
     assert sjd_state_after_idle(llm) == [[]]
+
+
+def test_vllms_per_batch_size_table_sets_each_steps_window(peaked_model):
+    # One request in the batch: K = WINDOW drafts; two or more: K = 0 (plain AR).
+    table = [[1, 1, WINDOW], [2, 1024, 0]]
+    engine = make_llm(peaked_model, sjd={"num_speculative_tokens": WINDOW,
+                                         "num_speculative_tokens_per_batch_size": table})
+    try:
+        prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+        crowd = tokens(engine.generate(prompts, fixed_length(30, temperature=0), use_tqdm=False))
+        drafts_in_crowd = spec_counters(engine).get("num_draft_tokens", 0)
+        alone = tokens(engine.generate(prompts[:1], fixed_length(30, temperature=0), use_tqdm=False))
+        drafts_alone = spec_counters(engine).get("num_draft_tokens", 0) - drafts_in_crowd
+    finally:
+        shutdown(engine)
+    for prompt, got in zip(PROMPTS, crowd):
+        assert got == greedy_continuation(peaked_model, prompt, 30)
+    assert alone[0] == crowd[0]
+    # Four requests a step draft nothing; only a step that the background
+    # engine ran before all four had arrived may have drafted.
+    assert drafts_in_crowd <= 2 * WINDOW < drafts_alone

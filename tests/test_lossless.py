@@ -91,6 +91,22 @@ def test_sjd_under_an_image_layout_matches_the_masked_ar_distribution(
     assert chi_square_pvalue(samples, exact_with_layout) > ALPHA
 
 
+def test_sjd_with_a_window_that_changes_every_step_matches_exact_ar(contextual_model, exact):
+    # K cycles through 4, 0, 2, 3, 0, 1 drafts a step (K = 0: a plain AR step).
+    llm = make_llm(
+        contextual_model,
+        sjd={"num_speculative_tokens": WINDOW, "proposer": "tests.faulty_proposers.VaryingWindowProposer"},
+        max_num_seqs=256,
+    )
+    try:
+        samples = sample(llm)
+        counters = spec_counters(llm)
+    finally:
+        shutdown(llm)
+    assert counters["num_accepted_tokens"] > 0.1 * NUM_SAMPLES
+    assert chi_square_pvalue(samples, exact) > ALPHA
+
+
 @pytest.fixture(scope="module")
 def faulty_llm(contextual_model):
     llm = make_llm(

@@ -19,7 +19,11 @@ MIN_WINDOW, MAX_WINDOW = 1, 64
 DEFAULT_WINDOW = 16
 
 # Keys of the speculative config that vLLM handles itself and SJD passes on.
-VLLM_KEYS = frozenset({"method", "num_speculative_tokens", "max_model_len"})
+# num_speculative_tokens_per_batch_size: vLLM's [start_bs, end_bs, K] table;
+# its scheduler picks each step's K, the SJD runner drafts that many.
+VLLM_KEYS = frozenset(
+    {"method", "num_speculative_tokens", "max_model_len", "num_speculative_tokens_per_batch_size"}
+)
 
 
 class SJDConfigError(ValueError):
