@@ -3,7 +3,8 @@
 
     .venv/bin/python benchmarks/server_load.py --requests 128 --concurrency 64
 
-For each configuration (plain AR, then SJD at each window K) it starts
+For each configuration (plain AR, SJD at each window K, then each
+--speculative-config given) it starts
 `vllm-sjd serve` on the bundled demo model, keeps `--concurrency` image
 requests in flight with the openai client (a closed loop: a new request is
 sent as one finishes; every other request seeded), and reports images per
@@ -41,8 +42,8 @@ def percentile(values, q):
     return values[min(len(values) - 1, max(0, math.ceil(q / 100 * len(values)) - 1))]
 
 
-def start_server(window: int | None, port: int, log: Path) -> subprocess.Popen:
-    spec = "null" if window is None else json.dumps({"method": "sjd", "num_speculative_tokens": window})
+def start_server(spec: dict | None, port: int, log: Path) -> subprocess.Popen:
+    spec = json.dumps(spec)  # None: "null", plain AR
     command = [str(REPO / ".venv" / "bin" / "vllm-sjd"), "serve", "--port", str(port),
                "--host", "127.0.0.1", "--speculative-config", spec]
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT,
@@ -119,7 +120,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--windows", type=int, nargs="+", default=[16])
+    ap.add_argument("--windows", type=int, nargs="*", default=[16])
+    ap.add_argument("--speculative-config", action="append", default=[], metavar="JSON",
+                    help="a further configuration to run, e.g. with num_speculative_tokens_per_batch_size")
     ap.add_argument("--hang-up", type=int, default=0, help="requests whose clients leave after 1 s")
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "server_load")
@@ -133,11 +136,13 @@ def main() -> None:
     hang_up = set(range(1, args.requests, max(1, args.requests // max(args.hang_up, 1))))
     hang_up = set(sorted(hang_up)[: args.hang_up])
     results = {"settings": vars(args) | {"out": str(args.out)}, "configs": {}}
-    for window in [None, *args.windows]:
-        name = "AR" if window is None else f"SJD K={window}"
-        process = start_server(window, args.port, args.out / f"server-{window or 'ar'}.log")
+    configs = {"AR": None}
+    configs.update({f"SJD K={k}": {"method": "sjd", "num_speculative_tokens": k} for k in args.windows})
+    configs.update({json.dumps(json.loads(c)): json.loads(c) for c in args.speculative_config})
+    for index, (name, spec) in enumerate(configs.items()):
+        process = start_server(spec, args.port, args.out / f"server-{index}.log")
         try:
-            row = asyncio.run(closed_loop(args.port, bodies, args.concurrency, hang_up, window is not None))
+            row = asyncio.run(closed_loop(args.port, bodies, args.concurrency, hang_up, spec is not None))
         finally:
             stop_server(process)
         ar = results["configs"].get("AR")

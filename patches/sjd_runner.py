@@ -265,6 +265,12 @@ class SJDModelRunnerMixin:
     ):
         step, self._sjd_step = self._sjd_step, None
         assert step is not None and isinstance(sampled_token_ids, list)
+        pairs, self._sjd_pairs = self._sjd_pairs, _GuidedPairs([], [], [])
+        # vLLM's per-batch-size table (num_speculative_tokens_per_batch_size)
+        # sets how many drafts the next step verifies.
+        max_drafts = scheduler_output.num_spec_tokens_to_schedule
+        if self.drafter.builds_nothing_for(max_drafts):
+            return [[] for _ in sampled_token_ids]
         req_ids = list(self.input_batch.req_ids)
         num_reqs = len(req_ids)
         rows = self._verified_rows(step, sampled_token_ids, sampling_metadata)
@@ -279,8 +285,7 @@ class SJDModelRunnerMixin:
             step.bonus_logits.shape[-1],
             step.bonus_logits.device,
         )
-        pairs, self._sjd_pairs = self._sjd_pairs, _GuidedPairs([], [], [])
-        drafts = self.drafter.propose_window(
+        return self.drafter.propose_window(
             req_ids,
             rows,
             num_tokens=num_tokens,
@@ -289,14 +294,8 @@ class SJDModelRunnerMixin:
             has_output=[len(t) > 0 for t in sampled_token_ids],
             allowed=None if allowed is None else allowed.view(num_reqs, num_slots, -1),
             mirror=list(zip(pairs.twin, pairs.cond)),
+            max_drafts=max_drafts,
         )
-        # vLLM's per-batch-size table (num_speculative_tokens_per_batch_size)
-        # sets how many drafts the next step verifies; the windows keep all K,
-        # and a shorter prefix of exact samples is as lossless as the whole.
-        limit = scheduler_output.num_spec_tokens_to_schedule
-        if limit < self.drafter.num_slots:
-            drafts = [d[:limit] for d in drafts]
-        return drafts
 
     def _verified_rows(self, step: _StepLogits, sampled_token_ids, sampling_metadata):
         num_reqs = len(sampled_token_ids)

@@ -42,11 +42,10 @@ class CrashingProposer(SJDProposer):
 
 
 class VaryingWindowProposer(SJDProposer):
-    """Not faulty: hands the scheduler a different number of drafts each step (0 included).
+    """Not faulty: schedules a different number of drafts each step (0 included).
 
-    What a per-batch-size window table or a load policy does to a request; the
-    windows themselves keep all K slots, so every draft is still an exact
-    sample of its q.
+    What vLLM's per-batch-size window table does to a request, through the
+    same `max_drafts` path, on every step rather than when the batch changes.
     """
 
     CYCLE = (4, 0, 2, 3, 0, 1)
@@ -56,7 +55,6 @@ class VaryingWindowProposer(SJDProposer):
         self._step = 0
 
     def propose_window(self, req_ids, rows, **kwargs):
-        drafts = super().propose_window(req_ids, rows, **kwargs)
-        limit = self.CYCLE[self._step % len(self.CYCLE)]
+        kwargs["max_drafts"] = self.CYCLE[self._step % len(self.CYCLE)]
         self._step += 1
-        return [d[:limit] for d in drafts]
+        return super().propose_window(req_ids, rows, **kwargs)

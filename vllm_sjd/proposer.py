@@ -71,14 +71,19 @@ class SJDProposer:
         has_output: Sequence[bool],
         allowed: torch.Tensor | None = None,  # [B, K, V] bool: tokens each slot may hold
         mirror: Sequence[tuple[int, int]] = (),  # (row, source row): same window as source
+        max_drafts: int | None = None,  # drafts to schedule per request (vLLM's K this step)
     ) -> list[list[int]]:
         """Build every request's next window; returns the drafts to schedule.
 
         A request that produced nothing this step (a prefill chunk, or a
         guided pair member held back) keeps the window it had, if any.
         `mirror` gives a guided pair's unconditional twin the conditional
-        request's window, so both verify the same drafts.
+        request's window, so both verify the same drafts. Windows keep all
+        K slots; at most `max_drafts` of them are scheduled (a prefix of exact
+        samples is as lossless as the whole).
         """
+        if self.builds_nothing_for(max_drafts):
+            return [[] for _ in req_ids]
         device = rows.bonus_probs.device
         keys = torch.tensor(self._request_keys(req_ids, seeds), dtype=torch.int64)
         drafts, q = self._next_window(
@@ -99,12 +104,22 @@ class SJDProposer:
             drafts[rows_to], q[rows_to] = drafts[rows_from], q[rows_from]
         self._store(req_ids, drafts, q)
         # A window must end inside the model's context.
-        room = (self.max_model_len - num_tokens).clamp_(min=0, max=self.num_slots)
+        limit = self.num_slots if max_drafts is None else min(max_drafts, self.num_slots)
+        room = (self.max_model_len - num_tokens).clamp_(min=0, max=limit)
         draft_lists = drafts.tolist()
         return [
             d[:r] if ok or keep else []
             for d, r, ok, keep in zip(draft_lists, room.tolist(), has_output, kept)
         ]
+
+    @staticmethod
+    def builds_nothing_for(max_drafts: int | None) -> bool:
+        """No drafts to schedule: a plain AR step follows, so no window is built.
+
+        A request keeps the window it had; whenever it is scheduled again, any
+        stored draft is still an exact sample of its stored q.
+        """
+        return max_drafts == 0
 
     def _next_window(
         self,
