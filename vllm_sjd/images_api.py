@@ -306,9 +306,14 @@ class ImageService:
                 next_report += 0.25
         metrics = output.outputs[0].spec_decode_metrics
         if metrics is not None:
-            # Exact: the prefill plus one verify step per histogram entry. The
-            # count of streamed deltas is only a lower bound, because vLLM merges
-            # deltas when the consumer falls behind.
-            passes = 1 + sum(metrics.histogram)
+            # The prefill, one verify pass per histogram entry (histogram[j]:
+            # passes that accepted j drafts), and the passes that had no drafts
+            # (K = 0 from the per-batch-size table), one token each; the last
+            # pass may accept drafts past the image's end, so that part is
+            # counted low by at most K. The count of streamed deltas is only a
+            # lower bound, because vLLM merges deltas when the consumer falls behind.
+            verify_passes = sum(metrics.histogram)
+            verified_tokens = sum((j + 1) * count for j, count in enumerate(metrics.histogram))
+            passes = 1 + verify_passes + max(0, len(tokens) - 1 - verified_tokens)
         image = await asyncio.to_thread(self.decoder, tokens, grid)
         return image, ImageStats(tokens=len(tokens), forward_passes=passes)
