@@ -133,8 +133,8 @@ def main() -> None:
     bodies = [{"prompt": caption, "n": 1, "response_format": "b64_json",
                **({"extra_body": {"seed": 1000 + i}} if i % 2 == 0 else {})}
               for i, caption in enumerate(captions)]
-    hang_up = set(range(1, args.requests, max(1, args.requests // max(args.hang_up, 1))))
-    hang_up = set(sorted(hang_up)[: args.hang_up])
+    # Spread the clients that leave evenly over the requests.
+    hang_up = {1 + i * args.requests // args.hang_up for i in range(args.hang_up)}
     results = {"settings": vars(args) | {"out": str(args.out)}, "configs": {}}
     configs = {"AR": None}
     configs.update({f"SJD K={k}": {"method": "sjd", "num_speculative_tokens": k} for k in args.windows})
