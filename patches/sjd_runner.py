@@ -278,17 +278,25 @@ class SJDModelRunnerMixin:
             self.input_batch.num_tokens_no_spec[:num_reqs].astype("int64")
         )
         num_slots = self.drafter.num_slots
+        entries = self._layout_entries(req_ids)
         allowed = self._layouts.row_masks(
-            self._layout_entries(req_ids),
+            entries,
             num_tokens,
             torch.full((num_reqs,), num_slots, dtype=torch.int64),
             step.bonus_logits.shape[-1],
             step.bonus_logits.device,
         )
+        above = (
+            self._layouts.cells_above(entries, num_tokens, num_slots)
+            if self.drafter.wants_cells_above
+            else None
+        )
         return self.drafter.propose_window(
             req_ids,
             rows,
             num_tokens=num_tokens,
+            above=None if above is None else above[0].to(step.bonus_logits.device),
+            row_strides=() if above is None else above[1],
             seeds=[self.requests[r].sampling_params.seed for r in req_ids],
             greedy=_greedy_mask(sampling_metadata, num_reqs),
             has_output=[len(t) > 0 for t in sampled_token_ids],

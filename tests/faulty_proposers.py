@@ -3,9 +3,15 @@
 It drafts exactly like SJDProposer but reports a wrong q to the verifier:
 - "neighbour": each slot reports the q of the next slot in the window;
 - "before_temperature": q as it was before temperature scaling (p ** T,
-  renormalised; top-k kept), i.e. the verifier and q disagree on temperature.
+  renormalised; top-k kept), i.e. the verifier and q disagree on temperature;
+- "old_q_for_kept": under coupled drafting, a draft the coupling kept reports
+  the q it was first drawn from, not the new row (the public SCD code's bug).
 A one-hot q would not be wrong (lossless for any draft), only slow.
+Its drafting settings can also be switched while the engine runs
+(`set_drafting`), so one engine serves every mode's test.
 """
+
+import dataclasses
 
 import torch
 
@@ -16,18 +22,45 @@ class FaultyQProposer(SJDProposer):
     fault: str | None = None
     temperature: float = 1.0
 
+    def __init__(self, vllm_config) -> None:
+        super().__init__(vllm_config)
+        self.counts = {"kept": 0, "from_above": 0}
+
     def set_fault(self, fault: str | None, temperature: float = 1.0) -> None:
-        assert fault in (None, "neighbour", "before_temperature")
+        assert fault in (None, "neighbour", "before_temperature", "old_q_for_kept")
         self.fault, self.temperature = fault, temperature
 
+    def set_drafting(self, drafting: str, initial_drafts: str, num_slots: int) -> None:
+        """Switch modes and window length (at most the engine's K) while the engine is idle.
+
+        Forgets every window (those of finished requests, which vLLM evicts
+        only at its next step), so no window of the old mode is reused.
+        """
+        self.evict(self.tracked_requests())
+        self.config = self.config.model_copy(
+            update={"drafting": drafting, "initial_drafts": initial_drafts}
+        )
+        self.num_slots = num_slots
+        self.counts = dict.fromkeys(self.counts, 0)
+
+    def get_counts(self) -> dict[str, int]:
+        """Slots the coupling kept, and fresh slots drafted from the cell above."""
+        return dict(self.counts)
+
     def _next_window(self, rows, **kwargs):
-        drafts, q = super()._next_window(rows, **kwargs)
+        window = super()._next_window(rows, **kwargs)
+        self.counts["kept"] += int(window.kept.sum())
+        if kwargs.get("above") is not None:
+            self.counts["from_above"] += int((kwargs["above"][0] & window.fresh).sum())
+        q = window.q
         if self.fault == "neighbour":
             q = torch.cat([q[:, 1:], q[:, -1:]], dim=1).contiguous()
         elif self.fault == "before_temperature":
             q = q.pow(self.temperature)
             q = (q / q.sum(dim=-1, keepdim=True)).contiguous()
-        return drafts, q
+        elif self.fault == "old_q_for_kept" and window.previous_q is not None:
+            q = torch.where(window.kept[:, :, None], window.previous_q, q).contiguous()
+        return dataclasses.replace(window, q=q)
 
 
 class CrashingProposer(SJDProposer):

@@ -62,13 +62,18 @@ def _rows(vocab: int, n: list[int], a: list[int]) -> StepRows:
     )
 
 
+def _window(rows, **kwargs):
+    window = next_window(rows, **kwargs)
+    return window.drafts, window.q
+
+
 @pytest.mark.parametrize("initial", ["uniform", "last_distribution"])
 def test_tail_rows_are_recycled_into_the_next_window(initial):
     # Request 0: 4 drafts, 1 accepted -> rows 2, 3 (target) and 4 (bonus) recycled.
     # Request 1: 3 drafts, all accepted -> nothing recycled.
     # Request 2: no drafts (first step) -> nothing recycled.
     rows = _rows(40, n=[4, 3, 0], a=[1, 3, 0])
-    drafts, q = next_window(
+    drafts, q = _window(
         rows,
         num_slots=4,
         keys=torch.tensor([1, 2, 3]),
@@ -92,7 +97,7 @@ def test_tail_rows_are_recycled_into_the_next_window(initial):
 def test_uniform_initial_drafts_respect_the_allowed_tokens():
     allowed = torch.zeros(40, dtype=torch.bool)
     allowed[[5, 9, 33]] = True
-    drafts, q = next_window(
+    drafts, q = _window(
         _rows(40, n=[0, 0], a=[0, 0]),
         num_slots=16,
         keys=torch.tensor([4, 5]),
@@ -112,7 +117,7 @@ def test_per_slot_constraints_force_tokens_in_fresh_slots(initial):
     allowed[:, :, 20:] = True
     allowed[:, 1, :] = False
     allowed[:, 1, 7] = True
-    drafts, q = next_window(
+    drafts, q = _window(
         _rows(40, n=[0, 0], a=[0, 0]),
         num_slots=3,
         keys=torch.tensor([4, 5]),
@@ -130,7 +135,7 @@ def test_per_slot_constraints_force_tokens_in_fresh_slots(initial):
 def test_greedy_requests_draft_the_argmax_with_one_hot_q():
     rows = _rows(40, n=[3], a=[0])
     rows.target_probs = rows.target_probs * 0.7 + 0.3 / 40  # not one-hot any more
-    drafts, q = next_window(
+    drafts, q = _window(
         rows,
         num_slots=3,
         keys=torch.tensor([9]),
@@ -146,8 +151,8 @@ def test_same_key_and_position_give_the_same_window_in_any_batch():
     alone = _rows(40, n=[0], a=[0])
     pair = _rows(40, n=[0, 0], a=[0, 0])
     common = dict(num_slots=6, initial_drafts="uniform")
-    d1, _ = next_window(alone, keys=torch.tensor([77]), next_positions=torch.tensor([12]),
+    d1, _ = _window(alone, keys=torch.tensor([77]), next_positions=torch.tensor([12]),
                         greedy=torch.tensor([False]), **common)
-    d2, _ = next_window(pair, keys=torch.tensor([5, 77]), next_positions=torch.tensor([3, 12]),
+    d2, _ = _window(pair, keys=torch.tensor([5, 77]), next_positions=torch.tensor([3, 12]),
                         greedy=torch.tensor([False, False]), **common)
     assert torch.equal(d1[0], d2[1])

@@ -4,7 +4,9 @@ As tests/test_lossless.py, with guidance: every request runs as a pair (the
 prompt and an unconditional prompt) and the verified distribution is the
 guided one, uncond + s * (cond - uncond), after temperature and top-k. The
 exact guided distribution comes from teacher forcing both streams with
-transformers. A proposer reporting a wrong q fails the same test.
+transformers. Every drafting and initial-draft mode is tested under guidance
+(initial drafts "above" under an image layout). A proposer reporting a wrong
+q fails the same test.
 """
 
 import pytest
@@ -13,7 +15,9 @@ from vllm import SamplingParams
 from tests.conftest import make_llm, shutdown, sjd_state_after_idle, spec_counters
 from tests.stats import chi_square_pvalue
 from tests.tiny_model import exact_continuation_probs
+from tests.test_lossless import GRID, LONG_WINDOW, MODES, SHORT_WINDOW
 from vllm_sjd.guidance import guidance_extra_args
+from vllm_sjd.layout_constraints import image_extra_args
 
 PROMPT = [7, 12, 30]
 UNCONDITIONAL_PROMPT = [40]
@@ -28,10 +32,11 @@ ALPHA = 1e-4
 pytestmark = pytest.mark.engine
 
 
-def exact(model, scale: float):
+def exact(model, scale: float, grid=None):
     return exact_continuation_probs(
-        model, PROMPT, LENGTH, temperature=TEMPERATURE, top_k=TOP_K,
-        guidance_scale=scale, unconditional_prompt=UNCONDITIONAL_PROMPT,
+        model, PROMPT, grid.num_tokens if grid else LENGTH, temperature=TEMPERATURE,
+        top_k=TOP_K, guidance_scale=scale, unconditional_prompt=UNCONDITIONAL_PROMPT,
+        grid=grid,
     )
 
 
@@ -41,26 +46,38 @@ def exact_guided(contextual_model):
 
 
 @pytest.fixture(scope="module")
+def exact_guided_with_layout(contextual_model):
+    return exact(contextual_model, SCALE, GRID)
+
+
+@pytest.fixture(scope="module")
 def llm(contextual_model):
     # FaultyQProposer with no fault set drafts and reports q exactly as
     # SJDProposer (it only overrides the window hook to inject a fault).
     engine = make_llm(
         contextual_model,
         sjd={
-            "num_speculative_tokens": WINDOW,
+            "num_speculative_tokens": LONG_WINDOW,
             "initial_drafts": "last_distribution",
             "proposer": "tests.faulty_proposers.FaultyQProposer",
         },
         max_num_seqs=256,
     )
+    engine.collective_rpc(
+        "sjd_proposer_call", args=("set_drafting", "independent", "last_distribution", WINDOW)
+    )
     yield engine
     shutdown(engine)
 
 
-def sample(llm) -> list[tuple[int, ...]]:
+def sample(llm, grid=None) -> list[tuple[int, ...]]:
+    extra_args = guidance_extra_args(SCALE, UNCONDITIONAL_PROMPT)
+    if grid is not None:
+        extra_args.update(image_extra_args(grid))
+    length = grid.num_tokens if grid else LENGTH
     params = SamplingParams(
-        temperature=TEMPERATURE, top_k=TOP_K, max_tokens=LENGTH, ignore_eos=True,
-        extra_args=guidance_extra_args(SCALE, UNCONDITIONAL_PROMPT),
+        temperature=TEMPERATURE, top_k=TOP_K, max_tokens=length, min_tokens=length,
+        ignore_eos=True, extra_args=extra_args,
     )
     outputs = llm.generate([{"prompt_token_ids": PROMPT}] * NUM_SAMPLES, params, use_tqdm=False)
     for output in outputs:
@@ -89,3 +106,21 @@ def test_a_wrong_q_under_guidance_fails_the_same_test(llm, exact_guided):
     finally:
         llm.collective_rpc("sjd_proposer_call", args=("set_fault", None))
     assert chi_square_pvalue(samples, exact_guided) < ALPHA
+
+
+@pytest.mark.parametrize("drafting,initial", MODES)
+def test_guided_sjd_in_every_drafting_mode_matches_the_guided_distribution(
+    llm, exact_guided, exact_guided_with_layout, drafting, initial
+):
+    # "above" needs an image whose rows are longer than the window; the other
+    # modes run with a window longer than the continuation.
+    grid = GRID if initial == "above" else None
+    llm.collective_rpc(
+        "sjd_proposer_call",
+        args=("set_drafting", drafting, initial, SHORT_WINDOW if grid else LONG_WINDOW),
+    )
+    samples = sample(llm, grid)
+    counts = llm.collective_rpc("sjd_proposer_call", args=("get_counts",))[0]
+    assert chi_square_pvalue(samples, exact_guided_with_layout if grid else exact_guided) > ALPHA
+    assert (counts["kept"] > 0) == (drafting == "coupled")
+    assert (counts["from_above"] > 0) == (initial == "above")

@@ -3,8 +3,10 @@
 Many short continuations are sampled through the real engine with SJD and
 compared, by Pearson's chi-square at a fixed seed, with the exact AR
 distribution of the same weights (teacher forcing with transformers, same
-temperature and top-k). A proposer that reports a wrong q must fail the same
-test.
+temperature and top-k). Every drafting mode and initial-draft mode is tested,
+with a window longer than the continuation and, under an image layout, one
+shorter than an image row (so fresh slots have committed cells above). A
+proposer that reports a wrong q must fail the same test.
 """
 
 import pytest
@@ -22,6 +24,13 @@ TEMPERATURE = 0.6
 TOP_K = 2  # 2**6 = 64 outcomes
 NUM_SAMPLES = 10_000
 WINDOW = 4  # shorter than LENGTH: several verify steps, recycled drafts used
+LONG_WINDOW = 8  # longer than the continuation and the whole toy image
+SHORT_WINDOW = 2  # shorter than an image row of GRID (3 tokens)
+MODES = [
+    (drafting, initial)
+    for drafting in ("independent", "coupled", "gumbel")
+    for initial in ("uniform", "last_distribution", "above")
+]
 # Sampling noise alone falls below this once in 10^4 runs; a fault goes far below.
 ALPHA = 1e-4
 
@@ -49,13 +58,15 @@ def exact_with_layout(contextual_model):
     )
 
 
-def sample(llm, grid: ImageGrid | None = None) -> list[tuple[int, ...]]:
+def sample(
+    llm, grid: ImageGrid | None = None, count: int = NUM_SAMPLES
+) -> list[tuple[int, ...]]:
     length = grid.num_tokens if grid else LENGTH
     params = SamplingParams(
         temperature=TEMPERATURE, top_k=TOP_K, max_tokens=length, min_tokens=length,
         ignore_eos=True, extra_args=image_extra_args(grid) if grid else None,
     )
-    outputs = llm.generate([{"prompt_token_ids": PROMPT}] * NUM_SAMPLES, params, use_tqdm=False)
+    outputs = llm.generate([{"prompt_token_ids": PROMPT}] * count, params, use_tqdm=False)
     return [tuple(o.outputs[0].token_ids) for o in outputs]
 
 
@@ -109,11 +120,12 @@ def test_sjd_with_a_window_that_changes_every_step_matches_exact_ar(contextual_m
 
 @pytest.fixture(scope="module")
 def faulty_llm(contextual_model):
+    # FaultyQProposer without a fault drafts exactly as SJDProposer; its modes
+    # and window length switch between tests (set_drafting).
     llm = make_llm(
         contextual_model,
         sjd={
-            "num_speculative_tokens": WINDOW,
-            "initial_drafts": "last_distribution",
+            "num_speculative_tokens": LONG_WINDOW,
             "proposer": "tests.faulty_proposers.FaultyQProposer",
         },
         max_num_seqs=256,
@@ -122,11 +134,57 @@ def faulty_llm(contextual_model):
     shutdown(llm)
 
 
+def set_drafting(llm, drafting: str, initial: str, num_slots: int) -> None:
+    llm.collective_rpc("sjd_proposer_call", args=("set_drafting", drafting, initial, num_slots))
+
+
+def proposer_counts(llm) -> dict[str, int]:
+    return llm.collective_rpc("sjd_proposer_call", args=("get_counts",))[0]
+
+
+def sample_with_fault(llm, fault: str, count: int = NUM_SAMPLES):
+    llm.collective_rpc("sjd_proposer_call", args=("set_fault", fault, TEMPERATURE))
+    try:
+        return sample(llm, count=count)
+    finally:
+        llm.collective_rpc("sjd_proposer_call", args=("set_fault", None))
+
+
 @pytest.mark.parametrize("fault", ["neighbour", "before_temperature"])
 def test_wrong_q_fails_the_same_test(faulty_llm, exact, fault):
-    faulty_llm.collective_rpc("sjd_proposer_call", args=("set_fault", fault, TEMPERATURE))
-    try:
-        samples = sample(faulty_llm)
-    finally:
-        faulty_llm.collective_rpc("sjd_proposer_call", args=("set_fault", None))
+    set_drafting(faulty_llm, "independent", "last_distribution", WINDOW)
+    assert chi_square_pvalue(sample_with_fault(faulty_llm, fault), exact) < ALPHA
+
+
+@pytest.mark.parametrize("drafting,initial", MODES)
+def test_every_drafting_mode_matches_exact_ar(
+    faulty_llm, exact, exact_with_layout, drafting, initial
+):
+    set_drafting(faulty_llm, drafting, initial, LONG_WINDOW)
+    samples = sample(faulty_llm)
+    long_counts = proposer_counts(faulty_llm)
+    set_drafting(faulty_llm, drafting, initial, SHORT_WINDOW)
+    with_layout = sample(faulty_llm, GRID)
+    short_counts = proposer_counts(faulty_llm)
+    assert chi_square_pvalue(samples, exact) > ALPHA
+    assert chi_square_pvalue(with_layout, exact_with_layout) > ALPHA
+    # The mode under test did its part.
+    if drafting == "coupled":
+        assert long_counts["kept"] > 0.1 * NUM_SAMPLES
+    else:
+        assert long_counts["kept"] == 0
+    if initial == "above":
+        assert short_counts["from_above"] > 0.1 * NUM_SAMPLES
+    else:
+        assert short_counts["from_above"] == 0
+
+
+def test_a_kept_draft_reporting_its_old_q_fails_the_same_test(faulty_llm, exact):
+    # The public SCD code's bug: a draft the coupling kept reports the q it was
+    # first drawn from. The bias is small where that q is close to the new row,
+    # so this test drafts fresh slots from the newest row (a neighbouring
+    # position's distribution) and samples 4x as many continuations.
+    set_drafting(faulty_llm, "coupled", "last_distribution", LONG_WINDOW)
+    samples = sample_with_fault(faulty_llm, "old_q_for_kept", count=4 * NUM_SAMPLES)
+    assert proposer_counts(faulty_llm)["kept"] > NUM_SAMPLES
     assert chi_square_pvalue(samples, exact) < ALPHA

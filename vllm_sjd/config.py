@@ -10,6 +10,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from vllm_sjd.core.drafting import Drafting
 from vllm_sjd.core.window import InitialDrafts
 
 METHOD = "sjd"
@@ -38,9 +39,14 @@ class SJDConfig(BaseModel):
     # K: drafts verified per forward pass.
     num_speculative_tokens: int = DEFAULT_WINDOW
     # How slots with no recycled draft are filled: "uniform" over the allowed
-    # tokens (the paper's choice), or "last_distribution" (sampled from the
-    # newest verified row).
+    # tokens (the paper's choice), "last_distribution" (sampled from the
+    # newest verified row), or "above" (in an image, the verified row of the
+    # cell one image row up where it is committed; uniform elsewhere).
     initial_drafts: InitialDrafts = "uniform"
+    # How a re-drafted slot relates to its previous draft: "independent"
+    # (vanilla SJD), "coupled" (maximal coupling: keeps it when it can) or
+    # "gumbel" (noise fixed per position); all lossless (core/drafting.py).
+    drafting: Drafting = "independent"
     # Proposer class (dotted path); a subclass may change how windows are built.
     proposer: str = PROPOSER_CLASS
 
@@ -74,6 +80,8 @@ class SJDConfig(BaseModel):
 def _allowed_values(field: str) -> str:
     if field == "initial_drafts":
         return "one of " + ", ".join(repr(v) for v in get_args(InitialDrafts))
+    if field == "drafting":
+        return "one of " + ", ".join(repr(v) for v in get_args(Drafting))
     if field == "num_speculative_tokens":
         return f"an integer from {MIN_WINDOW} to {MAX_WINDOW}"
     if field == "proposer":

@@ -77,6 +77,27 @@ class LayoutConstraints:
             mask[members] = grid.allowed_mask(relative[members], vocab_size)
         return mask.to(device)
 
+    @staticmethod
+    def cells_above(
+        entries: Sequence[tuple[ImageGrid | None, int]],
+        first_positions: torch.Tensor,  # [B] int64: absolute index of each request's first slot
+        num_slots: int,
+    ) -> tuple[torch.Tensor, list[int]] | None:
+        """([B, K] absolute position of each slot's cell one image row up, -1 none;
+        each request's row stride, 0 without an image), or None if no request has a grid."""
+        if all(grid is None for grid, _ in entries):
+            return None
+        slots = torch.arange(num_slots, dtype=torch.int64)
+        above = torch.full((len(entries), num_slots), -1, dtype=torch.int64)
+        strides = []
+        for i, (grid, prompt_len) in enumerate(entries):
+            strides.append(0 if grid is None else grid.row_stride)
+            if grid is not None:
+                relative = int(first_positions[i]) - prompt_len + slots
+                cell = grid.cell_above(relative)
+                above[i] = torch.where(cell >= 0, cell + prompt_len, cell)
+        return above, strides
+
     def evict(self, req_ids) -> None:
         for req_id in req_ids:
             self._grids.pop(req_id, None)

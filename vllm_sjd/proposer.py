@@ -5,8 +5,9 @@ SJD model runner (patches/sjd_runner.py) calls `propose_window` after each step
 with that step's verified rows, and `draft_probs` before the next step's
 verification to hand q to vLLM's rejection sampler.
 
-State per request id: its drafting key (see core/rng.py) and its pending
-window (drafts and their q). Batch rows are never used as keys: the persistent
+State per request id: its drafting key (see core/rng.py), its pending
+window (drafts and their q) and, for initial drafts "above", the verified
+rows of its newest image row (core/cells_above.py). Batch rows are never used as keys: the persistent
 batch reorders rows when requests come and go. The window of the requests in
 the latest step is held as two batch tensors (one gather serves the whole next
 batch); a request left out of a step keeps its window as slices.
@@ -18,8 +19,15 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from vllm_sjd.config import SJDConfig
+from vllm_sjd.core.cells_above import CellsAbove
 from vllm_sjd.core.rng import key_from_seed
-from vllm_sjd.core.window import StepRows, next_window
+from vllm_sjd.core.window import (
+    PreviousWindow,
+    StepRows,
+    Window,
+    committed_row_sources,
+    next_window,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +38,8 @@ class SJDProposer:
     A window is K drafts after a request's last committed token. Each step
     re-drafts the unverified tail of the window from the rows the verifier
     computed this step, and fills the remaining slots with initial drafts
-    (core/window.py).
+    (core/window.py); how each draft is drawn is the `drafting` setting
+    (core/drafting.py).
     """
 
     def __init__(self, vllm_config) -> None:
@@ -47,6 +56,12 @@ class SJDProposer:
         self._q: torch.Tensor | None = None  # [B, K, V] float32
         # Windows of requests that were left out of the latest step.
         self._carried: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cells_above = CellsAbove()
+
+    @property
+    def wants_cells_above(self) -> bool:
+        """The runner passes each slot's cell one image row up (initial drafts "above")."""
+        return self.config.initial_drafts == "above"
 
     # vLLM's custom_class interface --------------------------------------
     def load_model(self, *args, **kwargs) -> None:
@@ -70,6 +85,8 @@ class SJDProposer:
         greedy: torch.Tensor,  # [B] bool
         has_output: Sequence[bool],
         allowed: torch.Tensor | None = None,  # [B, K, V] bool: tokens each slot may hold
+        above: torch.Tensor | None = None,  # [B, K] int64: absolute position of the cell above, -1 none
+        row_strides: Sequence[int] = (),  # per request: image row stride, 0 without an image
         mirror: Sequence[tuple[int, int]] = (),  # (row, source row): same window as source
         max_drafts: int | None = None,  # drafts to schedule per request (vLLM's K this step)
     ) -> list[list[int]]:
@@ -86,13 +103,20 @@ class SJDProposer:
             return [[] for _ in req_ids]
         device = rows.bonus_probs.device
         keys = torch.tensor(self._request_keys(req_ids, seeds), dtype=torch.int64)
-        drafts, q = self._next_window(
+        cells_above = None
+        if self.wants_cells_above and above is not None:
+            self._record_cells(req_ids, rows, num_tokens, has_output, row_strides)
+            cells_above = self._lookup_cells(req_ids, above, rows.bonus_probs)
+        window = self._next_window(
             rows,
             keys=keys.to(device),
             next_positions=num_tokens.to(device),
             greedy=greedy.to(device),
             allowed=allowed,
+            previous=self._previous_windows(req_ids, rows.bonus_probs),
+            above=cells_above,
         )
+        drafts, q = window.drafts, window.q
         kept = [False] * len(req_ids)
         for i, produced in enumerate(has_output):
             window = None if produced else self._window(req_ids[i])
@@ -121,24 +145,60 @@ class SJDProposer:
         """
         return max_drafts == 0
 
-    def _next_window(
-        self,
-        rows: StepRows,
-        *,
-        keys: torch.Tensor,
-        next_positions: torch.Tensor,
-        greedy: torch.Tensor,
-        allowed: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _next_window(self, rows: StepRows, **kwargs) -> Window:
         return next_window(
             rows,
             num_slots=self.num_slots,
-            keys=keys,
-            next_positions=next_positions,
-            greedy=greedy,
             initial_drafts=self.config.initial_drafts,
-            allowed=allowed,
+            drafting=self.config.drafting,
+            **kwargs,
         )
+
+    def _previous_windows(
+        self, req_ids: Sequence[str], like: torch.Tensor
+    ) -> PreviousWindow | None:
+        """The stored windows in batch order (coupled drafting re-drafts against them)."""
+        if self.config.drafting != "coupled" or (self._drafts is None and not self._carried):
+            return None
+        batch_size, device = len(req_ids), like.device
+        in_order = [(r, i) for i, r in enumerate(req_ids)]
+        if self._drafts is not None and self._drafts.shape[0] == batch_size and (
+            list(self._window_row.items()) == in_order
+        ):
+            present = torch.ones(batch_size, dtype=torch.bool, device=device)
+            return PreviousWindow(self._drafts, self._q, present)
+        drafts = torch.full((batch_size, self.num_slots), -1, dtype=torch.int64, device=device)
+        q = like.new_zeros((batch_size, self.num_slots, like.shape[-1]))
+        present = torch.zeros(batch_size, dtype=torch.bool)
+        for i, req_id in enumerate(req_ids):
+            window = self._window(req_id)
+            if window is not None:
+                drafts[i], q[i] = window[0].to(device), window[1].to(device)
+                present[i] = True
+        return PreviousWindow(drafts, q, present.to(device))
+
+    def _record_cells(self, req_ids, rows: StepRows, num_tokens, has_output, row_strides) -> None:
+        """Keep the verified rows of the image tokens this step committed."""
+        all_rows = torch.cat([rows.target_probs, rows.bonus_probs], dim=0)
+        ends = num_tokens.tolist()
+        for i, sources in enumerate(committed_row_sources(rows)):
+            if not has_output[i] or not row_strides[i]:
+                continue
+            committed = len(sources)
+            positions = torch.arange(ends[i] - committed, ends[i], dtype=torch.int64)
+            self._cells_above.record(
+                req_ids[i], row_strides[i], positions, all_rows[sources.to(all_rows.device)]
+            )
+
+    def _lookup_cells(self, req_ids, above: torch.Tensor, like: torch.Tensor):
+        """([B, K] bool, [B, K, V]): the fresh slots' cells above that are held, and their rows."""
+        found = torch.zeros(above.shape, dtype=torch.bool, device=like.device)
+        cells = like.new_zeros((*above.shape, like.shape[-1]))
+        for i, req_id in enumerate(req_ids):
+            hit = self._cells_above.lookup(req_id, above[i])
+            if hit is not None:
+                found[i], cells[i] = hit
+        return found, cells
 
     def draft_probs(
         self,
@@ -231,6 +291,7 @@ class SJDProposer:
             self._keys.pop(req_id, None)
             self._carried.pop(req_id, None)
             self._window_row.pop(req_id, None)
+        self._cells_above.evict(req_ids)
         if not self._window_row:
             self._drafts = self._q = None
 
@@ -245,4 +306,9 @@ class SJDProposer:
 
     def tracked_requests(self) -> set[str]:
         """Request ids the proposer holds any state for."""
-        return set(self._keys) | set(self._window_row) | set(self._carried)
+        return (
+            set(self._keys)
+            | set(self._window_row)
+            | set(self._carried)
+            | self._cells_above.tracked_requests()
+        )

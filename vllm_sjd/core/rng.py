@@ -9,6 +9,11 @@ the same on every rank, independent of batch composition.
 A request's window position strictly increases from step to step (each step
 commits at least one token), so no (key, position, slot) triple is used twice
 and the numbers of one step are independent of everything seen before it.
+Separate uses draw from separate streams (the stream is XORed into the key).
+
+The Gumbel-style noise is the exception on purpose: it is keyed by absolute
+position and token, so a position sees the same noise on every pass until it
+is verified (core/drafting.py says why that stays exact).
 """
 
 import torch
@@ -53,14 +58,41 @@ def key_from_seed(seed: int) -> int:
     return _as_signed64(splitmix64_reference(splitmix64_reference(seed & _MASK64)))
 
 
+# Streams: independent numbers for independent uses of one request's key.
+DRAFT_STREAM = 0
+COUPLING_STREAM = _as_signed64(0x5851F42D4C957F2D)
+RESIDUAL_STREAM = _as_signed64(0x2545F4914F6CDD1D)
+GUMBEL_STREAM = _as_signed64(0xD1B54A32D192ED03)
+
+
 def window_uniforms(
     keys: torch.Tensor,  # [B] int64: one key per request
     positions: torch.Tensor,  # [B] int64: token index of the window's first draft
     num_slots: int,
+    stream: int = DRAFT_STREAM,
 ) -> torch.Tensor:
     """Uniform numbers in [0, 1), [B, num_slots] float64, one per draft slot."""
     slots = torch.arange(num_slots, dtype=torch.int64, device=keys.device)
+    keys = keys ^ stream
     x = splitmix64(keys.unsqueeze(1) ^ splitmix64(positions.unsqueeze(1)))
     x = splitmix64(x + slots.unsqueeze(0))
     # Top 53 bits -> a double in [0, 1).
     return _shr(x, 11).to(torch.float64) * (1.0 / (1 << 53))
+
+
+def token_exponentials(
+    keys: torch.Tensor,  # [B] int64
+    positions: torch.Tensor,  # [B, K] int64: absolute token index of each slot
+    vocab_size: int,
+) -> torch.Tensor:
+    """Exp(1) noise per (request, absolute position, token), [B, K, V] float32.
+
+    The same for a position on every pass. argmax(q / E) is an exact sample
+    of q (the exponential form of the Gumbel-max trick). 24-bit uniforms,
+    strictly inside (0, 1): float32 resolution, far below what a test sees.
+    """
+    tokens = torch.arange(vocab_size, dtype=torch.int64, device=keys.device)
+    base = splitmix64((keys ^ GUMBEL_STREAM).unsqueeze(1) ^ splitmix64(positions))
+    x = splitmix64(base.unsqueeze(-1) + tokens)
+    u = (_shr(x, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(u)

@@ -10,7 +10,12 @@ Terms, for one request in one step:
   token at row n when a = n) closes the step.
 - re-draft (Jacobi update): the unverified tail's rows a+1..n of this pass are
   sampled to give the next window's first n-a drafts, with q = those rows.
-- fresh slots: the remaining K-(n-a) slots get initial drafts.
+- fresh slots: the remaining K-(n-a) slots get initial drafts: uniform over
+  the tokens the slot may hold, the newest row (last_distribution), or, in an
+  image, the verified row of the cell one image row up (above).
+- how a slot's draft is drawn from its q (independent, coupled with the
+  previous draft at that position, or Gumbel noise per position): see
+  core/drafting.py.
 
 Every draft is an exact sample from the q returned beside it, so the verifier's
 min(1, p/q) test keeps the output distribution equal to the AR distribution
@@ -22,9 +27,12 @@ from typing import Literal
 
 import torch
 
-from vllm_sjd.core.rng import window_uniforms
+from vllm_sjd.core.drafting import Drafting, draw, sample_inverse_cdf
 
-InitialDrafts = Literal["uniform", "last_distribution"]
+InitialDrafts = Literal["uniform", "last_distribution", "above"]
+
+__all__ = ["InitialDrafts", "PreviousWindow", "StepRows", "Window", "next_window",
+           "sample_inverse_cdf"]
 
 
 @dataclass
@@ -43,15 +51,63 @@ class StepRows:
     num_accepted: torch.Tensor
 
 
-def sample_inverse_cdf(
-    probs: torch.Tensor,  # [..., V] float, rows summing to 1 (up to rounding)
-    uniforms: torch.Tensor,  # [...] float64 in [0, 1)
-) -> torch.Tensor:
-    """One exact sample per row, [...] int64; zero-probability tokens never win."""
-    cdf = probs.to(torch.float64).cumsum(dim=-1)
-    target = (uniforms * cdf[..., -1]).unsqueeze(-1)
-    index = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    return index.clamp_(max=probs.shape[-1] - 1)
+@dataclass
+class PreviousWindow:
+    """Each request's stored window, in batch order, as the verifier saw it."""
+
+    drafts: torch.Tensor  # [B, K] int64
+    q: torch.Tensor  # [B, K, V] float32
+    present: torch.Tensor  # [B] bool: the request had a window
+
+
+@dataclass
+class Window:
+    """The next window of every request."""
+
+    drafts: torch.Tensor  # [B, K] int64
+    q: torch.Tensor  # [B, K, V] float32: each draft is an exact sample of its row
+    kept: torch.Tensor  # [B, K] bool: the coupling kept the previous draft there
+    fresh: torch.Tensor  # [B, K] bool: initial drafts (no row of this pass at that slot)
+    # [B, K, V]: the q the previous draft at each slot was drawn from (coupled only).
+    previous_q: torch.Tensor | None = None
+
+
+def _row_sources(rows: StepRows, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index into cat(target_probs, bonus_probs) of each request's rows a+1.., [B, num_rows].
+
+    Also whether the pass computed that row (index <= n); rows past n point at
+    the bonus row, the most recent distribution.
+    """
+    n, a = rows.num_draft_tokens, rows.num_accepted
+    batch_size = n.shape[0]
+    device = n.device
+    num_target_rows = rows.target_probs.shape[0]
+    bonus_row = (torch.arange(batch_size, device=device) + num_target_rows)[:, None]
+    first_target_row = (torch.cumsum(n, 0) - n)[:, None]
+    row = a[:, None] + 1 + torch.arange(num_rows, device=device)[None, :]
+    computed = row <= n[:, None]
+    source = torch.where(row < n[:, None], first_target_row + row, bonus_row)
+    return torch.where(computed, source, bonus_row), computed
+
+
+def committed_row_sources(rows: StepRows) -> list[torch.Tensor]:
+    """Per request, the index of the verified row of each token committed this step.
+
+    Index into cat(target_probs, bonus_probs). Row j (j <= a) verified the
+    token at offset j of the window; row a is the resampled or bonus token's.
+    Meaningless for a request that produced nothing (the caller knows which).
+    """
+    n = rows.num_draft_tokens.tolist()
+    a = rows.num_accepted.tolist()
+    num_target_rows = rows.target_probs.shape[0]
+    sources, first = [], 0
+    for i, (n_i, a_i) in enumerate(zip(n, a)):
+        rows_i = list(range(first, first + min(a_i + 1, n_i)))
+        if a_i == n_i:
+            rows_i.append(num_target_rows + i)
+        sources.append(torch.tensor(rows_i, dtype=torch.int64))
+        first += n_i
+    return sources
 
 
 def next_window(
@@ -62,36 +118,25 @@ def next_window(
     next_positions: torch.Tensor,  # [B] int64: token index of the first new draft
     greedy: torch.Tensor,  # [B] bool: temperature-0 requests
     initial_drafts: InitialDrafts,
+    drafting: Drafting = "independent",
     allowed: torch.Tensor | None = None,  # bool, [V] or [B, K, V]; None: all tokens
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The next window of every request: drafts [B, K] int64 and q [B, K, V] float32.
+    previous: PreviousWindow | None = None,  # needed by coupled drafting
+    above: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([B, K] bool, [B, K, V])
+) -> Window:
+    """The next window of every request.
 
     `allowed` restricts initial drafts per slot (an image layout's forced and
     code-only positions). Recycled slots need no restriction: their rows were
-    masked at the same absolute positions before verification.
+    masked at the same absolute positions before verification. `above` gives
+    the fresh slots that have a committed cell one image row up, and that
+    cell's verified row (initial_drafts "above"; other slots go uniform).
     For greedy requests the drafts are the argmax of the model's rows (plain
     Jacobi decoding) and q is one-hot, which the greedy verifier ignores.
     """
     batch_size, vocab_size = rows.bonus_probs.shape
     device = rows.bonus_probs.device
-    n = rows.num_draft_tokens
-    a = rows.num_accepted
-    num_target_rows = rows.target_probs.shape[0]
-
     all_rows = torch.cat([rows.target_probs, rows.bonus_probs], dim=0)
-    # [B, 1] index of each request's bonus row in all_rows.
-    bonus_row = (torch.arange(batch_size, device=device) + num_target_rows)[:, None]
-    first_target_row = (torch.cumsum(n, 0) - n)[:, None]
-
-    slot = torch.arange(num_slots, device=device)[None, :]
-    # [B, K] this pass's row that re-drafts each slot of the next window.
-    window_row = a[:, None] + 1 + slot
-    recycled = window_row <= n[:, None]
-    source = torch.where(
-        window_row < n[:, None], first_target_row + window_row, bonus_row
-    )
-    # Fresh slots point at the bonus row: the most recent distribution.
-    source = torch.where(recycled, source, bonus_row)
+    source, recycled = _row_sources(rows, num_slots)
     q = all_rows[source]  # [B, K, V]
 
     if allowed is None:
@@ -99,23 +144,57 @@ def next_window(
     else:
         weights = allowed.to(torch.float32)
         uniform = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    fresh_from_model = torch.zeros_like(recycled)
     if initial_drafts == "last_distribution":
         fresh = q if allowed is None else q * allowed
         total = fresh.sum(dim=-1, keepdim=True)
         # Where the newest row puts no mass on the allowed tokens, go uniform.
         fresh = torch.where(total > 0, fresh / total.clamp_min(1e-30), uniform)
+        fresh_from_model = ~recycled
+    elif initial_drafts == "above":
+        fresh = uniform
+        if above is not None:
+            has_above, above_rows = above
+            fresh = torch.where(has_above[:, :, None], above_rows, uniform)
+            fresh_from_model = has_above & ~recycled
     elif initial_drafts == "uniform":
         fresh = uniform
     else:
         raise ValueError(f"unknown initial_drafts {initial_drafts!r}")
     q = torch.where(recycled[:, :, None], q, fresh)
 
-    u = window_uniforms(keys, next_positions, num_slots)
-    drafts = sample_inverse_cdf(q, u)
+    old = _previous_at_slots(previous, rows, recycled) if drafting == "coupled" else None
+    drafts, kept = draw(
+        drafting, q, keys=keys, next_positions=next_positions,
+        previous_drafts=None if old is None else old[0],
+        previous_q=None if old is None else old[1],
+        has_previous=None if old is None else old[2],
+    )
     if bool(greedy.any()):
-        from_model = recycled | (initial_drafts == "last_distribution")
-        jacobi = greedy[:, None] & from_model
+        jacobi = greedy[:, None] & (recycled | fresh_from_model)
         drafts = torch.where(jacobi, q.argmax(dim=-1), drafts)
         one_hot = torch.zeros_like(q).scatter_(-1, drafts[:, :, None], 1.0)
         q = torch.where(greedy[:, None, None], one_hot, q)
-    return drafts, q.contiguous()
+        kept &= ~greedy[:, None]
+    return Window(drafts, q.contiguous(), kept, ~recycled, None if old is None else old[1])
+
+
+def _previous_at_slots(
+    previous: PreviousWindow | None, rows: StepRows, recycled: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The previous window's draft and q at each next slot's position, and where it exists.
+
+    Next slot s sits where previous slot a+1+s did. Only recycled slots take
+    part: a fresh slot's position had no draft, or one drafted against an
+    older context the new q knows nothing of.
+    """
+    if previous is None:
+        return None
+    num_slots = previous.drafts.shape[1]
+    vocab_size = previous.q.shape[-1]
+    old_slot = rows.num_accepted[:, None] + 1 + torch.arange(num_slots, device=recycled.device)
+    exists = previous.present[:, None] & recycled & (old_slot < num_slots)
+    old_slot = old_slot.clamp_(max=num_slots - 1)
+    drafts = previous.drafts.gather(1, old_slot)
+    q = previous.q.gather(1, old_slot[:, :, None].expand(-1, -1, vocab_size))
+    return drafts, q, exists

@@ -74,6 +74,17 @@ class ImageGrid:
         high = torch.full_like(p, self.code_high)
         return forced, low, high
 
+    def cell_above(self, positions: torch.Tensor) -> torch.Tensor:
+        """The position of the code one image row up, or -1 (relative positions, like constraints).
+
+        Only code cells from the second image row on have one.
+        """
+        p = positions.to(torch.int64)
+        body = p - len(self.header)
+        is_code = (body >= self.row_stride) & (body < self.rows * self.row_stride)
+        is_code &= body % self.row_stride < self.cols
+        return torch.where(is_code, p - self.row_stride, torch.full_like(p, -1))
+
     def allowed_mask(self, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """[..., V] bool: the tokens each position may hold."""
         forced, low, high = self.constraints(positions)

@@ -1,0 +1,105 @@
+"""How a window slot's draft is drawn from its q: three exact samplers.
+
+Every sampler returns, for each slot, a token that is an exact sample of the
+q recorded beside it, which is all the verifier's min(1, p/q) test needs.
+They differ in how a re-drafted slot relates to the draft the same position
+held on the previous pass: the more often the two agree, the less the
+context of the later slots churns, and the more of the window is accepted.
+
+- independent (vanilla SJD): inverse CDF with a fresh uniform; two samples
+  of a flat distribution almost never agree.
+- coupled (MC-SJD / SCD, SJD-PAC's adaptive continuation): maximal coupling
+  with the previous draft d ~ q_old. Keep d with probability
+  min(1, p(d) / q_old(d)), else sample norm(max(0, p - q_old)); the result
+  is an exact sample of p, so the recorded q is p. (Recording q_old for a
+  kept draft, as the public SCD code does, is biased.)
+- gumbel: argmax(q / E) with Exp(1) noise E fixed per (request, absolute
+  position, token): exact for q, and a position keeps its noise from pass to
+  pass, so re-drafts agree wherever q moved little.
+
+Why reusing a position's noise (or its previous draft) stays exact: a
+position's draft is never verified before the pass that commits it, and
+until then it influences only the rows of later positions, never a
+committed token or the q of its own position. So at verification the noise
+is still independent of everything the verifier conditions on.
+"""
+
+from typing import Literal
+
+import torch
+
+from vllm_sjd.core.rng import (
+    COUPLING_STREAM,
+    RESIDUAL_STREAM,
+    token_exponentials,
+    window_uniforms,
+)
+
+Drafting = Literal["independent", "coupled", "gumbel"]
+
+
+def sample_inverse_cdf(
+    probs: torch.Tensor,  # [..., V] float, rows summing to 1 (up to rounding)
+    uniforms: torch.Tensor,  # [...] float64 in [0, 1)
+) -> torch.Tensor:
+    """One exact sample per row, [...] int64; zero-probability tokens never win."""
+    cdf = probs.to(torch.float64).cumsum(dim=-1)
+    target = (uniforms * cdf[..., -1]).unsqueeze(-1)
+    index = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return index.clamp_(max=probs.shape[-1] - 1)
+
+
+def maximal_coupling(
+    p: torch.Tensor,  # [B, K, V] the new rows
+    old_drafts: torch.Tensor,  # [B, K] int64, each an exact sample of old_q
+    old_q: torch.Tensor,  # [B, K, V]
+    keep_uniforms: torch.Tensor,  # [B, K] float64
+    residual_uniforms: torch.Tensor,  # [B, K] float64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(drafts, kept): exact samples of p that keep the old draft when they can."""
+    index = old_drafts.unsqueeze(-1)
+    p_d = p.gather(-1, index).squeeze(-1).to(torch.float64)
+    q_d = old_q.gather(-1, index).squeeze(-1).to(torch.float64)
+    kept = (q_d > 0) & (keep_uniforms * q_d < p_d)
+    residual = (p - old_q).clamp_min_(0.0)
+    # p == q_old leaves no residual; then every draft is kept (up to rounding).
+    empty = residual.sum(dim=-1, keepdim=True) <= 0
+    residual = torch.where(empty, p, residual)
+    fresh = sample_inverse_cdf(residual, residual_uniforms)
+    return torch.where(kept, old_drafts, fresh), kept
+
+
+def draw(
+    drafting: Drafting,
+    q: torch.Tensor,  # [B, K, V]
+    *,
+    keys: torch.Tensor,  # [B] int64
+    next_positions: torch.Tensor,  # [B] int64: absolute index of slot 0
+    previous_drafts: torch.Tensor | None = None,  # [B, K] this position's last draft
+    previous_q: torch.Tensor | None = None,  # [B, K, V] the q it was drawn from
+    has_previous: torch.Tensor | None = None,  # [B, K] bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(drafts [B, K] int64, kept [B, K] bool): one exact sample of q per slot.
+
+    `kept` marks slots whose previous draft was kept by the coupling.
+    """
+    batch_size, num_slots, vocab_size = q.shape
+    no_keep = torch.zeros(batch_size, num_slots, dtype=torch.bool, device=q.device)
+    if drafting == "gumbel":
+        positions = next_positions.unsqueeze(1) + torch.arange(num_slots, device=q.device)
+        noise = token_exponentials(keys, positions, vocab_size)
+        return (q / noise).argmax(dim=-1), no_keep
+    drafts = sample_inverse_cdf(q, window_uniforms(keys, next_positions, num_slots))
+    if drafting == "independent" or previous_drafts is None:
+        return drafts, no_keep
+    if drafting != "coupled":
+        raise ValueError(f"unknown drafting {drafting!r}")
+    coupled, kept = maximal_coupling(
+        q,
+        previous_drafts.clamp(min=0),
+        previous_q,
+        window_uniforms(keys, next_positions, num_slots, COUPLING_STREAM),
+        window_uniforms(keys, next_positions, num_slots, RESIDUAL_STREAM),
+    )
+    kept &= has_previous
+    return torch.where(has_previous, coupled, drafts), kept
