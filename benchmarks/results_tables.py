@@ -2,6 +2,7 @@
 """Markdown tables for RESULTS.md from the benchmark JSON files.
 
     python benchmarks/results_tables.py demo benchmarks/results/demo/results.json
+    python benchmarks/results_tables.py drafting benchmarks/results/drafting/results.json
     python benchmarks/results_tables.py gpu benchmarks/results/forward_cost_7b_h100.json \\
         --compression benchmarks/results/demo/results.json
 
@@ -54,15 +55,17 @@ def demo_tables(results: dict) -> str:
                      rows))
 
     gt = results.get("ground_truth", {})
+    base = results.get("torch_baseline")
     sources = [("renderer (ground truth)", gt.get("renders"), None),
                ("VQ round trip of the renders", gt.get("vq_roundtrip"), None),
-               ("PyTorch loop", results["torch_baseline"]["accuracy"], None)]
+               ("PyTorch loop", base and base["accuracy"], None)]
     sources += [(f"vLLM {k}", v["accuracy"], v.get("checks_z_vs_AR")) for k, v in configs.items()]
     rows = [[label, acc["n"]] + [fmt(acc.get(a)) for a in ATTRIBUTES] + ["" if z is None else fmt(z)]
             for label, acc, z in sources if acc is not None]
     out.append(table(["images from", "n"] + ATTRIBUTES + ["z (checks passed) vs AR"], rows))
+    if base is None:
+        return "\n\n".join(out)
 
-    base = results["torch_baseline"]
     ar1 = configs["AR"]["by_concurrency"]["1"]
     rows = [["PyTorch/transformers loop, batch 1 (AR)", base["passes_per_image"], fmt(base["latency_median_s"]),
              fmt(base["latency_p90_s"]), fmt(base["images_per_min"], 1), "1.00x"]]
@@ -79,6 +82,24 @@ def demo_tables(results: dict) -> str:
                f"mean {e['mean']:.2f} nats, median {e['median']:.2f}, p90 {e['p90']:.2f}; "
                f"AR at 1 in flight: {ar1['latency_median_s']:.2f} s per image.")
     return "\n\n".join(out)
+
+
+def drafting_table(results: dict) -> str:
+    """Drafting and initial-draft modes at one request in flight, against vanilla SJD's best."""
+    configs = results["vllm"]
+    vanilla = max(cfg["by_concurrency"]["1"]["tokens_per_pass"] for name, cfg in configs.items()
+                  if name.split(" ")[-1].startswith("independent/uniform"))
+    rows = []
+    for name, cfg in configs.items():
+        row, ratio = cfg["by_concurrency"]["1"], cfg["vs_AR"]["1"]
+        rows.append([name, fmt(row["passes_per_image"], 1), fmt(row["tokens_per_pass"]),
+                     f"{row['tokens_per_pass'] / vanilla:.2f}x", fmt(row["latency_median_s"]),
+                     f"{ratio['latency_speedup']:.2f}x", fmt(row.get("ms_per_pass"), 1),
+                     fmt(cfg.get("window_state_mb_per_request"), 1),
+                     fmt(cfg["accuracy"]["checks_passed"]), fmt(cfg.get("checks_z_vs_AR"))])
+    return table(["config", "passes/image", "tokens/pass", "vs vanilla SJD's best", "latency median s",
+                  "latency vs AR", "ms/pass", "window state MB/request", "checks passed", "z vs AR"],
+                 rows)
 
 
 def gpu_tables(cost: dict, demo: dict | None) -> str:
@@ -105,13 +126,15 @@ def gpu_tables(cost: dict, demo: dict | None) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=["demo", "gpu"])
+    ap.add_argument("kind", choices=["demo", "drafting", "gpu"])
     ap.add_argument("path", type=Path)
     ap.add_argument("--compression", type=Path, help="demo results.json whose step compression to project")
     args = ap.parse_args()
     data = json.loads(args.path.read_text())
     if args.kind == "demo":
         print(demo_tables(data))
+    elif args.kind == "drafting":
+        print(drafting_table(data))
     else:
         demo = json.loads(args.compression.read_text()) if args.compression else None
         print(gpu_tables(data, demo))

@@ -9,7 +9,8 @@ classifier-free guidance on (the demo's default scale), it runs:
 * a plain PyTorch/transformers sampling loop, AR, batch 1 (the baseline a
   user would write), timed per image; it also records the per-token entropy
   of the guided distribution SJD has to draft against;
-* vLLM without speculation (AR) and with SJD at each window K, one engine per
+* vLLM without speculation (AR) and with SJD at each window K, drafting mode
+  and initial-draft mode (--drafting, --initial-drafts), one engine per
   configuration, in-process. Each engine serves the prompts with 1, 4 and 16
   requests in flight (a closed loop: a new request enters as one finishes),
   and reports forward passes per image (engine steps: prefill + one per token
@@ -119,17 +120,23 @@ def profile_one(llm, prompt, param, tag: str) -> dict:
     return parts
 
 
-def run_engine(model_path, window, prompts, params, concurrencies, profile_prompt, latency_images):
+def config_name(window: int, drafting: str, initial: str) -> str:
+    return f"K{window} {drafting}/{initial}" if window else "AR"
+
+
+def run_engine(model_path, config, prompts, params, concurrencies, profile_prompt, latency_images):
     from vllm import LLM
 
+    window, drafting, initial = config
     options = dict(model=str(model_path), dtype="float32", max_model_len=512, seed=0,
                    enforce_eager=True, disable_log_stats=False, max_num_seqs=2 * max(concurrencies))
     if window:
-        options["speculative_config"] = {"method": "sjd", "num_speculative_tokens": window}
+        options["speculative_config"] = {"method": "sjd", "num_speculative_tokens": window,
+                                         "drafting": drafting, "initial_drafts": initial}
     t0 = time.perf_counter()
     llm = LLM(**options)
     result = {"engine_start_s": round(time.perf_counter() - t0, 1), "by_concurrency": {}}
-    tag = f"K{window}" if window else "AR"
+    tag = config_name(*config).replace(" ", "-").replace("/", "-")
     try:
         closed_loop(llm, prompts[:2], params[:2], 2, f"{tag}-warmup")
         for c in concurrencies:
@@ -141,6 +148,7 @@ def run_engine(model_path, window, prompts, params, concurrencies, profile_promp
             passes = 1 + steps if window else per_image
             result["by_concurrency"][c] = {
                 "images": n, "wall_s": round(wall, 2),
+                "ms_per_pass": round(1000 * wall / (n * passes), 2) if c == 1 else None,
                 "images_per_min": round(60 * n / wall, 2),
                 "latency_median_s": round(statistics.median(latencies), 3),
                 "latency_p90_s": round(percentile(latencies, 90), 3),
@@ -189,21 +197,29 @@ def plot(results: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     configs = results["vllm"]
-    windows = [k for k in configs if k != "AR"]
     c1 = "1"
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ks = [int(k[1:]) for k in windows]
-    ax.plot(ks, [configs[k]["by_concurrency"][c1]["tokens_per_pass"] for k in windows], "o-",
-            label="tokens per pass (step compression)")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    modes: dict[str, list[tuple[int, float]]] = {}
+    for name, cfg in configs.items():
+        if name != "AR":
+            window, mode = name.split(" ", 1) if " " in name else (name, "independent/uniform")
+            modes.setdefault(mode, []).append(
+                (int(window[1:]), cfg["by_concurrency"][c1]["tokens_per_pass"]))
+    ks = sorted({k for points in modes.values() for k, _ in points})
+    for mode, points in modes.items():
+        points.sort()
+        ax.plot([k for k, _ in points], [t for _, t in points], "o-", label=mode)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="AR")
     ax.set_xlabel("SJD window K")
     ax.set_ylabel("tokens per forward pass")
     ax.set_xticks(ks)
     ax.set_title("Demo model, guidance on, 1 request in flight")
-    ax.legend()
+    ax.legend(fontsize=7, title="drafting/initial drafts", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "step_compression_vs_k.png", dpi=120)
 
+    if max(len(cfg["by_concurrency"]) for cfg in configs.values()) < 2:
+        return  # one concurrency: nothing to draw against it
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     for name, cfg in configs.items():
         cs = sorted(int(c) for c in cfg["by_concurrency"])
@@ -226,8 +242,13 @@ def main():
     ap.add_argument("--captions", type=int, default=16)
     ap.add_argument("--seeds", type=int, default=2, help="seeds per caption")
     ap.add_argument("--windows", type=int, nargs="+", default=[8, 16, 32])
+    ap.add_argument("--drafting", nargs="+", default=["independent"],
+                    choices=["independent", "coupled", "gumbel"])
+    ap.add_argument("--initial-drafts", nargs="+", default=["uniform"],
+                    choices=["uniform", "last_distribution", "above"])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--baseline-images", type=int, default=8)
+    ap.add_argument("--baseline-images", type=int, default=8,
+                    help="images of the plain PyTorch loop (0: skip it)")
     ap.add_argument("--latency-images", type=int, default=8,
                     help="images served one at a time (concurrency 1)")
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -274,21 +295,30 @@ def main():
     save()
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
     n_base = args.baseline_images
-    base = torch_baseline(args.model, prompt_ids[:n_base], uncond, grid, seeds[:n_base], scale,
-                          args.temperature, top_k)
-    accuracy, _ = dq.score_tokens(scenes[:n_base], base.pop("tokens"), grid, args.model)
-    base["accuracy"] = accuracy
-    results["torch_baseline"] = base
-    print("torch baseline", json.dumps(base), flush=True)
-    save()
+    if n_base > 0:
+        base = torch_baseline(args.model, prompt_ids[:n_base], uncond, grid, seeds[:n_base],
+                              scale, args.temperature, top_k)
+        accuracy, _ = dq.score_tokens(scenes[:n_base], base.pop("tokens"), grid, args.model)
+        base["accuracy"] = accuracy
+        results["torch_baseline"] = base
+        print("torch baseline", json.dumps(base), flush=True)
+        save()
 
-    for window in [0, *args.windows]:
-        name = f"K{window}" if window else "AR"
-        res = run_engine(args.model, window, prompts, params, args.concurrency,
+    vocab_size = json.loads((args.model / "config.json").read_text())["vocab_size"]
+    configs = [(0, "", "")] + [(k, d, i) for k in args.windows for d in args.drafting
+                               for i in args.initial_drafts]
+    for config in configs:
+        name = config_name(*config)
+        res = run_engine(args.model, config, prompts, params, args.concurrency,
                          (prompts[0], params[0]), args.latency_images)
+        if config[0]:
+            # The proposer's state per request: q of every slot, plus one image
+            # row of verified rows for initial drafts "above" (float32).
+            rows = config[0] + (grid.row_stride if config[2] == "above" else 0)
+            res["window_state_mb_per_request"] = round(rows * vocab_size * 4 / 2**20, 2)
         summary, images = dq.score_tokens(scenes, res.pop("tokens"), grid, args.model)
         res["accuracy"] = summary
-        dq.save_grid(images[:32], args.out / f"{name}.png")
+        dq.save_grid(images[:32], args.out / f"{name.replace(' ', '_').replace('/', '-')}.png")
         results["vllm"][name] = res
         save()
 

@@ -50,8 +50,7 @@ class FaultyQProposer(SJDProposer):
     def _next_window(self, rows, **kwargs):
         window = super()._next_window(rows, **kwargs)
         self.counts["kept"] += int(window.kept.sum())
-        if kwargs.get("above") is not None:
-            self.counts["from_above"] += int((kwargs["above"][0] & window.fresh).sum())
+        self.counts["from_above"] += int(window.from_above.sum())
         q = window.q
         if self.fault == "neighbour":
             q = torch.cat([q[:, 1:], q[:, -1:]], dim=1).contiguous()

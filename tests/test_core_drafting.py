@@ -6,7 +6,7 @@ from scipy.stats import chisquare
 from vllm_sjd.core.cells_above import CellsAbove
 from vllm_sjd.core.drafting import draw, maximal_coupling, sample_inverse_cdf
 from vllm_sjd.core.rng import token_exponentials, window_uniforms
-from vllm_sjd.core.window import PreviousWindow, StepRows, next_window
+from vllm_sjd.core.window import CellsAboveRows, PreviousWindow, StepRows, next_window
 from vllm_sjd.models.layout import ImageGrid
 
 N = 40_000
@@ -119,16 +119,29 @@ def test_cells_above_hold_the_last_row_of_committed_cells():
 
 
 def test_above_initial_drafts_draw_from_the_cell_above_and_uniform_elsewhere():
-    vocab, num_slots = 12, 3
-    rows = torch.full((1, vocab), 1 / vocab)
-    above_row = torch.zeros(vocab)
-    above_row[[4, 5]] = 0.5
-    has_above = torch.tensor([[False, True, False]])
-    window = next_window(
-        _step([rows], n=[0], a=[0]), num_slots=num_slots, keys=torch.tensor([2]),
-        next_positions=torch.tensor([30]), greedy=torch.tensor([False]),
-        initial_drafts="above", above=(has_above, above_row.expand(1, num_slots, vocab)),
+    # Next window at positions 30..35; 2 drafts verified, none accepted: slots
+    # 0 and 1 are recycled (rows 1 and 2), slots 2..5 fresh. Cells above:
+    # slot 2 -> 25 (committed, held), slot 4 -> 30 (slot 0 of this window),
+    # slot 5 -> none (an end-of-line cell), slot 3 -> 28 (committed, not held).
+    vocab, num_slots = 12, 6
+    rows = torch.zeros(3, vocab)
+    rows[torch.arange(3), torch.tensor([0, 1, 2])] = 1.0
+    held_row = torch.zeros(vocab)
+    held_row[[4, 5]] = 0.5
+    above = CellsAboveRows(
+        positions=torch.tensor([[-1, -1, 25, 28, 30, -1]]),
+        held=torch.tensor([[False, False, True, False, False, False]]),
+        rows=held_row.expand(1, num_slots, vocab),
     )
-    assert torch.equal(window.q[0, 1], above_row)
-    assert int(window.drafts[0, 1]) in (4, 5)
-    assert torch.allclose(window.q[0, 0], torch.full((vocab,), 1 / vocab))
+    window = next_window(
+        _step([rows], n=[2], a=[0]), num_slots=num_slots, keys=torch.tensor([2]),
+        next_positions=torch.tensor([30]), greedy=torch.tensor([False]),
+        initial_drafts="above", above=above,
+    )
+    q = window.q[0]
+    assert window.fresh[0].tolist() == [False, False, True, True, True, True]
+    assert window.from_above[0].tolist() == [False, False, True, False, True, False]
+    assert torch.equal(q[2], held_row) and int(window.drafts[0, 2]) in (4, 5)
+    assert torch.equal(q[4], rows[1])  # this pass's row for position 30
+    for slot in (3, 5):
+        assert torch.allclose(q[slot], torch.full((vocab,), 1 / vocab))

@@ -188,3 +188,24 @@ def test_a_kept_draft_reporting_its_old_q_fails_the_same_test(faulty_llm, exact)
     samples = sample_with_fault(faulty_llm, "old_q_for_kept", count=4 * NUM_SAMPLES)
     assert proposer_counts(faulty_llm)["kept"] > NUM_SAMPLES
     assert chi_square_pvalue(samples, exact) < ALPHA
+
+
+@pytest.mark.parametrize("drafting,initial", [("coupled", "above"), ("gumbel", "above")])
+def test_a_seeded_request_gives_the_same_tokens_in_any_batch(faulty_llm, drafting, initial):
+    # The coupling's and the Gumbel noise's numbers are counter-based too.
+    set_drafting(faulty_llm, drafting, initial, LONG_WINDOW)
+    grid = ImageGrid(width=64, height=64, rows=4, cols=6, header=(5,), row_end=7,
+                     trailer=(9,), code_low=10, code_high=30)
+    seeded = SamplingParams(temperature=1.0, seed=99, max_tokens=grid.num_tokens,
+                            min_tokens=grid.num_tokens, ignore_eos=True,
+                            extra_args=image_extra_args(grid))
+    target = {"prompt_token_ids": PROMPT}
+    alone = faulty_llm.generate([target], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    crowd = [{"prompt_token_ids": p} for p in ([5, 6], [40, 41, 42], [3])]
+    others = [SamplingParams(temperature=0.8, max_tokens=n, ignore_eos=True) for n in (9, 30, 17)]
+    mixed = faulty_llm.generate(crowd[:1] + [target] + crowd[1:], others[:1] + [seeded] + others[1:],
+                                use_tqdm=False)
+    assert list(mixed[1].outputs[0].token_ids) == list(alone)
+    counts = proposer_counts(faulty_llm)
+    assert counts["from_above"] > 0
+    assert (counts["kept"] > 0) == (drafting == "coupled")

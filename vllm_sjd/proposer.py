@@ -22,6 +22,7 @@ from vllm_sjd.config import SJDConfig
 from vllm_sjd.core.cells_above import CellsAbove
 from vllm_sjd.core.rng import key_from_seed
 from vllm_sjd.core.window import (
+    CellsAboveRows,
     PreviousWindow,
     StepRows,
     Window,
@@ -190,15 +191,15 @@ class SJDProposer:
                 req_ids[i], row_strides[i], positions, all_rows[sources.to(all_rows.device)]
             )
 
-    def _lookup_cells(self, req_ids, above: torch.Tensor, like: torch.Tensor):
-        """([B, K] bool, [B, K, V]): the fresh slots' cells above that are held, and their rows."""
-        found = torch.zeros(above.shape, dtype=torch.bool, device=like.device)
-        cells = like.new_zeros((*above.shape, like.shape[-1]))
+    def _lookup_cells(self, req_ids, above: torch.Tensor, like: torch.Tensor) -> CellsAboveRows:
+        """Each slot's cell above, and the verified rows of those already committed."""
+        held = torch.zeros(above.shape, dtype=torch.bool, device=like.device)
+        rows = like.new_zeros((*above.shape, like.shape[-1]))
         for i, req_id in enumerate(req_ids):
             hit = self._cells_above.lookup(req_id, above[i])
             if hit is not None:
-                found[i], cells[i] = hit
-        return found, cells
+                held[i], rows[i] = hit
+        return CellsAboveRows(above.to(like.device), held, rows)
 
     def draft_probs(
         self,

@@ -12,7 +12,8 @@ Terms, for one request in one step:
   sampled to give the next window's first n-a drafts, with q = those rows.
 - fresh slots: the remaining K-(n-a) slots get initial drafts: uniform over
   the tokens the slot may hold, the newest row (last_distribution), or, in an
-  image, the verified row of the cell one image row up (above).
+  image, the row of the cell one image row up (above): its verified row if
+  committed, the row this pass computed for it if it is still in the window.
 - how a slot's draft is drawn from its q (independent, coupled with the
   previous draft at that position, or Gumbel noise per position): see
   core/drafting.py.
@@ -61,6 +62,15 @@ class PreviousWindow:
 
 
 @dataclass
+class CellsAboveRows:
+    """For initial drafts "above": each slot's cell one image row up."""
+
+    positions: torch.Tensor  # [B, K] int64: its absolute position, -1 for none
+    held: torch.Tensor  # [B, K] bool: committed, and its verified row is in `rows`
+    rows: torch.Tensor  # [B, K, V] float32: that verified row
+
+
+@dataclass
 class Window:
     """The next window of every request."""
 
@@ -68,6 +78,7 @@ class Window:
     q: torch.Tensor  # [B, K, V] float32: each draft is an exact sample of its row
     kept: torch.Tensor  # [B, K] bool: the coupling kept the previous draft there
     fresh: torch.Tensor  # [B, K] bool: initial drafts (no row of this pass at that slot)
+    from_above: torch.Tensor  # [B, K] bool: initial drafts drawn from the cell above
     # [B, K, V]: the q the previous draft at each slot was drawn from (coupled only).
     previous_q: torch.Tensor | None = None
 
@@ -121,15 +132,17 @@ def next_window(
     drafting: Drafting = "independent",
     allowed: torch.Tensor | None = None,  # bool, [V] or [B, K, V]; None: all tokens
     previous: PreviousWindow | None = None,  # needed by coupled drafting
-    above: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([B, K] bool, [B, K, V])
+    above: CellsAboveRows | None = None,
 ) -> Window:
     """The next window of every request.
 
     `allowed` restricts initial drafts per slot (an image layout's forced and
     code-only positions). Recycled slots need no restriction: their rows were
-    masked at the same absolute positions before verification. `above` gives
-    the fresh slots that have a committed cell one image row up, and that
-    cell's verified row (initial_drafts "above"; other slots go uniform).
+    masked at the same absolute positions before verification. With
+    initial_drafts "above", a fresh slot draws from the row of its cell one
+    image row up: the verified row in `above` if that cell is committed, this
+    pass's row for it if the cell is a recycled slot of the window; other
+    fresh slots go uniform.
     For greedy requests the drafts are the argmax of the model's rows (plain
     Jacobi decoding) and q is one-hot, which the greedy verifier ignores.
     """
@@ -154,9 +167,14 @@ def next_window(
     elif initial_drafts == "above":
         fresh = uniform
         if above is not None:
-            has_above, above_rows = above
-            fresh = torch.where(has_above[:, :, None], above_rows, uniform)
-            fresh_from_model = has_above & ~recycled
+            # The cell above as a slot of the next window, where it is one.
+            slot_above = above.positions - next_positions[:, None]
+            index = slot_above.clamp(0, num_slots - 1)
+            in_window = (above.positions >= 0) & (slot_above >= 0) & recycled.gather(1, index)
+            window_rows = q.gather(1, index[:, :, None].expand(-1, -1, vocab_size))
+            fresh = torch.where(above.held[:, :, None], above.rows, uniform)
+            fresh = torch.where(in_window[:, :, None], window_rows, fresh)
+            fresh_from_model = (above.held | in_window) & ~recycled
     elif initial_drafts == "uniform":
         fresh = uniform
     else:
@@ -176,7 +194,10 @@ def next_window(
         one_hot = torch.zeros_like(q).scatter_(-1, drafts[:, :, None], 1.0)
         q = torch.where(greedy[:, None, None], one_hot, q)
         kept &= ~greedy[:, None]
-    return Window(drafts, q.contiguous(), kept, ~recycled, None if old is None else old[1])
+    from_above = fresh_from_model if initial_drafts == "above" else torch.zeros_like(recycled)
+    return Window(
+        drafts, q.contiguous(), kept, ~recycled, from_above, None if old is None else old[1]
+    )
 
 
 def _previous_at_slots(
