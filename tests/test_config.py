@@ -12,7 +12,7 @@ from vllm_sjd.config import SJDConfig, SJDConfigError, split_speculative_config
 
 def test_defaults_and_split():
     vllm_spec, sjd = split_speculative_config({"method": "sjd"})
-    assert sjd == SJDConfig(num_speculative_tokens=16, initial_drafts="uniform")
+    assert sjd == SJDConfig(num_speculative_tokens=16, drafting="coupled", initial_drafts="above")
     assert vllm_spec == {
         "method": "custom_class",
         "model": "vllm_sjd.proposer.SJDProposer",
@@ -25,7 +25,8 @@ def test_defaults_and_split():
     [
         ({"num_speculative_tokens": 0}, "'num_speculative_tokens'] = 0 is invalid: allowed: an integer from 1 to 64"),
         ({"num_speculative_tokens": 65}, "an integer from 1 to 64"),
-        ({"initial_drafts": "zeros"}, "'initial_drafts'] = 'zeros' is invalid: allowed: one of 'uniform', 'last_distribution'"),
+        ({"initial_drafts": "zeros"}, "'initial_drafts'] = 'zeros' is invalid: allowed: one of 'uniform', 'last_distribution', 'above'"),
+        ({"drafting": "tree"}, "'drafting'] = 'tree' is invalid: allowed: one of 'independent', 'coupled', 'gumbel'"),
         ({"window": 4}, "'window'] = 4 is invalid: allowed: not a setting; SJD accepts"),
     ],
 )

@@ -40,13 +40,14 @@ class SJDConfig(BaseModel):
     num_speculative_tokens: int = DEFAULT_WINDOW
     # How slots with no recycled draft are filled: "uniform" over the allowed
     # tokens (the paper's choice), "last_distribution" (sampled from the
-    # newest verified row), or "above" (in an image, the verified row of the
-    # cell one image row up where it is committed; uniform elsewhere).
-    initial_drafts: InitialDrafts = "uniform"
+    # newest verified row), or "above" (in an image, the row of the cell one
+    # image row up; uniform where there is none). Default: the best measured
+    # (benchmarks/RESULTS.md, "Coupled drafts").
+    initial_drafts: InitialDrafts = "above"
     # How a re-drafted slot relates to its previous draft: "independent"
     # (vanilla SJD), "coupled" (maximal coupling: keeps it when it can) or
     # "gumbel" (noise fixed per position); all lossless (core/drafting.py).
-    drafting: Drafting = "independent"
+    drafting: Drafting = "coupled"
     # Proposer class (dotted path); a subclass may change how windows are built.
     proposer: str = PROPOSER_CLASS
 
