@@ -7,10 +7,11 @@ verification to hand q to vLLM's rejection sampler.
 
 State per request id: its drafting key (see core/rng.py), its pending
 window (drafts and their q) and, for initial drafts "above", the verified
-rows of its newest image row (core/cells_above.py). Batch rows are never used as keys: the persistent
-batch reorders rows when requests come and go. The window of the requests in
-the latest step is held as two batch tensors (one gather serves the whole next
-batch); a request left out of a step keeps its window as slices.
+rows of its newest image row (core/cells_above.py). Batch rows are never
+used as keys: the persistent batch reorders rows when requests come and go.
+The window of the requests in the latest step is held as two batch tensors
+(one gather serves the whole next batch); a request left out of a step keeps
+its window as slices.
 """
 
 import logging
@@ -108,7 +109,7 @@ class SJDProposer:
         if self.wants_cells_above and above is not None:
             self._record_cells(req_ids, rows, num_tokens, has_output, row_strides)
             cells_above = self._lookup_cells(req_ids, above, rows.bonus_probs)
-        window = self._next_window(
+        built = self._next_window(
             rows,
             keys=keys.to(device),
             next_positions=num_tokens.to(device),
@@ -117,7 +118,7 @@ class SJDProposer:
             previous=self._previous_windows(req_ids, rows.bonus_probs),
             above=cells_above,
         )
-        drafts, q = window.drafts, window.q
+        drafts, q = built.drafts, built.q
         kept = [False] * len(req_ids)
         for i, produced in enumerate(has_output):
             window = None if produced else self._window(req_ids[i])

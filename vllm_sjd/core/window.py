@@ -32,8 +32,9 @@ from vllm_sjd.core.drafting import Drafting, draw, sample_inverse_cdf
 
 InitialDrafts = Literal["uniform", "last_distribution", "above"]
 
-__all__ = ["InitialDrafts", "PreviousWindow", "StepRows", "Window", "next_window",
-           "sample_inverse_cdf"]
+# sample_inverse_cdf lives in core/drafting.py; re-exported for callers of this module.
+__all__ = ["CellsAboveRows", "InitialDrafts", "PreviousWindow", "StepRows", "Window",
+           "committed_row_sources", "next_window", "sample_inverse_cdf"]
 
 
 @dataclass
