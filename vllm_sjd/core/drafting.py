@@ -55,17 +55,29 @@ def maximal_coupling(
     old_q: torch.Tensor,  # [B, K, V]
     keep_uniforms: torch.Tensor,  # [B, K] float64
     residual_uniforms: torch.Tensor,  # [B, K] float64
+    *,
+    coupled: torch.Tensor | None = None,  # [B, K] bool: slots that have an old draft
+    uniforms: torch.Tensor | None = None,  # [B, K] float64: for the other slots
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(drafts, kept): exact samples of p that keep the old draft when they can."""
-    index = old_drafts.unsqueeze(-1)
+    """(drafts, kept): exact samples of p that keep the old draft when they can.
+
+    Slots outside `coupled` get an independent sample of p (with `uniforms`)
+    from the same inverse-CDF pass as the residual samples.
+    """
+    index = old_drafts.clamp(min=0).unsqueeze(-1)
     p_d = p.gather(-1, index).squeeze(-1).to(torch.float64)
     q_d = old_q.gather(-1, index).squeeze(-1).to(torch.float64)
     kept = (q_d > 0) & (keep_uniforms * q_d < p_d)
     residual = (p - old_q).clamp_min_(0.0)
     # p == q_old leaves no residual; then every draft is kept (up to rounding).
     empty = residual.sum(dim=-1, keepdim=True) <= 0
-    residual = torch.where(empty, p, residual)
-    fresh = sample_inverse_cdf(residual, residual_uniforms)
+    source = torch.where(empty, p, residual)
+    u = residual_uniforms
+    if coupled is not None:
+        kept &= coupled
+        source = torch.where(coupled.unsqueeze(-1), source, p)
+        u = torch.where(coupled, residual_uniforms, uniforms)
+    fresh = sample_inverse_cdf(source, u)
     return torch.where(kept, old_drafts, fresh), kept
 
 
@@ -89,17 +101,17 @@ def draw(
         positions = next_positions.unsqueeze(1) + torch.arange(num_slots, device=q.device)
         noise = token_exponentials(keys, positions, vocab_size)
         return (q / noise).argmax(dim=-1), no_keep
-    drafts = sample_inverse_cdf(q, window_uniforms(keys, next_positions, num_slots))
+    uniforms = window_uniforms(keys, next_positions, num_slots)
     if drafting == "independent" or previous_drafts is None:
-        return drafts, no_keep
+        return sample_inverse_cdf(q, uniforms), no_keep
     if drafting != "coupled":
         raise ValueError(f"unknown drafting {drafting!r}")
-    coupled, kept = maximal_coupling(
+    return maximal_coupling(
         q,
-        previous_drafts.clamp(min=0),
+        previous_drafts,
         previous_q,
         window_uniforms(keys, next_positions, num_slots, COUPLING_STREAM),
         window_uniforms(keys, next_positions, num_slots, RESIDUAL_STREAM),
+        coupled=has_previous,
+        uniforms=uniforms,
     )
-    kept &= has_previous
-    return torch.where(has_previous, coupled, drafts), kept
