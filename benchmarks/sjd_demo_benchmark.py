@@ -197,7 +197,7 @@ def plot(results: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     configs = results["vllm"]
-    c1 = "1"
+    c1 = min(next(iter(configs.values()))["by_concurrency"], key=int)  # fewest in flight
     fig, ax = plt.subplots(figsize=(6, 4))
     modes: dict[str, list[tuple[int, float]]] = {}
     for name, cfg in configs.items():
@@ -213,7 +213,7 @@ def plot(results: dict, out: Path) -> None:
     ax.set_xlabel("SJD window K")
     ax.set_ylabel("tokens per forward pass")
     ax.set_xticks(ks)
-    ax.set_title("Demo model, guidance on, 1 request in flight")
+    ax.set_title(f"Demo model, guidance on, {c1} in flight")
     ax.legend(fontsize=7, title="drafting/initial drafts", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "step_compression_vs_k.png", dpi=120)
