@@ -1,7 +1,7 @@
 """AR vs SJD in the same vLLM engine build, on the same model and prompts, in one run.
 
 Until the demo image model lands, the model is a tiny random-weight Llama with
-peaked, context-insensitive next-token distributions (tests/tiny_model.py,
+peaked, context-insensitive next-token distributions (vllm_sjd/testing/tiny_llama.py,
 preference=2.0): an optimistic setting for SJD, stated with its entropy.
 
 For each configuration: forward passes per sequence (prefill + verify passes),
@@ -77,7 +77,7 @@ def main() -> None:
 
     from vllm import SamplingParams
 
-    from tests.tiny_model import build_tiny_llama
+    from vllm_sjd.testing.tiny_llama import build_tiny_llama
 
     model_path = build_tiny_llama(Path(tempfile.mkdtemp()) / "peaked", preference=2.0)
     prompts = [{"prompt_token_ids": [4 + i % 56, 5, 6 + i % 7]} for i in range(args.num_seqs)]

@@ -27,13 +27,12 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from demo_quality import captions_for, to_model_input, vq_codes  # noqa: E402
 from vllm_sjd import demo  # noqa: E402
 from vllm_sjd.demo import scenes as sc  # noqa: E402
+from vllm_sjd.demo.evaluation import captions_for, to_model_input, vq_codes  # noqa: E402
 
 SIZE = sc.IMAGE_SIZE
 

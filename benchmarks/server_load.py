@@ -32,9 +32,8 @@ import requests
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-import demo_quality as dq  # noqa: E402
+from vllm_sjd.demo import evaluation as dq  # noqa: E402
 
 
 def percentile(values, q):

@@ -42,7 +42,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 # The engine core in this process: the profile sees the model runner, and
 # every configuration pays the same (no) inter-process hop.
@@ -50,8 +49,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import torch  # noqa: E402
 
-import demo_quality as dq  # noqa: E402
 from vllm_sjd import demo  # noqa: E402
+from vllm_sjd.demo import evaluation as dq  # noqa: E402
 from vllm_sjd.demo import scenes as sc  # noqa: E402
 
 SIZE = sc.IMAGE_SIZE

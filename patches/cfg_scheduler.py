@@ -30,8 +30,8 @@ from collections.abc import Iterable
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
+from vllm_sjd.contract import UNCONDITIONAL_REQUEST_SUFFIX
 from vllm_sjd.guidance import (
-    UNCONDITIONAL_SUFFIX,
     guidance_of,
     unconditional_extra_args,
     unconditional_request_id,
@@ -242,4 +242,4 @@ class SJDScheduler(Scheduler):
 
 
 def _is_twin(request_id: str) -> bool:
-    return request_id.endswith(UNCONDITIONAL_SUFFIX)
+    return request_id.endswith(UNCONDITIONAL_REQUEST_SUFFIX)

@@ -15,7 +15,7 @@ batches (check with tests/test_patches.py).
 import torch
 from vllm.v1.sample.ops import topk_topp_sampler
 
-from vllm_sjd.patches import install_wrapper
+from vllm_sjd.patches.wrapping import install_wrapper
 
 _original_apply_top_k_only = topk_topp_sampler.apply_top_k_only
 

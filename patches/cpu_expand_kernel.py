@@ -10,7 +10,10 @@ Bug: vllm/utils/cpu_triton_utils.py::_expand_kernel_impl casts `output` and
 temperature / top_k / top_p of draft rows stay uninitialised memory (float
 temperatures would also be truncated), so any non-greedy speculative decoding
 on CPU crashes in apply_top_k_only or samples a wrong target distribution.
-Our kernel writes in place, in any dtype. Retire when the CPU kernel copies
+Our kernel writes in place, in any dtype.
+The registration is wrapped; the kernel itself is replaced, not wrapped: the
+original computes on int64 copies of both tensors, so a wrapper could neither
+recover truncated float inputs nor find the result it never wrote. Retire when the CPU kernel copies
 its result back (check with tests/test_patches.py).
 """
 
@@ -18,7 +21,7 @@ import torch
 from vllm.platforms.cpu import CpuPlatform
 from vllm.triton_utils import dispatcher
 
-from vllm_sjd.patches import install_wrapper
+from vllm_sjd.patches.wrapping import install_wrapper
 
 KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
 _original_register = CpuPlatform.register_triton_kernel_overrides.__func__

@@ -19,7 +19,7 @@ generators itself (check with tests/test_engine_sjd.py::test_seeded_chunked_pref
 import numpy as np
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
-from vllm_sjd.patches import install_wrapper
+from vllm_sjd.patches.wrapping import install_wrapper
 
 _original_sample = CPUModelRunner._sample
 _original_bookkeeping_sync = CPUModelRunner._bookkeeping_sync

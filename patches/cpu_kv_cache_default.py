@@ -15,7 +15,7 @@ import logging
 
 from vllm.platforms.cpu import CpuPlatform
 
-from vllm_sjd.patches import install_wrapper
+from vllm_sjd.patches.wrapping import install_wrapper
 
 logger = logging.getLogger(__name__)
 

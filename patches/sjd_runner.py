@@ -40,7 +40,7 @@ from vllm_sjd.guidance import (
     guidance_of,
     unconditional_request_id,
 )
-from vllm_sjd.layout_constraints import LayoutConstraints
+from vllm_sjd.layouts.constraints import LayoutConstraints
 from vllm_sjd.patches.verified_logits import capture_verified_logits
 from vllm_sjd.proposer import SJDProposer
 

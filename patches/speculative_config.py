@@ -20,8 +20,9 @@ import os
 
 from vllm.engine.arg_utils import EngineArgs
 
-from vllm_sjd.config import ADDITIONAL_CONFIG_KEY, METHOD, split_speculative_config
-from vllm_sjd.patches import install_wrapper
+from vllm_sjd.config import split_speculative_config
+from vllm_sjd.contract import SJD_SETTINGS_CONFIG_KEY, SPECULATIVE_METHOD
+from vllm_sjd.patches.wrapping import install_wrapper
 
 SJD_WORKER_CLASS = "vllm_sjd.patches.sjd_worker.SJDWorker"
 SJD_SCHEDULER_CLASS = "vllm_sjd.patches.cfg_scheduler.SJDScheduler"
@@ -67,7 +68,7 @@ def _refuse_unsupported(engine_args: EngineArgs, parallel_config) -> None:
 
 def _create_speculative_config(self: EngineArgs, target_model_config, target_parallel_config):
     spec = self.speculative_config
-    if not spec or spec.get("method") != METHOD:
+    if not spec or spec.get("method") != SPECULATIVE_METHOD:
         if not spec and _is_image_model(target_model_config):
             _install_image_runner(self, target_parallel_config)
         return _original_create_speculative_config(
@@ -81,7 +82,7 @@ def _create_speculative_config(self: EngineArgs, target_model_config, target_par
     self.scheduler_cls = SJD_SCHEDULER_CLASS
     self.additional_config = {
         **(self.additional_config or {}),
-        ADDITIONAL_CONFIG_KEY: sjd.model_dump(),
+        SJD_SETTINGS_CONFIG_KEY: sjd.model_dump(),
     }
     self.speculative_config = vllm_spec
     try:
@@ -95,9 +96,9 @@ def _create_speculative_config(self: EngineArgs, target_model_config, target_par
 
 
 def _is_image_model(model_config) -> bool:
-    from vllm_sjd.models import MODELS
+    from vllm_sjd.families import is_image_architecture
 
-    return any(a in MODELS for a in getattr(model_config, "architectures", None) or ())
+    return is_image_architecture(getattr(model_config, "architectures", None))
 
 
 def _install_image_runner(engine_args: EngineArgs, parallel_config) -> None:

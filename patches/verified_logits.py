@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from vllm.v1.sample import rejection_sampler
 
-from vllm_sjd.patches import install_wrapper
+from vllm_sjd.patches.wrapping import install_wrapper
 
 _original_rejection_sample = rejection_sampler.rejection_sample
 _signature = inspect.signature(_original_rejection_sample)

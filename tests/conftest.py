@@ -22,7 +22,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tests.tiny_model import build_tiny_llama  # noqa: E402
+from vllm_sjd.testing.tiny_llama import build_tiny_llama  # noqa: E402
 
 # A context-insensitive, peaked model: Jacobi drafts get accepted.
 PEAKED = dict(preference=2.0, sharpness=1.0, seed=0)

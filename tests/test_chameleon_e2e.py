@@ -3,9 +3,9 @@
 import pytest
 
 from tests.conftest import make_llm, shutdown, sjd_state_after_idle, spec_counters
-from tests.tiny_chameleon import FIRST_WORD_ID, WORDS, build_tiny_chameleon, tiny_vq_decoder
+from vllm_sjd.testing.tiny_chameleon import FIRST_WORD_ID, WORDS, build_tiny_chameleon, tiny_vq_decoder
 from vllm_sjd.image_generation import decode_image, image_sampling_params
-from vllm_sjd.models.chameleon_layout import END_OF_TURN, ChameleonImageLayout
+from vllm_sjd.layouts.chameleon import END_OF_TURN, ChameleonImageLayout
 
 pytestmark = pytest.mark.engine
 
@@ -83,7 +83,7 @@ def test_greedy_image_is_reproducible_and_layout_valid(sjd_llm):
 
 
 def test_plain_ar_with_the_layout_processor_gives_valid_images(lumina, vq):
-    from vllm_sjd.layout_logits_processor import LayoutLogitsProcessor
+    from vllm_sjd.layouts.logits_processor import LayoutLogitsProcessor
 
     decoder, to_codebook = vq
     llm = make_llm(lumina, skip_tokenizer_init=True, max_model_len=1024,

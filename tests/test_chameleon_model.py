@@ -6,8 +6,8 @@ import pytest
 from vllm import SamplingParams
 
 from tests.conftest import assert_vllm_logits_match, make_llm, shutdown
-from tests.tiny_chameleon import build_tiny_chameleon, reference_logits
-from vllm_sjd.models import chameleon_layout as layout
+from vllm_sjd.testing.tiny_chameleon import build_tiny_chameleon, reference_logits
+from vllm_sjd.layouts import chameleon as layout
 
 pytestmark = pytest.mark.engine
 

@@ -7,7 +7,7 @@ from vllm_sjd.core.cells_above import CellsAbove
 from vllm_sjd.core.drafting import draw, maximal_coupling, sample_inverse_cdf
 from vllm_sjd.core.rng import token_exponentials, window_uniforms
 from vllm_sjd.core.window import CellsAboveRows, PreviousWindow, StepRows, next_window
-from vllm_sjd.models.layout import ImageGrid
+from vllm_sjd.layouts.grid import ImageGrid
 
 N = 40_000
 P = torch.tensor([0.5, 0.1, 0.4, 0.0])

@@ -56,8 +56,8 @@ def test_object_pixels_sit_where_the_caption_says():
 def test_demo_layout_reads_downsample_and_codebook_from_the_config():
     from types import SimpleNamespace
 
-    from vllm_sjd.models import chameleon_layout as cl
-    from vllm_sjd.models import image_layout_for
+    from vllm_sjd.layouts import chameleon as cl
+    from vllm_sjd.families import image_layout_for
 
     config = SimpleNamespace(
         architectures=["ChameleonXLLMXForConditionalGeneration"],

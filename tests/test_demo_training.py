@@ -1,4 +1,5 @@
-"""scripts/train_demo_model.py: the same seed and step counts give the same checkpoint.
+"""scripts/train_demo_model.py (vllm_sjd.demo.training): the same seed and step
+counts give the same checkpoint.
 
 A few steps of every phase, twice, as the shipped model was trained (the
 language model's loss under torch.compile, which without deterministic
@@ -35,23 +36,18 @@ def test_same_seed_same_checkpoint_other_seed_other_weights(tmp_path):
     assert other["vq/decoder.safetensors"] != first["vq/decoder.safetensors"]
 
 
-def _training_script():
-    sys.path.insert(0, str(REPO / "scripts"))
-    import train_demo_model
-
-    return train_demo_model
-
-
 def test_object_cells_are_the_cells_the_shapes_cover():
     """The object-weighted loss's cells: every cell mostly inside a shape is one,
     and no cell without any shape pixel is."""
     from vllm_sjd.demo import scenes as sc
+    from vllm_sjd.demo.training.design import GRID
+    from vllm_sjd.demo.training.images import render_all
+    from vllm_sjd.demo.training.lm_batches import object_cells
 
-    t = _training_script()
     scenes = sc.sample_dataset(5, 24)
-    cells = t.object_cells(t.render_all(scenes, workers=1))
+    cells = object_cells(render_all(scenes, workers=1))
     for scene, marked in zip(scenes, cells):
-        cover = sc.object_coverage(scene, t.GRID).sum(axis=0)  # objects never overlap
+        cover = sc.object_coverage(scene, GRID).sum(axis=0)  # objects never overlap
         assert marked[cover >= 0.5].all(), scene.caption
         assert not marked[cover == 0].any(), scene.caption
         assert marked.any()
@@ -62,14 +58,16 @@ def test_object_weights_follow_the_image_token_order():
     end of image; the end-of-line and end-of-image tokens weigh 1."""
     import numpy as np
 
-    t = _training_script()
-    cells = np.zeros((1, t.GRID, t.GRID), bool)
+    from vllm_sjd.demo.training.design import GRID, image_ids
+    from vllm_sjd.demo.training.lm_batches import image_token_weights
+
+    cells = np.zeros((1, GRID, GRID), bool)
     cells[0, 2, 5] = True
-    weights = t.image_token_weights(cells, 4.0)[0]
-    codes = np.zeros((t.GRID, t.GRID), np.int16)
-    assert len(weights) == len(t.image_ids(codes))
-    assert weights[2 * (t.GRID + 1) + 5] == 4.0
-    assert (np.delete(weights, 2 * (t.GRID + 1) + 5) == 1.0).all()
+    weights = image_token_weights(cells, 4.0)[0]
+    codes = np.zeros((GRID, GRID), np.int16)
+    assert len(weights) == len(image_ids(codes))
+    assert weights[2 * (GRID + 1) + 5] == 4.0
+    assert (np.delete(weights, 2 * (GRID + 1) + 5) == 1.0).all()
 
 
 def test_flat_object_fills_shade_each_object_evenly_and_keep_the_captions():
@@ -79,10 +77,10 @@ def test_flat_object_fills_shade_each_object_evenly_and_keep_the_captions():
     import numpy as np
 
     from vllm_sjd.demo import scenes as sc
+    from vllm_sjd.demo.training.images import render_all, training_scenes
 
-    t = _training_script()
-    varied = t.training_scenes(argparse.Namespace(object_fills="varied"), 5, 24)
-    flat = t.training_scenes(argparse.Namespace(object_fills="flat"), 5, 24)
+    varied = training_scenes(argparse.Namespace(object_fills="varied"), 5, 24)
+    flat = training_scenes(argparse.Namespace(object_fills="flat"), 5, 24)
     assert [s.caption for s in flat] == [s.caption for s in varied]
     assert any(o.fill != "flat" for s in varied for o in s.objects)
     n = sc.IMAGE_SIZE * sc.SUPERSAMPLE
@@ -92,7 +90,7 @@ def test_flat_object_fills_shade_each_object_evenly_and_keep_the_captions():
         mask = sc._shape_mask(obj, x, y)
         return mask.reshape(sc.IMAGE_SIZE, sc.SUPERSAMPLE, sc.IMAGE_SIZE, sc.SUPERSAMPLE)
 
-    for scene, image in zip(flat, t.render_all(flat, workers=1)):
+    for scene, image in zip(flat, render_all(flat, workers=1)):
         for obj in scene.objects:
             # Pixels wholly inside the shape and wholly outside the other one
             # share one colour.
@@ -104,14 +102,15 @@ def test_flat_object_fills_shade_each_object_evenly_and_keep_the_captions():
 
 
 def test_learning_rate_warms_up_then_stays_or_decays_to_zero():
-    t = _training_script()
+    from vllm_sjd.demo.training.lm import learning_rate
+
     peak, warmup = 1e-3, 10
-    assert t.learning_rate(0, peak, warmup, None) == peak / warmup
-    assert t.learning_rate(9, peak, warmup, None) == peak
-    assert t.learning_rate(500, peak, warmup, None) == peak
-    assert t.learning_rate(10, peak, warmup, 110) == peak
-    assert abs(t.learning_rate(60, peak, warmup, 110) - peak / 2) < 1e-12
-    assert t.learning_rate(110, peak, warmup, 110) == 0.0
+    assert learning_rate(0, peak, warmup, None) == peak / warmup
+    assert learning_rate(9, peak, warmup, None) == peak
+    assert learning_rate(500, peak, warmup, None) == peak
+    assert learning_rate(10, peak, warmup, 110) == peak
+    assert abs(learning_rate(60, peak, warmup, 110) - peak / 2) < 1e-12
+    assert learning_rate(110, peak, warmup, 110) == 0.0
 
 
 def test_auxiliary_labels_name_each_objects_cells_and_every_cells_place():
@@ -121,21 +120,23 @@ def test_auxiliary_labels_name_each_objects_cells_and_every_cells_place():
     import numpy as np
 
     from vllm_sjd.demo import scenes as sc
+    from vllm_sjd.demo.training.design import GRID, image_ids
+    from vllm_sjd.demo.training.images import render_all
+    from vllm_sjd.demo.training.lm_batches import AUX_CLASSES, auxiliary_labels, object_cells
 
-    t = _training_script()
     scenes = sc.sample_dataset(6, 24)
-    labels = t.auxiliary_labels(scenes)
-    cells = t.object_cells(t.render_all(scenes, workers=1))
-    code_at = np.arange(t.GRID * (t.GRID + 1)).reshape(t.GRID, t.GRID + 1)[:, :t.GRID]
-    assert labels.shape == (24, len(t.AUX_CLASSES), len(t.image_ids(np.zeros((16, 16)))))
+    labels = auxiliary_labels(scenes)
+    cells = object_cells(render_all(scenes, workers=1))
+    code_at = np.arange(GRID * (GRID + 1)).reshape(GRID, GRID + 1)[:, :GRID]
+    assert labels.shape == (24, len(AUX_CLASSES), len(image_ids(np.zeros((16, 16)))))
     not_codes = np.setdiff1d(np.arange(labels.shape[2]), code_at)
     assert (labels[:, :, not_codes] == -100).all()
-    rows, columns = np.meshgrid(np.arange(t.GRID), np.arange(t.GRID), indexing="ij")
+    rows, columns = np.meshgrid(np.arange(GRID), np.arange(GRID), indexing="ij")
     assert (labels[:, 2, code_at] == rows).all() and (labels[:, 3, code_at] == columns).all()
     for scene, scene_labels, marked in zip(scenes, labels, cells):
         shape, colour = scene_labels[0, code_at], scene_labels[1, code_at]
         for obj in scene.objects:
-            r, c = int(obj.cy / sc.CANVAS * t.GRID), int(obj.cx / sc.CANVAS * t.GRID)
+            r, c = int(obj.cy / sc.CANVAS * GRID), int(obj.cx / sc.CANVAS * GRID)
             assert sc.SHAPES[shape[r, c]] == obj.shape, scene.caption
             assert list(sc.COLOURS)[colour[r, c]] == obj.colour, scene.caption
         assert (shape[~marked] == -100).all() and (colour[~marked] == -100).all()

@@ -3,10 +3,10 @@
 import pytest
 
 from tests.conftest import make_llm, shutdown, sjd_state_after_idle
-from tests.tiny_emu3 import build_tiny_emu3, vocabulary_map
+from vllm_sjd.testing.tiny_emu3 import build_tiny_emu3, vocabulary_map
 from vllm_sjd.image_generation import decode_image, image_sampling_params
-from vllm_sjd.layout_logits_processor import LayoutLogitsProcessor
-from vllm_sjd.models.emu3_layout import Emu3ImageLayout, generate_size
+from vllm_sjd.layouts.logits_processor import LayoutLogitsProcessor
+from vllm_sjd.layouts.emu3 import Emu3ImageLayout, generate_size
 from vllm_sjd.vq.emu3 import Emu3ImageDecoder
 
 pytestmark = pytest.mark.engine

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tests.conftest import assert_vllm_logits_match
-from tests.tiny_emu3 import FIRST_VISUAL_ID, build_tiny_emu3, reference_logits
+from vllm_sjd.testing.tiny_emu3 import FIRST_VISUAL_ID, build_tiny_emu3, reference_logits
 
 pytestmark = pytest.mark.engine
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from tests.conftest import make_llm, shutdown, sjd_state_after_idle
-from tests.tiny_chameleon import GuidedReference, build_tiny_chameleon, tiny_vq_decoder
+from vllm_sjd.testing.tiny_chameleon import GuidedReference, build_tiny_chameleon, tiny_vq_decoder
 from vllm_sjd.guidance import unconditional_request_id
 from vllm_sjd.image_generation import decode_image, image_sampling_params
-from vllm_sjd.models.chameleon_layout import ChameleonImageLayout
+from vllm_sjd.layouts.chameleon import ChameleonImageLayout
 
 pytestmark = pytest.mark.engine
 

@@ -14,10 +14,10 @@ from vllm import SamplingParams
 
 from tests.conftest import make_llm, shutdown, sjd_state_after_idle, spec_counters
 from tests.stats import chi_square_pvalue
-from tests.tiny_model import exact_continuation_probs
+from vllm_sjd.testing.tiny_llama import exact_continuation_probs
 from tests.test_lossless import GRID, LONG_WINDOW, MODES, SHORT_WINDOW
 from vllm_sjd.guidance import guidance_extra_args
-from vllm_sjd.layout_constraints import image_extra_args
+from vllm_sjd.layouts.constraints import image_extra_args
 
 PROMPT = [7, 12, 30]
 UNCONDITIONAL_PROMPT = [40]

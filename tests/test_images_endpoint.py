@@ -17,8 +17,8 @@ import requests
 from PIL import Image
 
 from tests.server import vllm_server
-from tests.tiny_chameleon import build_tiny_chameleon, write_tiny_vqgan
-from vllm_sjd.models.chameleon_layout import ChameleonImageLayout
+from vllm_sjd.testing.tiny_chameleon import build_tiny_chameleon, write_tiny_vqgan
+from vllm_sjd.layouts.chameleon import ChameleonImageLayout
 
 pytestmark = pytest.mark.engine
 

@@ -11,7 +11,7 @@ import requests
 
 from tests.faulty_proposers import CrashingProposer
 from tests.server import vllm_server
-from tests.tiny_chameleon import build_tiny_chameleon, write_tiny_vqgan
+from vllm_sjd.testing.tiny_chameleon import build_tiny_chameleon, write_tiny_vqgan
 
 pytestmark = pytest.mark.engine
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from vllm_sjd.models import chameleon_layout as cl
-from vllm_sjd.models.layout import FREE, UnsupportedImageSize
+from vllm_sjd.layouts import chameleon as cl
+from vllm_sjd.layouts.grid import FREE, UnsupportedImageSize
 
 
 def test_lumina_buckets_include_the_square_and_respect_the_aspect_limit():
@@ -33,7 +33,7 @@ def test_chameleon_grid_at_768():
 
 
 def test_a_generated_header_is_forced_token_by_token():
-    from vllm_sjd.models.layout import ImageGrid
+    from vllm_sjd.layouts.grid import ImageGrid
 
     grid = ImageGrid(width=64, height=32, rows=2, cols=4, header=(9, 8), row_end=7,
                      trailer=(6,), code_low=10, code_high=20)
@@ -87,7 +87,7 @@ def test_prompt_template_ends_with_the_image_header():
 def test_anole_layout_is_chameleons_1024_code_block():
     from types import SimpleNamespace
 
-    from vllm_sjd.models import image_layout_for
+    from vllm_sjd.families import image_layout_for
 
     def config(architecture):
         return SimpleNamespace(architectures=[architecture])
@@ -108,8 +108,8 @@ def test_anole_layout_is_chameleons_1024_code_block():
 
 
 def test_emu3_layout_from_its_vocabulary():
-    from tests.tiny_emu3 import FIRST_VISUAL_ID, NUM_CODES, SPECIALS, vocabulary_map
-    from vllm_sjd.models import emu3_layout as el
+    from vllm_sjd.testing.tiny_emu3 import FIRST_VISUAL_ID, NUM_CODES, SPECIALS, vocabulary_map
+    from vllm_sjd.layouts import emu3 as el
 
     layout = el.Emu3ImageLayout(vocabulary_map())
     assert layout.default_size == (720, 720) and (720, 720) in layout.sizes
@@ -132,8 +132,9 @@ def test_emu3_layout_from_its_vocabulary():
 
 
 def test_llamagen_layout_is_a_bare_grid_of_the_checkpoint_size():
-    from vllm_sjd.models import image_layout_for
-    from vllm_sjd.models.llamagen_layout import LlamaGenImageLayout, llamagen_config
+    from vllm_sjd.families import image_layout_for
+    from vllm_sjd.layouts.llamagen import LlamaGenImageLayout
+    from vllm_sjd.models.llamagen_config import llamagen_config
 
     layout = image_layout_for(llamagen_config("GPT-XL", 256))
     assert isinstance(layout, LlamaGenImageLayout)
@@ -155,7 +156,7 @@ def test_llamagen_layout_is_a_bare_grid_of_the_checkpoint_size():
 
 
 def test_llamagen_unconditional_prompt_is_the_null_caption_of_the_same_slots():
-    from vllm_sjd.models.llamagen_layout import LlamaGenImageLayout
+    from vllm_sjd.layouts.llamagen import LlamaGenImageLayout
 
     layout = LlamaGenImageLayout()
     assert layout.unconditional_prompt_token_ids() == list(range(16384, 16384 + 120))
@@ -170,7 +171,7 @@ def test_llamagen_unconditional_prompt_is_the_null_caption_of_the_same_slots():
 
 
 def test_llamagen_config_describes_gpt_xl():
-    from vllm_sjd.models.llamagen_layout import LlamaGenConfig, llamagen_config
+    from vllm_sjd.models.llamagen_config import LlamaGenConfig, llamagen_config
 
     config = llamagen_config("GPT-XL", 512)
     assert (config.num_hidden_layers, config.num_attention_heads, config.hidden_size) == (36, 20, 1280)

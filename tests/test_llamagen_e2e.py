@@ -5,7 +5,7 @@ import pytest
 from vllm import SamplingParams
 
 from tests.conftest import make_llm, shutdown, sjd_state_after_idle, spec_counters
-from tests.tiny_llamagen import (
+from vllm_sjd.testing.tiny_llamagen import (
     CODEBOOK,
     IMAGE_SIZE,
     build_tiny_llamagen,
@@ -16,9 +16,9 @@ from tests.tiny_llamagen import (
     tiny_config,
 )
 from vllm_sjd.image_generation import decode_image, image_sampling_params
-from vllm_sjd.models import image_layout_for
-from vllm_sjd.models.layout import UnsupportedImageSize
-from vllm_sjd.models.llamagen_layout import LlamaGenImageLayout
+from vllm_sjd.families import image_layout_for
+from vllm_sjd.layouts.grid import UnsupportedImageSize
+from vllm_sjd.layouts.llamagen import LlamaGenImageLayout
 from vllm_sjd.vq.llamagen_vq import LlamaGenVQConfig, LlamaGenVQDecoder
 
 pytestmark = pytest.mark.engine
@@ -34,7 +34,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encoder(model_dir, tmp_path_factory):
-    from vllm_sjd.models.llamagen_text import LlamaGenTextEncoder
+    from vllm_sjd.llamagen_text import LlamaGenTextEncoder
 
     return LlamaGenTextEncoder(build_tiny_t5(tmp_path_factory.mktemp("t5")), model_dir)
 

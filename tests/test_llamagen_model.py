@@ -11,7 +11,7 @@ import torch
 from vllm import SamplingParams
 
 from tests.conftest import assert_vllm_logits_match, make_llm, shutdown
-from tests.tiny_llamagen import (
+from vllm_sjd.testing.tiny_llamagen import (
     CHECKPOINT_NAME,
     CODEBOOK,
     IMAGE_SIZE,
@@ -23,17 +23,15 @@ from tests.tiny_llamagen import (
     reference_logits,
     tiny_config,
 )
-from vllm_sjd.models.llamagen import (
-    LlamaGenCheckpointError,
-    apply_rotary,
+from vllm_sjd.checkpoints import CheckpointError
+from vllm_sjd.layouts.llamagen import LlamaGenImageLayout
+from vllm_sjd.models.llamagen import apply_rotary, mrope_positions, rotary_table_2d
+from vllm_sjd.models.llamagen_checkpoint import (
     check_state_dict,
     checkpoint_entries,
-    mrope_positions,
     read_state_dict,
-    rotary_table_2d,
     write_model_dir,
 )
-from vllm_sjd.models.llamagen_layout import LlamaGenImageLayout
 
 IMAGE_TOKENS = [5, 300, 17, 42, CODEBOOK - 1, 0, 99, 123, 7, 8, 9, 200]
 CAPTIONS = ["a red circle on black background", "a blue square"]
@@ -83,7 +81,7 @@ def test_caption_embeddings_give_llamagens_greedy_image(model_dir, t5_dir, tmp_p
     by the checkpoint's caption embedder) and their null-caption partners give
     the greedy tokens of LlamaGen's masked, left-padded 120-slot caption; the
     folder is the safetensors conversion of the .pt."""
-    from vllm_sjd.models.llamagen_text import LlamaGenTextEncoder
+    from vllm_sjd.llamagen_text import LlamaGenTextEncoder
 
     converted = write_model_dir(
         model_dir / CHECKPOINT_NAME, tmp_path / "converted",
@@ -115,7 +113,7 @@ def test_caption_embeddings_give_llamagens_greedy_image(model_dir, t5_dir, tmp_p
 
 @pytest.mark.engine
 def test_tensor_parallel_2_gives_the_reference_greedy_tokens(model_dir, t5_dir):
-    from vllm_sjd.models.llamagen_text import LlamaGenTextEncoder
+    from vllm_sjd.llamagen_text import LlamaGenTextEncoder
 
     encoder = LlamaGenTextEncoder(t5_dir, model_dir)
     features = encoder.caption_features(CAPTIONS[:1])[0]
@@ -192,27 +190,27 @@ class _NotAllowed:
 
 def test_reading_refuses_pickled_objects(tmp_path):
     torch.save({"model": {"norm.weight": torch.ones(2)}, "extra": _NotAllowed()}, tmp_path / "bad.pt")
-    with pytest.raises(LlamaGenCheckpointError, match="refused"):
+    with pytest.raises(CheckpointError, match="refused"):
         read_state_dict(tmp_path / "bad.pt")
     torch.save({"module": {"norm.weight": torch.ones(2)}, "args": argparse.Namespace(a=1)},
                tmp_path / "ok.pt")
     assert set(read_state_dict(tmp_path / "ok.pt")) == {"norm.weight"}
-    with pytest.raises(LlamaGenCheckpointError, match="missing cls_embedding"):
+    with pytest.raises(CheckpointError, match="missing cls_embedding"):
         read_state_dict(tmp_path / "ok.pt", ["cls_embedding.cap_proj.fc1.weight"])
 
 
 def test_state_dict_checks_name_the_problem(model_dir):
     config, state = tiny_config(), load_state(model_dir)
     check_state_dict(state, config)
-    with pytest.raises(LlamaGenCheckpointError, match="class-conditional"):
+    with pytest.raises(CheckpointError, match="class-conditional"):
         check_state_dict({**state, "cls_embedding.embedding_table.weight": torch.ones(1)}, config)
     broken = dict(state)
     del broken["layers.1.feed_forward.w3.weight"]
     broken["layers.0.attention.wo.weight"] = torch.ones(3, 3)
-    with pytest.raises(LlamaGenCheckpointError, match="missing: layers.1.feed_forward.w3.weight"
+    with pytest.raises(CheckpointError, match="missing: layers.1.feed_forward.w3.weight"
                        ".*shape mismatch: layers.0.attention.wo.weight"):
         check_state_dict(broken, config)
-    with pytest.raises(LlamaGenCheckpointError, match="shape mismatch"):
+    with pytest.raises(CheckpointError, match="shape mismatch"):
         check_state_dict(state, tiny_config(image_size=256, hidden_size=128))
 
 
@@ -230,6 +228,6 @@ def test_write_model_dir_links_or_converts(model_dir, tmp_path):
     state = read_state_dict(linked)
     torch.testing.assert_close(state["norm.weight"], load_state(model_dir)["norm.weight"])
     # A checkpoint of another size is refused before anything is written.
-    with pytest.raises(LlamaGenCheckpointError, match="shape mismatch"):
+    with pytest.raises(CheckpointError, match="shape mismatch"):
         write_model_dir(source, tmp_path / "wrong", gpt_model="GPT-B", image_size=IMAGE_SIZE)
     assert not (tmp_path / "wrong").exists()

@@ -14,9 +14,9 @@ from vllm import SamplingParams
 
 from tests.conftest import make_llm, shutdown, spec_counters
 from tests.stats import chi_square_pvalue
-from tests.tiny_model import exact_continuation_probs
-from vllm_sjd.layout_constraints import image_extra_args
-from vllm_sjd.models.layout import ImageGrid
+from vllm_sjd.testing.tiny_llama import exact_continuation_probs
+from vllm_sjd.layouts.constraints import image_extra_args
+from vllm_sjd.layouts.grid import ImageGrid
 
 PROMPT = [7, 12, 30]
 LENGTH = 6

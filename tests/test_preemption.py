@@ -4,7 +4,7 @@ import pytest
 from vllm import SamplingParams
 
 from tests.conftest import make_llm, shutdown, sjd_state_after_idle
-from tests.tiny_model import greedy_continuation
+from vllm_sjd.testing.tiny_llama import greedy_continuation
 
 pytestmark = pytest.mark.engine
 

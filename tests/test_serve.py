@@ -6,7 +6,7 @@ import pytest
 import requests
 
 from tests.server import vllm_server
-from tests.tiny_model import greedy_continuation, token_text
+from vllm_sjd.testing.tiny_llama import greedy_continuation, token_text
 
 pytestmark = pytest.mark.engine
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Emu3ImageProcessor, Emu3VQVAE, Emu3VQVAEConfig
 from transformers.models.emu3.modeling_emu3 import Emu3ImageVocabularyMapping
 
-from vllm_sjd.vq.chameleon_vqgan import VQCheckpointError
+from vllm_sjd.checkpoints import CheckpointError
 from vllm_sjd.vq.emu3 import Emu3ImageDecoder, visual_token_code
 
 CODEBOOK = 64
@@ -231,7 +231,7 @@ def test_from_pretrained_refuses_missing_decoder_weights(decoder, tmp_path):
     state = load_file(str(weights))
     del state["decoder.conv_out.weight"]
     save_file(state, str(weights), metadata={"format": "pt"})
-    with pytest.raises(VQCheckpointError, match="decoder.conv_out.weight"):
+    with pytest.raises(CheckpointError, match="decoder.conv_out.weight"):
         Emu3ImageDecoder.from_pretrained(tmp_path, VOCAB)
 
 
@@ -267,7 +267,7 @@ def test_to_pil_matches_emu3_postprocess(decoder):
 
 def test_decode_image_with_an_emu3_grid(decoder):
     from vllm_sjd.image_generation import decode_image
-    from vllm_sjd.models.layout import ImageGrid
+    from vllm_sjd.layouts.grid import ImageGrid
 
     # Emu3's rows: w visual tokens then <|extra_200|>; eof and eoi after the last.
     grid = ImageGrid(

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vllm_sjd.vq.chameleon_vqgan import VQCheckpointError
+from vllm_sjd.checkpoints import CheckpointError
 from vllm_sjd.vq.llamagen_vq import LlamaGenVQConfig, LlamaGenVQDecoder, read_vq_state_dict
 
 CODES = 64
@@ -155,24 +155,24 @@ def test_checkpoint_problems_are_named(decoder, tmp_path):
     bad = training_checkpoint(decoder)
     bad["hook"] = _Payload()
     torch.save(bad, tmp_path / "pickled.pt")
-    with pytest.raises(VQCheckpointError, match="refused"):
+    with pytest.raises(CheckpointError, match="refused"):
         read_vq_state_dict(tmp_path / "pickled.pt")
     short = training_checkpoint(decoder)
     del short["model"]["decoder.conv_out.bias"]
     torch.save(short, tmp_path / "short.pt")
-    with pytest.raises(VQCheckpointError, match="missing: decoder.conv_out.bias"):
+    with pytest.raises(CheckpointError, match="missing: decoder.conv_out.bias"):
         LlamaGenVQDecoder.from_checkpoint(tmp_path / "short.pt", SMALL)
     torch.save(training_checkpoint(decoder), tmp_path / "small.pt")
-    with pytest.raises(VQCheckpointError, match="shape mismatch"):
+    with pytest.raises(CheckpointError, match="shape mismatch"):
         LlamaGenVQDecoder.from_checkpoint(tmp_path / "small.pt")  # the real VQ-16 config
     torch.save({"model": {"layers.0.weight": torch.ones(1)}}, tmp_path / "gpt.pt")
-    with pytest.raises(VQCheckpointError, match="no VQ decoder weights"):
+    with pytest.raises(CheckpointError, match="no VQ decoder weights"):
         read_vq_state_dict(tmp_path / "gpt.pt")
 
 
 def test_to_pil_and_decode_image_with_a_llamagen_grid(decoder):
     from vllm_sjd.image_generation import decode_image
-    from vllm_sjd.models.llamagen_layout import LlamaGenImageLayout
+    from vllm_sjd.layouts.llamagen import LlamaGenImageLayout
 
     images = decoder.to_pil(decoder.decode(random_codes(2, 2, 3)))
     assert [im.size for im in images] == [(48, 32)] * 2 and images[0].mode == "RGB"

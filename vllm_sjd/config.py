@@ -13,8 +13,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from vllm_sjd.core.drafting import Drafting
 from vllm_sjd.core.window import InitialDrafts
 
-METHOD = "sjd"
-ADDITIONAL_CONFIG_KEY = "sjd"
+from vllm_sjd.contract import SJD_SETTINGS_CONFIG_KEY, SPECULATIVE_METHOD
 PROPOSER_CLASS = "vllm_sjd.proposer.SJDProposer"
 MIN_WINDOW, MAX_WINDOW = 1, 64
 DEFAULT_WINDOW = 16
@@ -68,7 +67,7 @@ class SJDConfig(BaseModel):
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> "SJDConfig":
-        settings = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+        settings = (additional_config or {}).get(SJD_SETTINGS_CONFIG_KEY)
         if settings is None:
             raise SJDConfigError(
                 "SJD settings are missing from additional_config; start the engine "
@@ -110,7 +109,7 @@ def split_speculative_config(
     Returns the dict vLLM's SpeculativeConfig accepts (method custom_class with
     our proposer) and the validated SJD settings.
     """
-    assert spec.get("method") == METHOD
+    assert spec.get("method") == SPECULATIVE_METHOD
     sjd_keys = {k: v for k, v in spec.items() if k not in VLLM_KEYS}
     if "num_speculative_tokens" in spec:
         sjd_keys["num_speculative_tokens"] = spec["num_speculative_tokens"]

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-GUIDANCE_ARG = "sjd_guidance"
-UNCONDITIONAL_SUFFIX = "::sjd-uncond"
+from vllm_sjd.contract import GUIDANCE_ARG, UNCONDITIONAL_REQUEST_SUFFIX
+
 MAX_GUIDANCE_SCALE = 100.0
 
 
@@ -68,7 +68,7 @@ def conditional_partner_of(extra_args: Mapping | None) -> str | None:
 
 
 def unconditional_request_id(conditional_request_id: str) -> str:
-    return conditional_request_id + UNCONDITIONAL_SUFFIX
+    return conditional_request_id + UNCONDITIONAL_REQUEST_SUFFIX
 
 
 def blend(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

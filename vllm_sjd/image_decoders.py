@@ -1,22 +1,27 @@
 """The VQ decoder that turns a served model's image tokens into pixels.
 
-Where the decoder's files are, per family (`vq_path` is the image option
-"vq", else the checkpoint folder itself):
+`image_decoder_for` asks the model's family (families.py) for its decoder;
+`vq_path` is the image option "vq", else the checkpoint folder itself:
 - Chameleon family (Lumina-mGPT, Anole): Chameleon's VQGAN, `vqgan.yaml` plus
   `vqgan.ckpt` or `vqgan.safetensors`; or, as the bundled demo model ships it,
   `vq/decoder.safetensors` shaped by the config's own vq_config. Image token
   ids map to codes through the checkpoint's vocabulary_map;
 - Emu3-Gen: a folder holding transformers' Emu3VQVAE (config.json of
-  model_type "emu3_vqgan" and its safetensors).
+  model_type "emu3_vqgan" and its safetensors);
+- LlamaGen-T2I: LlamaGen's VQ-16, `vq_ds16_t2i.pt` or `vq_ds16_t2i.safetensors`,
+  shaped by an optional `vq_config.json` (LlamaGenVQConfig's fields; VQ-16's
+  own when absent). Image token ids are the codes.
 """
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
 
+from vllm_sjd.families import family_of
 from vllm_sjd.image_generation import decode_image
-from vllm_sjd.models.layout import ImageGrid
+from vllm_sjd.layouts.grid import ImageGrid
 
 
 class NoImageDecoder(ValueError):
@@ -35,25 +40,16 @@ class ImageDecoder:
 
 
 def image_decoder_for(model_path: str | Path, hf_config, vq_path: str | Path | None = None) -> ImageDecoder:
-    architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
-    folder = Path(vq_path or model_path)
-    if architecture in ("ChameleonXLLMXForConditionalGeneration", "ChameleonForConditionalGeneration"):
-        return _chameleon_decoder(folder, hf_config)
-    if architecture == "Emu3ForConditionalGeneration":
-        from vllm_sjd.vq.emu3 import Emu3ImageDecoder
-
-        if not (folder / "config.json").is_file():
-            raise NoImageDecoder(
-                f"Emu3-Gen needs its vision tokenizer: pass the folder of an Emu3VQVAE "
-                f"checkpoint as the image option 'vq' (looked in {folder})"
-            )
-        decoder = Emu3ImageDecoder.from_pretrained(folder, hf_config.vocabulary_map)
-        return ImageDecoder(decoder.codes_from_tokens, decoder)
-    raise NoImageDecoder(f"{architecture} is not an image-generating model of this plugin")
+    try:
+        family = family_of(hf_config)
+    except ValueError as err:
+        raise NoImageDecoder(str(err)) from None
+    return family.decoder(Path(vq_path or model_path), hf_config)
 
 
-def _chameleon_decoder(folder: Path, hf_config) -> ImageDecoder:
-    from vllm_sjd.vq.chameleon_vqgan import BPEToCodebook, ChameleonVQGANDecoder
+def chameleon_decoder(folder: Path, hf_config) -> ImageDecoder:
+    from vllm_sjd.vq.bpe_codebook import BPEToCodebook
+    from vllm_sjd.vq.chameleon_vqgan import ChameleonVQGANDecoder
 
     own = folder / "vq" / "decoder.safetensors"
     if own.is_file() and getattr(hf_config, "vq_config", None) is not None:
@@ -61,10 +57,7 @@ def _chameleon_decoder(folder: Path, hf_config) -> ImageDecoder:
         num_codes = decoder.config.num_embeddings
         return ImageDecoder(BPEToCodebook.from_vocab(hf_config.vocabulary_map, num_codes), decoder)
     yaml_path = folder / "vqgan.yaml"
-    weights = next(
-        (folder / name for name in ("vqgan.safetensors", "vqgan.ckpt") if (folder / name).is_file()),
-        None,
-    )
+    weights = _first_file(folder, ("vqgan.safetensors", "vqgan.ckpt"))
     if not yaml_path.is_file() or weights is None:
         raise NoImageDecoder(
             "the Chameleon family decodes with Chameleon's VQGAN: put vqgan.yaml and "
@@ -74,3 +67,37 @@ def _chameleon_decoder(folder: Path, hf_config) -> ImageDecoder:
     decoder = ChameleonVQGANDecoder.from_yaml(yaml_path, weights).eval()
     num_codes = decoder.config.num_embeddings
     return ImageDecoder(BPEToCodebook.from_vocab(hf_config.vocabulary_map, num_codes), decoder)
+
+
+def emu3_decoder(folder: Path, hf_config) -> ImageDecoder:
+    from vllm_sjd.vq.emu3 import Emu3ImageDecoder
+
+    if not (folder / "config.json").is_file():
+        raise NoImageDecoder(
+            f"Emu3-Gen needs its vision tokenizer: pass the folder of an Emu3VQVAE "
+            f"checkpoint as the image option 'vq' (looked in {folder})"
+        )
+    decoder = Emu3ImageDecoder.from_pretrained(folder, hf_config.vocabulary_map)
+    return ImageDecoder(decoder.codes_from_tokens, decoder)
+
+
+def llamagen_decoder(folder: Path, hf_config) -> ImageDecoder:
+    from vllm_sjd.vq.llamagen_vq import LlamaGenVQConfig, LlamaGenVQDecoder
+
+    weights = _first_file(folder, ("vq_ds16_t2i.safetensors", "vq_ds16_t2i.pt"))
+    if weights is None:
+        raise NoImageDecoder(
+            "LlamaGen-T2I decodes with LlamaGen's VQ-16: put vq_ds16_t2i.pt (or "
+            f"vq_ds16_t2i.safetensors) in {folder}, or name its folder with the image option 'vq'"
+        )
+    fields = {}
+    if (folder / "vq_config.json").is_file():
+        fields = json.loads((folder / "vq_config.json").read_text())
+        fields["ch_mult"] = tuple(fields.get("ch_mult", LlamaGenVQConfig.ch_mult))
+    config = LlamaGenVQConfig(**{"codebook_size": hf_config.codebook_size, **fields})
+    decoder = LlamaGenVQDecoder.from_checkpoint(weights, config)
+    return ImageDecoder(lambda codes: codes, decoder)
+
+
+def _first_file(folder: Path, names: Sequence[str]) -> Path | None:
+    return next((folder / name for name in names if (folder / name).is_file()), None)

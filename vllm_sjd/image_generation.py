@@ -14,8 +14,8 @@ from PIL import Image
 from vllm import SamplingParams
 
 from vllm_sjd.guidance import guidance_extra_args
-from vllm_sjd.layout_constraints import image_extra_args
-from vllm_sjd.models.layout import ImageGrid
+from vllm_sjd.layouts.constraints import image_extra_args
+from vllm_sjd.layouts.grid import ImageGrid
 
 
 def image_sampling_params(

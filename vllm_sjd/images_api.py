@@ -29,8 +29,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from vllm_sjd.contract import RESPONSE_FIGURES_FIELD
 from vllm_sjd.image_generation import image_sampling_params
-from vllm_sjd.models.layout import UnsupportedImageSize
+from vllm_sjd.layouts.grid import UnsupportedImageSize
 
 # Under the "vllm" logger, so that vLLM's log configuration shows it.
 logger = logging.getLogger("vllm.sjd.images")
@@ -252,7 +253,7 @@ class ImageService:
             lambda: [encode_image(image, output_format, request.output_compression) for image, _ in results]
         )
         data = [
-            {"b64_json": base64.b64encode(image).decode(), "sjd": stats.as_dict()}
+            {"b64_json": base64.b64encode(image).decode(), RESPONSE_FIGURES_FIELD: stats.as_dict()}
             for image, (_, stats) in zip(encoded, results)
         ]
         elapsed = time.monotonic() - started
@@ -277,7 +278,7 @@ class ImageService:
                 "output_tokens_details": {"text_tokens": 0, "image_tokens": tokens},
                 "total_tokens": len(prompt_ids) + tokens,
             },
-            "sjd": {
+            RESPONSE_FIGURES_FIELD: {
                 "speculative": self.speculative,
                 "guidance_scale": scale,
                 "temperature": temperature,

@@ -25,12 +25,12 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from vllm.exceptions import VLLMError
 
+from vllm_sjd.contract import IMAGE_OPTIONS_CONFIG_KEY
 from vllm_sjd.images_api import ImageGenerationRequest, ImageRequestError, ImageService, openai_error
 
 # Under the "vllm" logger, so that vLLM's log configuration shows it.
 logger = logging.getLogger("vllm.sjd.images")
 
-IMAGE_OPTIONS_KEY = "sjd_image"
 ROUTE = "/v1/images/generations"
 
 
@@ -129,10 +129,10 @@ class ImagesEndpoint:
 
 def build_service(engine_client, args) -> ImageService:
     from vllm_sjd.image_decoders import image_decoder_for
-    from vllm_sjd.models import image_layout_for
+    from vllm_sjd.families import image_layout_for
 
     model_config = engine_client.model_config
-    options = (engine_client.vllm_config.additional_config or {}).get(IMAGE_OPTIONS_KEY, {})
+    options = (engine_client.vllm_config.additional_config or {}).get(IMAGE_OPTIONS_CONFIG_KEY, {})
     layout = image_layout_for(model_config.hf_config, options.get("target_size"))
     logger.info("vllm-sjd: loading the VQ decoder of %s", model_config.model)
     decoder = image_decoder_for(model_config.model, model_config.hf_config, options.get("vq"))

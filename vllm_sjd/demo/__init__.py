@@ -39,13 +39,12 @@ def layout(path: Path | str = MODEL_PATH):
     """The checkpoint's image layout (ChameleonImageLayout at 64 px, 4 px per code)."""
     from types import SimpleNamespace
 
-    from vllm_sjd.models import image_layout_for
+    from vllm_sjd.contract import LAYOUT_CONFIG_FIELD
+    from vllm_sjd.families import image_layout_for
 
     cfg = config(path)
-    return image_layout_for(
-        SimpleNamespace(architectures=cfg["architectures"],
-                        sjd_image_layout=cfg.get("sjd_image_layout"))
-    )
+    own = {LAYOUT_CONFIG_FIELD: cfg.get(LAYOUT_CONFIG_FIELD)}
+    return image_layout_for(SimpleNamespace(architectures=cfg["architectures"], **own))
 
 
 def vq_config(path: Path | str = MODEL_PATH):
@@ -79,7 +78,7 @@ def load_encoder(path: Path | str = MODEL_PATH):
 
 def to_codebook(path: Path | str = MODEL_PATH):
     """Image-token ids -> codebook indices, from the config's vocabulary_map."""
-    from vllm_sjd.vq.chameleon_vqgan import BPEToCodebook
+    from vllm_sjd.vq.bpe_codebook import BPEToCodebook
 
     cfg = config(path)
     return BPEToCodebook.from_vocab(cfg["vocabulary_map"], cfg["vq_config"]["num_embeddings"])

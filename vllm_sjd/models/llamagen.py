@@ -25,28 +25,20 @@ vocab-parallel embedding and head. What is LlamaGen's own:
   the last image token) are clamped to the last cell.
 * The caption. The conditional prompt arrives as vLLM prompt embeddings of
   width hidden_size: T5 features already projected by this checkpoint's
-  caption embedder (vllm_sjd/models/llamagen_text.py). The null caption is
+  caption embedder (vllm_sjd/llamagen_text.py). The null caption is
   model-owned: token id codebook_size + i embeds as
   cap_proj(uncond_embedding[i]), so the unconditional prompt is plain token
   ids (LlamaGenImageLayout.unconditional_prompt_token_ids).
 * Logits: the head predicts the codebook; the null-caption ids are padded on
   as -inf so the logits cover vocab_size.
 
-Checkpoint: LlamaGen's .pt (weights under "model", or "module"/"state_dict",
-beside optimizer state, "steps" and the training "args" Namespace) read with
-torch.load(weights_only=True) -- only argparse.Namespace is added to the
-allowed globals, for "args" -- or a safetensors file with the same key names
-(`write_model_dir` converts). Key names: tok_embeddings, layers.N.attention.
-{wqkv,wo}, layers.N.feed_forward.{w1,w2,w3}, layers.N.{attention,ffn}_norm,
-norm, output, cls_embedding.cap_proj.{fc1,fc2}, cls_embedding.uncond_embedding.
+Checkpoint files (LlamaGen's .pt or our safetensors, key names, conversion):
+vllm_sjd/models/llamagen_checkpoint.py.
 """
 
-import argparse
-import pickle
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from itertools import islice
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -77,19 +69,9 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-from vllm_sjd.models.llamagen_layout import ARCHITECTURE, LlamaGenConfig, llamagen_config
-
-# Entries of a LlamaGen training checkpoint that hold the weights, in the
-# order sample_t2i.py looks for them.
-WRAPPER_KEYS = ("model", "module", "state_dict")
-# Prefixes torch.compile / DDP may leave on the keys.
-STRIPPED_PREFIXES = ("_orig_mod.", "module.")
-CAPTION_KEYS = ("cls_embedding.cap_proj.fc1.weight", "cls_embedding.cap_proj.fc2.weight")
-
-
-class LlamaGenCheckpointError(ValueError):
-    """A file that is not a LlamaGen-T2I GPT checkpoint; the message says why."""
-
+from vllm_sjd.checkpoints import ALLOWED_GLOBALS, CheckpointError, listing
+from vllm_sjd.models.llamagen_checkpoint import checkpoint_entries
+from vllm_sjd.models.llamagen_config import ARCHITECTURE
 
 # --------------------------------------------------------------------------
 # 2-D rotary table and its application (plain torch)
@@ -141,185 +123,6 @@ def mrope_positions(input_tokens, codebook_size: int, cls_token_num: int) -> tup
     delta = cls_token_num - caption
     positions = (torch.arange(n, dtype=torch.int64) + delta).clamp(min=0)
     return positions.expand(3, n).clone(), delta
-
-
-# --------------------------------------------------------------------------
-# Checkpoint files
-# --------------------------------------------------------------------------
-
-
-def _safe_torch_load(path: Path, **kwargs):
-    """torch.load(weights_only=True), allowing argparse.Namespace ("args")."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
-        except pickle.UnpicklingError as err:
-            raise LlamaGenCheckpointError(
-                f"{path}: refused -- it holds pickled objects other than tensors and "
-                "plain containers, which weights_only loading does not execute"
-            ) from err
-
-
-def checkpoint_entries(
-    weights: Iterable[tuple[str, object]],
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """LlamaGen weight names and tensors from a checkpoint's top-level items.
-
-    A training checkpoint yields ("model", {...}), ("optimizer", {...}),
-    ("steps", n), ("args", Namespace): the first wrapper entry (WRAPPER_KEYS
-    order of appearance) is unpacked, the rest skipped. A flat state dict
-    passes through. Compile/DDP prefixes are stripped; "freqs_cis" (a rotary
-    cache some exports save) is dropped.
-    """
-    unwrapped = False
-    for name, value in weights:
-        if isinstance(value, Mapping):
-            if name in WRAPPER_KEYS and not unwrapped:
-                unwrapped = True
-                yield from checkpoint_entries(value.items())
-            continue
-        if not isinstance(value, torch.Tensor):
-            continue
-        for prefix in STRIPPED_PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-        if name == "freqs_cis":
-            continue
-        yield name, value
-
-
-def weight_files(model_dir: str | Path) -> list[Path]:
-    """The weight files vLLM would read from a model folder: safetensors, else .pt."""
-    folder = Path(model_dir)
-    for pattern in ("*.safetensors", "*.pt"):
-        found = sorted(folder.glob(pattern))
-        if found:
-            return found
-    raise FileNotFoundError(f"{folder}: no *.safetensors or *.pt weights")
-
-
-def read_state_dict(path: str | Path, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """LlamaGen GPT weights from a .pt (weights_only) or .safetensors file, or a
-    model folder; `keys` restricts the result (and, for safetensors and
-    memory-mapped .pt files, what is read)."""
-    path = Path(path)
-    files = weight_files(path) if path.is_dir() else [path]
-    wanted = None if keys is None else set(keys)
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                names = [n for n in f.keys() if wanted is None or n in wanted]
-                state.update((n, f.get_tensor(n)) for n in names)
-            continue
-        try:
-            loaded = _safe_torch_load(file, mmap=True)
-        except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
-            loaded = _safe_torch_load(file)
-        if not isinstance(loaded, Mapping):
-            raise LlamaGenCheckpointError(f"{file}: expected a dict, got {type(loaded).__name__}")
-        for name, tensor in checkpoint_entries(loaded.items()):
-            if wanted is None or name in wanted:
-                state[name] = tensor
-    if wanted is not None and (missing := sorted(wanted - set(state))):
-        raise LlamaGenCheckpointError(f"{path}: missing {', '.join(missing)}")
-    return state
-
-
-def write_model_dir(
-    checkpoint: str | Path,
-    out_dir: str | Path,
-    *,
-    gpt_model: str = "GPT-XL",
-    image_size: int | None = None,
-    safetensors: bool = True,
-    **config_overrides,
-) -> Path:
-    """A folder vLLM can serve: config.json plus the weights.
-
-    safetensors=True writes model.safetensors with the model weights under
-    LlamaGen's own key names (fast to load, no pickle); False links the .pt
-    into the folder (vLLM then reads it with weights_only=True). image_size
-    defaults to the number in the file name (t2i_XL_stage1_256.pt -> 256).
-    """
-    checkpoint, out = Path(checkpoint), Path(out_dir)
-    if image_size is None:
-        match = re.search(r"_(256|384|512)\.", checkpoint.name)
-        if match is None:
-            raise ValueError(f"give image_size: {checkpoint.name} does not name 256, 384 or 512")
-        image_size = int(match.group(1))
-    config = llamagen_config(gpt_model, image_size, **config_overrides)
-    state = read_state_dict(checkpoint)
-    check_state_dict(state, config)
-    out.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(out)
-    if safetensors:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
-                  metadata={"format": "pt"})
-    else:
-        link = out / checkpoint.name
-        if not link.exists():
-            link.symlink_to(checkpoint.resolve())
-    return out
-
-
-def expected_shapes(config: LlamaGenConfig) -> dict[str, tuple[int, ...]]:
-    """Every weight of a LlamaGen-T2I GPT checkpoint and its shape."""
-    d, hd = config.hidden_size, config.head_dim
-    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * hd
-    shapes = {
-        "tok_embeddings.weight": (config.codebook_size, d),
-        "norm.weight": (d,),
-        "output.weight": (config.codebook_size, d),
-        "cls_embedding.cap_proj.fc1.weight": (d, config.caption_dim),
-        "cls_embedding.cap_proj.fc2.weight": (d, d),
-        "cls_embedding.uncond_embedding": (config.cls_token_num, config.caption_dim),
-    }
-    for i in range(config.num_hidden_layers):
-        p = f"layers.{i}."
-        shapes[p + "attention.wqkv.weight"] = (qkv, d)
-        shapes[p + "attention.wo.weight"] = (d, config.num_attention_heads * hd)
-        shapes[p + "feed_forward.w1.weight"] = (config.intermediate_size, d)
-        shapes[p + "feed_forward.w3.weight"] = (config.intermediate_size, d)
-        shapes[p + "feed_forward.w2.weight"] = (d, config.intermediate_size)
-        shapes[p + "attention_norm.weight"] = (d,)
-        shapes[p + "ffn_norm.weight"] = (d,)
-    return shapes
-
-
-def check_state_dict(state: Mapping[str, torch.Tensor], config: LlamaGenConfig) -> None:
-    """Raise LlamaGenCheckpointError unless `state` is exactly the config's GPT."""
-    if "cls_embedding.embedding_table.weight" in state:
-        raise LlamaGenCheckpointError(
-            "this is a class-conditional (c2i) LlamaGen checkpoint; only t2i is supported"
-        )
-    expected = expected_shapes(config)
-    problems = []
-    if missing := sorted(set(expected) - set(state)):
-        problems.append(f"missing: {_listing(missing)}")
-    if unexpected := sorted(set(state) - set(expected)):
-        problems.append(f"unexpected: {_listing(unexpected)}")
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)}, config {v}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != v
-    ]
-    if mismatched:
-        problems.append(f"shape mismatch: {_listing(mismatched)}")
-    if problems:
-        raise LlamaGenCheckpointError(
-            "the checkpoint does not fit the config (right GPT size and image size?) -- "
-            + "; ".join(problems)
-        )
-
-
-def _listing(items: list[str], limit: int = 6) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
 # --------------------------------------------------------------------------
@@ -526,7 +329,7 @@ class LlamaGenT2IForCausalLM(nn.Module, SupportsMRoPE):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # vLLM's .pt iterator calls torch.load(weights_only=True) lazily, inside
         # this loop: allow the training "args" Namespace there too.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
             loaded = self._load(checkpoint_entries(weights))
         self._refresh_null_captions(raw_weights=True)
         return loaded
@@ -551,7 +354,7 @@ class LlamaGenT2IForCausalLM(nn.Module, SupportsMRoPE):
 
         for name, tensor in entries:
             if name == "cls_embedding.embedding_table.weight":
-                raise LlamaGenCheckpointError(
+                raise CheckpointError(
                     "this is a class-conditional (c2i) LlamaGen checkpoint; only t2i is supported"
                 )
             if name.endswith(".attention.wqkv.weight"):
@@ -571,21 +374,16 @@ class LlamaGenT2IForCausalLM(nn.Module, SupportsMRoPE):
             else:
                 unexpected.append(name)
         if unexpected:
-            raise LlamaGenCheckpointError(
-                f"weights that are not part of a LlamaGen-T2I GPT: {_listing(sorted(unexpected))}"
+            raise CheckpointError(
+                f"weights that are not part of a LlamaGen-T2I GPT: {listing(sorted(unexpected))}"
             )
         return loaded
 
 
 __all__ = [
     "ARCHITECTURE",
-    "LlamaGenCheckpointError",
     "LlamaGenT2IForCausalLM",
     "apply_rotary",
-    "check_state_dict",
-    "checkpoint_entries",
     "mrope_positions",
-    "read_state_dict",
     "rotary_table_2d",
-    "write_model_dir",
 ]

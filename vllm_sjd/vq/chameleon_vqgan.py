@@ -29,120 +29,42 @@ then a 3x3 conv.
 Hyper-parameters reuse transformers' `ChameleonVQVAEConfig`; `config_from_yaml`
 maps the original vqgan.yaml onto it with the renaming transformers' converter
 (convert_chameleon_weights_to_hf.py) uses. Image tokens in the language model's
-vocabulary are BPE ids; `BPEToCodebook` turns them into codebook indices.
+vocabulary are BPE ids; `BPEToCodebook` (bpe_codebook.py) turns them into
+codebook indices. The building blocks are vq/blocks.py's.
 """
 
 from __future__ import annotations
 
-import pickle
-from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import ChameleonVQVAEConfig
 
-if TYPE_CHECKING:
-    from PIL import Image
+from vllm_sjd.checkpoints import keep_prefixed, load_strictly, read_weights
+from vllm_sjd.vq.blocks import NORM_GROUPS, AttnBlock, ResnetBlock, Upsample, group_norm, is_integer, to_pil
 
-__all__ = [
-    "BPEToCodebook",
-    "ChameleonVQGANDecoder",
-    "VQCheckpointError",
-    "config_from_yaml",
-    "image_token_code",
-    "read_decoder_state_dict",
-]
-
-# taming's Normalize(): the group count is fixed, so every normed width must be
-# a multiple of it.
-NORM_GROUPS = 32
-NORM_EPS = 1e-6
+__all__ = ["ChameleonVQGANDecoder", "config_from_yaml", "read_decoder_state_dict"]
 
 # The state-dict entries the decode path reads; the encoder, quant_conv and the
 # training loss (discriminator, LPIPS) in a full checkpoint are dropped.
 DECODER_KEY_PREFIXES = ("quantize.embedding.", "post_quant_conv.", "decoder.")
 
 
-class VQCheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into the decoder; the message says why."""
-
-
 # --------------------------------------------------------------------------
-# Building blocks (names match taming's, so checkpoint keys line up)
+# The decoder's levels (names match taming's, so checkpoint keys line up)
 # --------------------------------------------------------------------------
-
-
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(NORM_GROUPS, channels, eps=NORM_EPS, affine=True)
-
-
-class _ResnetBlock(nn.Module):
-    """norm-swish-conv twice, plus a residual (1x1 projected when widths differ)."""
-
-    def __init__(self, in_channels: int, out_channels: int, dropout: float) -> None:
-        super().__init__()
-        self.norm1 = _group_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _group_norm(out_channels)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        # taming builds ResnetBlock with conv_shortcut=False, hence the 1x1
-        # "nin_shortcut" (and never a 3x3 "conv_shortcut").
-        self.nin_shortcut = (
-            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, Cin, H, W] -> [B, Cout, H, W]
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        return skip + h
-
-
-class _AttnBlock(nn.Module):
-    """Single-head self-attention over the H*W positions, all C channels wide."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.norm = _group_norm(channels)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> same
-        b, c, h, w = x.shape
-        y = self.norm(x)
-
-        def tokens(conv: nn.Conv2d) -> torch.Tensor:  # [B, 1, H*W, C]: one head
-            return conv(y).flatten(2).transpose(1, 2).unsqueeze(1)
-
-        # SDPA's default scale 1/sqrt(C) and softmax over keys are taming's
-        # bmm formulation; SDPA just avoids materialising [B, HW, HW] on GPU.
-        out = F.scaled_dot_product_attention(tokens(self.q), tokens(self.k), tokens(self.v))
-        out = out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
-
-
-class _Upsample(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, C, 2H, 2W]
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class _Mid(nn.Module):
     def __init__(self, channels: int, dropout: float, attention: bool) -> None:
         super().__init__()
-        self.block_1 = _ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout)
         # taming's make_attn(): "none" is an Identity, which has no weights.
-        self.attn_1 = _AttnBlock(channels) if attention else nn.Identity()
-        self.block_2 = _ResnetBlock(channels, channels, dropout)
+        self.attn_1 = AttnBlock(channels) if attention else nn.Identity()
+        self.block_2 = ResnetBlock(channels, channels, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -163,15 +85,15 @@ class _UpLevel(nn.Module):
     ) -> None:
         super().__init__()
         self.block = nn.ModuleList(
-            _ResnetBlock(in_channels if j == 0 else out_channels, out_channels, dropout)
+            ResnetBlock(in_channels if j == 0 else out_channels, out_channels, dropout)
             for j in range(num_blocks)
         )
         self.attn = nn.ModuleList(
-            _AttnBlock(out_channels) for _ in range(num_blocks if attention else 0)
+            AttnBlock(out_channels) for _ in range(num_blocks if attention else 0)
         )
         # Registered only where taming has one, so the key set matches.
         if upsample:
-            self.upsample = _Upsample(out_channels)
+            self.upsample = Upsample(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for j, block in enumerate(self.block):
@@ -221,7 +143,7 @@ class _Decoder(nn.Module):
         # Indexed by level, so up.0 is full resolution (taming prepends).
         self.up = nn.ModuleList(levels)
 
-        self.norm_out = _group_norm(block_in)
+        self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, _out_channels(config), 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -238,16 +160,6 @@ class _Codebook(nn.Module):
     def __init__(self, num_embeddings: int, embed_dim: int) -> None:
         super().__init__()
         self.embedding = nn.Embedding(num_embeddings, embed_dim)
-
-
-def _listing(items: Sequence[str], limit: int = 8) -> str:
-    """The first few items, comma-separated, with a count when cut short."""
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
-
-
-def _is_integer(t: torch.Tensor) -> bool:
-    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
 
 
 def _uses_attention(config: ChameleonVQVAEConfig) -> bool:
@@ -319,28 +231,7 @@ class ChameleonVQGANDecoder(nn.Module):
         for) is refused too, since it means the config does not match.
         """
         state = read_decoder_state_dict(path)
-        expected = self.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        mismatched = [
-            f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(v.shape)}"
-            for k, v in expected.items()
-            if k in state and state[k].shape != v.shape
-        ]
-        problems = []
-        for title, items in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("shape mismatch", mismatched),
-        ):
-            if items:
-                problems.append(f"{title}: {_listing(items)}")
-        if problems:
-            raise VQCheckpointError(
-                f"{path} does not fit this decoder (does its vqgan.yaml match the "
-                "checkpoint?) -- " + "; ".join(problems)
-            )
-        self.load_state_dict(state, strict=True)
+        load_strictly(self, state, path, "does its vqgan.yaml match the checkpoint?")
         return self
 
     def embed(self, indices: torch.Tensor) -> torch.Tensor:
@@ -361,20 +252,7 @@ class ChameleonVQGANDecoder(nn.Module):
 
     forward = decode
 
-    @staticmethod
-    def to_pil(images: torch.Tensor) -> list[Image.Image]:
-        """[B, 3, H, W] (or [3, H, W]) in [-1, 1] -> B uint8 RGB PIL images."""
-        from PIL import Image
-
-        if images.dim() == 3:
-            images = images.unsqueeze(0)
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected [B, 3, H, W] images, got shape {tuple(images.shape)}")
-        # [-1, 1] -> [0, 255], truncated like Chameleon's _pil_from_chw_tensor
-        # (numpy astype), so pixels match the reference pipelines exactly.
-        scaled = (images.detach().float().cpu().clamp(-1.0, 1.0) + 1.0) / 2.0 * 255.0
-        hwc = scaled.to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()  # [B, H, W, 3]
-        return [Image.fromarray(array) for array in hwc]
+    to_pil = staticmethod(to_pil)
 
     def _check_indices(self, indices: torch.Tensor) -> torch.Tensor:
         indices = torch.as_tensor(indices)
@@ -382,7 +260,7 @@ class ChameleonVQGANDecoder(nn.Module):
             raise ValueError(
                 f"expected codebook indices [B, h, w], got shape {tuple(indices.shape)}"
             )
-        if not _is_integer(indices):
+        if not is_integer(indices):
             raise TypeError(f"codebook indices must be integers, got {indices.dtype}")
         if indices.numel() > 0:
             low, high = int(indices.min()), int(indices.max())
@@ -396,7 +274,7 @@ class ChameleonVQGANDecoder(nn.Module):
 
 
 # --------------------------------------------------------------------------
-# Config and checkpoint files
+# vqgan.yaml and the checkpoint
 # --------------------------------------------------------------------------
 
 # vqgan.yaml name -> ChameleonVQVAEConfig field, under model.params and
@@ -477,174 +355,4 @@ def read_decoder_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     is refused instead of run. A Lightning checkpoint's "state_dict" is used
     when present. A .safetensors file is read directly.
     """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state: Any = load_file(str(path), device="cpu")
-    else:
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise VQCheckpointError(
-                f"{path}: refused -- it holds pickled objects other than tensors, which "
-                "weights_only loading does not execute. If the file is trusted, save its "
-                "'state_dict' to .safetensors and load that."
-            ) from err
-        if not isinstance(loaded, Mapping):
-            raise VQCheckpointError(
-                f"{path}: expected a dict of tensors, got {type(loaded).__name__}"
-            )
-        state = loaded.get("state_dict", loaded)
-        if not isinstance(state, Mapping):
-            raise VQCheckpointError(
-                f"{path}: 'state_dict' is a {type(state).__name__}, not a mapping"
-            )
-
-    kept = {
-        k: v for k, v in state.items() if isinstance(k, str) and k.startswith(DECODER_KEY_PREFIXES)
-    }
-    if not kept:
-        sample = ", ".join(sorted(map(str, state))[:8])
-        raise VQCheckpointError(
-            f"{path}: no decoder weights (keys starting with {', '.join(DECODER_KEY_PREFIXES)}); "
-            f"its keys begin: {sample or '(none)'}"
-        )
-    not_tensors = sorted(k for k, v in kept.items() if not isinstance(v, torch.Tensor))
-    if not_tensors:
-        raise VQCheckpointError(f"{path}: entries that are not tensors: {_listing(not_tensors)}")
-    return kept
-
-
-# --------------------------------------------------------------------------
-# BPE ids -> codebook indices
-# --------------------------------------------------------------------------
-
-IMAGE_TOKEN_PREFIX = "IMGIMG"
-# Chameleon writes the code's decimal digits as letters, A=0 .. J=9.
-_LETTERS_TO_DIGITS = str.maketrans("ABCDEFGHIJ", "0123456789")
-
-
-def image_token_code(name: str) -> int:
-    """The codebook index an image token's name encodes.
-
-    The name is "IMGIMG", the index in decimal with each digit written as a
-    letter (A=0 .. J=9), then one closing character, which is dropped: the
-    rule of Chameleon's VocabTranslation.bpe2img and transformers'
-    ChameleonImageVocabularyMapping.bpe2img ("IMGIMGBCZ" -> 12).
-    """
-    if not name.startswith(IMAGE_TOKEN_PREFIX):
-        raise ValueError(f"{name!r} is not an image token (no {IMAGE_TOKEN_PREFIX!r} prefix)")
-    digits = name[len(IMAGE_TOKEN_PREFIX) : -1].translate(_LETTERS_TO_DIGITS)
-    if not digits or not (digits.isascii() and digits.isdigit()):
-        raise ValueError(f"image token {name!r} does not spell a number in letters A-J")
-    return int(digits)
-
-
-class BPEToCodebook:
-    """Maps the language model's image-token ids to VQGAN codebook indices.
-
-    Lumina-mGPT's vocabulary, for one, holds 8192 image tokens at BPE ids
-    4..8195; which code each id stands for is read from its name.
-    """
-
-    def __init__(self, bpe_ids: Sequence[int], codes: Sequence[int]) -> None:
-        bpe = torch.as_tensor(list(bpe_ids), dtype=torch.long)
-        code = torch.as_tensor(list(codes), dtype=torch.long)
-        if bpe.numel() == 0 or bpe.shape != code.shape:
-            raise ValueError("need one codebook index per image-token id, and at least one")
-        if int(bpe.min()) < 0 or int(code.min()) < 0:
-            raise ValueError("BPE ids and codebook indices must be non-negative")
-        if bpe.unique().numel() != bpe.numel():
-            raise ValueError("an image-token id appears twice")
-        if code.unique().numel() != code.numel():
-            raise ValueError("two image tokens name the same codebook index")
-        # Dense table over 0..max id; -1 marks ids that are not image tokens.
-        self._lookup = torch.full((int(bpe.max()) + 1,), -1, dtype=torch.long)
-        self._lookup[bpe] = code
-        self._inverse = torch.full((int(code.max()) + 1,), -1, dtype=torch.long)
-        self._inverse[code] = bpe
-        self._per_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @classmethod
-    def from_vocab(
-        cls, vocab: Mapping[str, int], num_embeddings: int | None = None
-    ) -> BPEToCodebook:
-        """From a token-name -> id vocabulary (tokenizer.json's model.vocab, or
-        `tokenizer.get_vocab()`). With `num_embeddings`, the image tokens must
-        name every code 0..num_embeddings-1 exactly once."""
-        return cls.from_token_names(
-            vocab, IMAGE_TOKEN_PREFIX, image_token_code, num_embeddings, kind="image"
-        )
-
-    @classmethod
-    def from_token_names(
-        cls,
-        vocab: Mapping[str, int],
-        prefix: str,
-        code_of: Callable[[str], int],
-        num_codes: int | None = None,
-        *,
-        kind: str,
-    ) -> BPEToCodebook:
-        """The table for every token whose name starts with `prefix`, its code
-        read by `code_of(name)`. With `num_codes`, the tokens must name every
-        code 0..num_codes-1 exactly once (a vocabulary paired with the wrong VQ
-        model fails here)."""
-        pairs = sorted(
-            (int(token_id), code_of(name))
-            for name, token_id in vocab.items()
-            if name.startswith(prefix)
-        )
-        if not pairs:
-            raise ValueError(f"the vocabulary has no {kind} tokens (names starting {prefix!r})")
-        if num_codes is not None:
-            found = sorted(p[1] for p in pairs)
-            if found != list(range(num_codes)):
-                raise ValueError(
-                    f"the vocabulary's {len(pairs)} {kind} tokens name codes "
-                    f"{found[0]}..{found[-1]}, not each of 0..{num_codes - 1} once "
-                    "(wrong pairing of vocabulary and VQ model?)"
-                )
-        return cls([p[0] for p in pairs], [p[1] for p in pairs])
-
-    @property
-    def image_token_ids(self) -> torch.Tensor:
-        """Sorted BPE ids of the image tokens, [N] int64."""
-        return (self._lookup >= 0).nonzero().squeeze(1)
-
-    @property
-    def num_codes(self) -> int:
-        return int((self._lookup >= 0).sum())
-
-    def __call__(self, bpe_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
-        """Codebook indices for image-token ids, same shape, int64, same device.
-
-        Raises ValueError if any id is not an image token (text, special or
-        Lumina-mGPT's end-of-line tokens must be removed first)."""
-        return self._translate(bpe_ids, forward=True)
-
-    def to_bpe(self, codes: torch.Tensor | Sequence[int]) -> torch.Tensor:
-        """The inverse: image-token ids for codebook indices."""
-        return self._translate(codes, forward=False)
-
-    def _translate(self, values: torch.Tensor | Sequence[int], forward: bool) -> torch.Tensor:
-        values = torch.as_tensor(values)
-        if not _is_integer(values):
-            raise TypeError(f"expected integer ids, got {values.dtype}")
-        values = values.long()
-        table = self._tables(values.device)[0 if forward else 1]
-        # Out-of-table ids look up a -1 through the clamp, then fail below.
-        inside = (values >= 0) & (values < table.numel())
-        out = torch.where(inside, table[values.clamp(0, table.numel() - 1)], -1)
-        bad = out < 0
-        if bool(bad.any()):
-            wrong = [str(v) for v in values[bad].unique().tolist()]
-            what = "image-token ids" if forward else "codebook indices of this vocabulary"
-            raise ValueError(f"{len(wrong)} value(s) are not {what}: {_listing(wrong)}")
-        return out
-
-    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device not in self._per_device:
-            self._per_device[device] = (self._lookup.to(device), self._inverse.to(device))
-        return self._per_device[device]
+    return keep_prefixed(read_weights(path), DECODER_KEY_PREFIXES, path, "decoder weights")

@@ -41,7 +41,9 @@ from pathlib import Path
 import torch
 from transformers import Emu3VQVAE
 
-from vllm_sjd.vq.chameleon_vqgan import BPEToCodebook, ChameleonVQGANDecoder, VQCheckpointError
+from vllm_sjd.checkpoints import CheckpointError, listing
+from vllm_sjd.vq.blocks import to_pil
+from vllm_sjd.vq.bpe_codebook import BPEToCodebook
 
 __all__ = ["Emu3ImageDecoder", "VISUAL_TOKEN_PREFIX", "visual_token_code"]
 
@@ -61,11 +63,6 @@ def visual_token_code(name: str) -> int:
     if match is None:
         raise ValueError(f"{name!r} is not an Emu3 visual token name")
     return int(match.group(1))
-
-
-def _listing(items: list[str], limit: int = 8) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
 class Emu3ImageDecoder:
@@ -103,7 +100,7 @@ class Emu3ImageDecoder:
     ) -> Emu3ImageDecoder:
         """Load Emu3VQVAE from a local folder (config.json of model_type
         "emu3_vqgan" + safetensors, as `Emu3VQVAE.save_pretrained` writes);
-        never the hub. Raises VQCheckpointError if a weight the decoder needs
+        never the hub. Raises CheckpointError if a weight the decoder needs
         is not in the checkpoint (transformers would leave it random)."""
         path = Path(vq_path)
         if not path.is_dir():
@@ -115,9 +112,9 @@ class Emu3ImageDecoder:
         missing = sorted(k for k in info["missing_keys"] if k.startswith(_DECODE_KEY_PREFIXES))
         mismatched = sorted(str(k) for k in info["mismatched_keys"])
         if missing or mismatched:
-            problems = [f"missing: {_listing(missing)}"] if missing else []
-            problems += [f"shape mismatch: {_listing(mismatched)}"] if mismatched else []
-            raise VQCheckpointError(
+            problems = [f"missing: {listing(missing)}"] if missing else []
+            problems += [f"shape mismatch: {listing(mismatched)}"] if mismatched else []
+            raise CheckpointError(
                 f"{path} does not hold Emu3VQVAE decoder weights that fit its config -- "
                 + "; ".join(problems)
             )
@@ -163,7 +160,7 @@ class Emu3ImageDecoder:
 
     # [-1, 1] -> uint8 truncated, as Emu3ImageProcessor.postprocess does with
     # mean = std = 0.5 (unnormalize, x 255, clip, astype(uint8)).
-    to_pil = staticmethod(ChameleonVQGANDecoder.to_pil)
+    to_pil = staticmethod(to_pil)
 
     def _check_codes(self, codes: torch.Tensor) -> torch.Tensor:
         codes = torch.as_tensor(codes)

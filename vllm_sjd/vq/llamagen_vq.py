@@ -21,7 +21,7 @@ state dict loads as is:
 
 (resnet blocks: norm1, conv1, norm2, conv2, nin_shortcut where the width
 changes; attention: norm, q, k, v, proj_out.) The building blocks are the ones
-of vllm_sjd/vq/chameleon_vqgan.py: the same taming blocks under the same names.
+of vllm_sjd/vq/blocks.py: the same taming blocks under the same names.
 The encoder, quant_conv and training buffers in the checkpoint are ignored.
 
 The checkpoint is read with torch.load(weights_only=True); LlamaGen's training
@@ -32,9 +32,6 @@ allowed. Weights are taken from "model" (as sample_t2i.py does), else "ema",
 
 from __future__ import annotations
 
-import argparse
-import pickle
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,14 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vllm_sjd.vq.chameleon_vqgan import (
-    ChameleonVQGANDecoder,
-    VQCheckpointError,
-    _AttnBlock,
-    _group_norm,
-    _ResnetBlock,
-    _Upsample,
-)
+from vllm_sjd.checkpoints import keep_prefixed, load_strictly, read_weights
+from vllm_sjd.vq.blocks import AttnBlock, ResnetBlock, Upsample, group_norm, is_integer, to_pil
 
 __all__ = ["LlamaGenVQConfig", "LlamaGenVQDecoder", "read_vq_state_dict"]
 
@@ -81,11 +72,11 @@ class _Level(nn.Module):
     def __init__(self, block_in: int, block_out: int, num_blocks: int, attention: bool, upsample: bool):
         super().__init__()
         self.res = nn.ModuleList(
-            _ResnetBlock(block_in if i == 0 else block_out, block_out, 0.0) for i in range(num_blocks)
+            ResnetBlock(block_in if i == 0 else block_out, block_out, 0.0) for i in range(num_blocks)
         )
-        self.attn = nn.ModuleList(_AttnBlock(block_out) for _ in range(num_blocks if attention else 0))
+        self.attn = nn.ModuleList(AttnBlock(block_out) for _ in range(num_blocks if attention else 0))
         if upsample:
-            self.upsample = _Upsample(block_out)
+            self.upsample = Upsample(block_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.res):
@@ -104,7 +95,7 @@ class _Decoder(nn.Module):
         block_in = config.ch * mult[-1]
         self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
         self.mid = nn.ModuleList(
-            [_ResnetBlock(block_in, block_in, 0.0), _AttnBlock(block_in), _ResnetBlock(block_in, block_in, 0.0)]
+            [ResnetBlock(block_in, block_in, 0.0), AttnBlock(block_in), ResnetBlock(block_in, block_in, 0.0)]
         )
         levels = []
         for j, level in enumerate(reversed(range(len(mult)))):  # lowest resolution first
@@ -115,7 +106,7 @@ class _Decoder(nn.Module):
             )
             block_in = block_out
         self.conv_blocks = nn.ModuleList(levels)
-        self.norm_out = _group_norm(block_in)
+        self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, config.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # [B, z, h, w] -> [B, 3, f*h, f*w]
@@ -163,25 +154,7 @@ class LlamaGenVQDecoder(nn.Module):
         return cls(config).load_checkpoint(path)
 
     def load_checkpoint(self, path: str | Path) -> LlamaGenVQDecoder:
-        state = read_vq_state_dict(path)
-        expected = self.state_dict()
-        problems = []
-        if missing := sorted(set(expected) - set(state)):
-            problems.append(f"missing: {_listing(missing)}")
-        if unexpected := sorted(set(state) - set(expected)):
-            problems.append(f"unexpected: {_listing(unexpected)}")
-        mismatched = [
-            f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(v.shape)}"
-            for k, v in expected.items()
-            if k in state and state[k].shape != v.shape
-        ]
-        if mismatched:
-            problems.append(f"shape mismatch: {_listing(mismatched)}")
-        if problems:
-            raise VQCheckpointError(
-                f"{path} does not fit this VQ-16 decoder (right config?) -- " + "; ".join(problems)
-            )
-        self.load_state_dict(state, strict=True)
+        load_strictly(self, read_vq_state_dict(path), path, "right config?")
         return self
 
     def codebook_vectors(self, codes: torch.Tensor) -> torch.Tensor:
@@ -202,13 +175,13 @@ class LlamaGenVQDecoder(nn.Module):
     forward = decode
 
     # [B, 3, H, W] in [-1, 1] -> uint8 RGB PIL images, as the other decoders.
-    to_pil = staticmethod(ChameleonVQGANDecoder.to_pil)
+    to_pil = staticmethod(to_pil)
 
     def _check_codes(self, codes: torch.Tensor) -> torch.Tensor:
         codes = torch.as_tensor(codes)
         if codes.dim() != 3:
             raise ValueError(f"expected codes [B, h, w], got shape {tuple(codes.shape)}")
-        if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        if not is_integer(codes):
             raise TypeError(f"codes must be integers, got {codes.dtype}")
         if codes.numel():
             low, high = int(codes.min()), int(codes.max())
@@ -221,37 +194,5 @@ class LlamaGenVQDecoder(nn.Module):
 
 def read_vq_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The decode-path weights of a LlamaGen VQ checkpoint, on CPU, without unpickling code."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state: Mapping = load_file(str(path), device="cpu")
-    else:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            try:
-                loaded = torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as err:
-                raise VQCheckpointError(
-                    f"{path}: refused -- it holds pickled objects other than tensors, plain "
-                    "containers and the training args, which weights_only loading does not run"
-                ) from err
-        if not isinstance(loaded, Mapping):
-            raise VQCheckpointError(f"{path}: expected a dict, got {type(loaded).__name__}")
-        state = next(
-            (loaded[k] for k in WRAPPER_KEYS if isinstance(loaded.get(k), Mapping)), loaded
-        )
-    kept = {k: v for k, v in state.items() if isinstance(k, str) and k.startswith(DECODER_KEY_PREFIXES)}
-    if not kept:
-        sample = ", ".join(sorted(map(str, state))[:8])
-        raise VQCheckpointError(
-            f"{path}: no VQ decoder weights (keys starting {', '.join(DECODER_KEY_PREFIXES)}); "
-            f"its keys begin: {sample or '(none)'}"
-        )
-    if bad := sorted(k for k, v in kept.items() if not isinstance(v, torch.Tensor)):
-        raise VQCheckpointError(f"{path}: entries that are not tensors: {_listing(bad)}")
-    return kept
-
-
-def _listing(items: Sequence[str], limit: int = 8) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+    state = read_weights(path, WRAPPER_KEYS)
+    return keep_prefixed(state, DECODER_KEY_PREFIXES, path, "VQ decoder weights")

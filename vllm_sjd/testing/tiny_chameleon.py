@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_sjd.models import chameleon_layout as layout
+from vllm_sjd.layouts import chameleon as layout
+from vllm_sjd.word_tokenizer import save_word_level_tokenizer
 
 VOCAB_SIZE = 8960  # the real 65536 shrunk, keeping every special id we use
 # A word-level stand-in for Chameleon's BPE tokenizer (ids past the size tokens).
@@ -85,19 +86,14 @@ def build_tiny_chameleon(path: Path, *, lumina: bool = True, seed: int = 0,
 
 
 def _save_tokenizer(path: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = vocabulary_map()
     vocab.update({word: FIRST_WORD_ID + i for i, word in enumerate(WORDS)})
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
-        pad_token="<pad>", unk_token="<unk>",
+    save_word_level_tokenizer(
+        path, vocab, unk_token="<unk>",
+        special_tokens={"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"},
         additional_special_tokens=[layout.TURN_SEPARATOR, layout.IMAGE_START_NAME,
                                    *SIZE_TOKENS.values()],
-    ).save_pretrained(path)
+    )
 
 
 def reference_logits(path: Path, token_ids: list[int]) -> torch.Tensor:
@@ -119,7 +115,8 @@ def tiny_vq_decoder():
     """A random-weight Chameleon VQGAN decoder (16x, tiny channels) and its id mapping."""
     from transformers import ChameleonVQVAEConfig
 
-    from vllm_sjd.vq.chameleon_vqgan import BPEToCodebook, ChameleonVQGANDecoder
+    from vllm_sjd.vq.bpe_codebook import BPEToCodebook
+    from vllm_sjd.vq.chameleon_vqgan import ChameleonVQGANDecoder
 
     config = ChameleonVQVAEConfig(
         embed_dim=8, num_embeddings=8192, latent_channels=8, resolution=256,

@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vllm_sjd.models.llamagen import CAPTION_KEYS, read_state_dict
-from vllm_sjd.models.llamagen_layout import LlamaGenConfig, LlamaGenImageLayout, register_config
+from vllm_sjd.models.llamagen_checkpoint import CAPTION_KEYS, read_state_dict
+from vllm_sjd.layouts.llamagen import LlamaGenImageLayout
+from vllm_sjd.models.llamagen_config import LlamaGenConfig, register_config
 
 
 def plain_preprocess(text: str) -> str:

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vllm_sjd.models.llamagen_layout import llamagen_config
+from vllm_sjd.models.llamagen_config import llamagen_config
+from vllm_sjd.word_tokenizer import save_word_level_tokenizer
 
 CODEBOOK = 512
 IMAGE_SIZE = 128  # 8 x 8 codes at 16x
@@ -41,7 +42,7 @@ def tiny_config(image_size: int = IMAGE_SIZE, **overrides):
 
 def tiny_state_dict(config, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random weights under LlamaGen's key names (norm weights perturbed too)."""
-    from vllm_sjd.models.llamagen import expected_shapes
+    from vllm_sjd.models.llamagen_checkpoint import expected_shapes
 
     g = torch.Generator().manual_seed(seed)
     state = {}
@@ -77,8 +78,7 @@ def build_tiny_llamagen(path: Path, *, seed: int = 0, wrapper: str = "model", **
 def build_tiny_t5(path: Path, *, seed: int = 0) -> Path:
     """A random T5 encoder (flan-t5's gated-gelu shape, d_model 32) and a word tokenizer
     that appends </s> as T5's does."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
     path = Path(path)
     torch.manual_seed(seed)
@@ -90,14 +90,10 @@ def build_tiny_t5(path: Path, *, seed: int = 0) -> Path:
         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     )
     T5EncoderModel(config).eval().save_pretrained(path)
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="$A </s>", special_tokens=[("</s>", 1)]
+    save_word_level_tokenizer(
+        path, vocab, unk_token="<unk>",
+        special_tokens={"pad_token": "<pad>", "eos_token": "</s>"}, append_eos="</s>",
     )
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-    ).save_pretrained(path)
     return path
 
 

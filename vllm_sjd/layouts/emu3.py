@@ -11,7 +11,7 @@ vocabulary map, so any vocabulary size works.
 
 from collections.abc import Mapping
 
-from vllm_sjd.models.layout import ImageGrid, require_supported
+from vllm_sjd.layouts.grid import ImageGrid, require_supported
 
 END_OF_LINE = "<|extra_200|>"
 END_OF_FRAME = "<|extra_201|>"

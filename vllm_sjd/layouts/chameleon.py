@@ -21,7 +21,7 @@ scale is 3.
 
 from functools import cached_property
 
-from vllm_sjd.models.layout import ImageGrid, require_supported
+from vllm_sjd.layouts.grid import ImageGrid, require_supported
 
 IMAGE_START = 8197  # <racm3:break>
 IMAGE_END = 8196  # <eoss>

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_sjd.models import emu3_layout as el
+from vllm_sjd.layouts import emu3 as el
+from vllm_sjd.word_tokenizer import save_word_level_tokenizer
 
 NUM_CODES = 512
 FIRST_VISUAL_ID = 100
@@ -41,8 +42,7 @@ def tiny_vq_config() -> dict:
 
 
 def build_tiny_emu3(path: Path, *, seed: int = 0) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import Emu3Config, Emu3ForConditionalGeneration, PreTrainedTokenizerFast
+    from transformers import Emu3Config, Emu3ForConditionalGeneration
 
     path = Path(path)
     torch.manual_seed(seed)
@@ -64,14 +64,13 @@ def build_tiny_emu3(path: Path, *, seed: int = 0) -> Path:
     saved["architectures"] = ["Emu3ForConditionalGeneration"]
     (path / "config.json").write_text(json.dumps(saved, indent=2))
 
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocabulary_map(), unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<|extra_203|>", eos_token=el.END_OF_SEQUENCE,
-        pad_token="<|endoftext|>", unk_token="<unk>",
+    save_word_level_tokenizer(
+        path, vocabulary_map(), unk_token="<unk>",
+        special_tokens={"bos_token": "<|extra_203|>", "eos_token": el.END_OF_SEQUENCE,
+                        "pad_token": "<|endoftext|>"},
         additional_special_tokens=[el.IMAGE_START, el.IMAGE_WRAPPER, el.IMAGE_END,
                                    el.END_OF_LINE, el.END_OF_FRAME],
-    ).save_pretrained(path)
+    )
     return path
 
 

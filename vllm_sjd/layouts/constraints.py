@@ -1,6 +1,6 @@
 """Image layouts applied per request inside the engine, keyed by request id.
 
-An image request carries its grid in `SamplingParams.extra_args["sjd_image"]`
+An image request carries its grid in `SamplingParams.extra_args[IMAGE_GRID_ARG]`
 (`image_extra_args(grid)`), so every process (and every tensor-parallel rank)
 sees the same layout. The SJD runner asks `LayoutConstraints` for the tokens
 each verified row and each window slot may hold, by absolute position; the
@@ -12,18 +12,17 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from vllm_sjd.models.layout import ImageGrid
-
-IMAGE_ARG = "sjd_image"
+from vllm_sjd.contract import IMAGE_GRID_ARG
+from vllm_sjd.layouts.grid import ImageGrid
 
 
 def image_extra_args(grid: ImageGrid) -> dict:
     """The SamplingParams.extra_args that make a request generate `grid`."""
-    return {IMAGE_ARG: dataclasses.asdict(grid)}
+    return {IMAGE_GRID_ARG: dataclasses.asdict(grid)}
 
 
 def grid_from_extra_args(extra_args: Mapping | None) -> ImageGrid | None:
-    spec = (extra_args or {}).get(IMAGE_ARG)
+    spec = (extra_args or {}).get(IMAGE_GRID_ARG)
     if spec is None:
         return None
     spec = dict(spec)

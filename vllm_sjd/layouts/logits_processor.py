@@ -5,16 +5,16 @@ under SJD the runner applies layouts itself; without SJD this processor does
 the same job through vLLM's public logits-processor interface:
 
     LLM(model, logits_processors=[LayoutLogitsProcessor])
-    vllm serve MODEL --logits-processors vllm_sjd.layout_logits_processor:LayoutLogitsProcessor
+    vllm serve MODEL --logits-processors vllm_sjd.layouts.logits_processor:LayoutLogitsProcessor
 
-Requests carry their grid in SamplingParams.extra_args (layout_constraints.py).
+Requests carry their grid in SamplingParams.extra_args (layouts/constraints.py).
 """
 
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from vllm_sjd.layout_constraints import grid_from_extra_args
-from vllm_sjd.models.layout import ImageGrid
+from vllm_sjd.layouts.constraints import grid_from_extra_args
+from vllm_sjd.layouts.grid import ImageGrid
 
 
 class LayoutLogitsProcessor(LogitsProcessor):

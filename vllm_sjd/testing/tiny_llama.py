@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from vllm_sjd.word_tokenizer import save_word_level_tokenizer
+
 
 def token_text(token_id: int) -> str:
     return f"t{token_id}"
@@ -32,8 +34,7 @@ def build_tiny_llama(
     seed: int = 0,
     max_position_embeddings: int = 512,
 ) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -70,16 +71,11 @@ def build_tiny_llama(
     model.save_pretrained(path, safe_serialization=True)
 
     vocab = {token_text(i): i for i in range(vocab_size)}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=token_text(3)))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=token_text(0),
-        eos_token=token_text(1),
-        pad_token=token_text(2),
-        unk_token=token_text(3),
+    save_word_level_tokenizer(
+        path, vocab, unk_token=token_text(3),
+        special_tokens={"bos_token": token_text(0), "eos_token": token_text(1),
+                        "pad_token": token_text(2)},
     )
-    fast.save_pretrained(path)
     # Keep the checkpoint self-describing for readers of the test folder.
     (path / "TINY_MODEL.json").write_text(
         json.dumps({"sharpness": sharpness, "seed": seed, "vocab_size": vocab_size})

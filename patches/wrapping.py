@@ -1,0 +1,48 @@
+"""How a patch installs itself, and the vLLM version the patches were checked on.
+
+`install_wrapper` sets the wrapper once (sentinel-stamped, so vLLM loading
+the plugin again is harmless) and checks that it took; patches keep the
+original as `_original_*` and call it.
+"""
+
+SUPPORTED_VLLM_MINOR = (0, 32)
+SENTINEL = "__vllm_sjd_patched__"
+
+
+def install_wrapper(owner, name: str, wrapper, *, as_classmethod: bool = False) -> None:
+    """Set owner.name = wrapper once (sentinel-stamped), and check that it took."""
+
+    def stamped(value) -> bool:
+        return getattr(getattr(value, "__func__", value), SENTINEL, False)
+
+    if stamped(getattr(owner, name)):
+        return
+    setattr(wrapper, SENTINEL, True)
+    setattr(owner, name, classmethod(wrapper) if as_classmethod else wrapper)
+    if not stamped(getattr(owner, name)):
+        raise RuntimeError(f"vllm-sjd: patching {getattr(owner, '__name__', owner)}.{name} failed")
+
+
+def vllm_minor() -> tuple[int, int]:
+    import vllm
+
+    major, minor = vllm.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def is_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def check_vllm_version() -> None:
+    if vllm_minor() != SUPPORTED_VLLM_MINOR:
+        import vllm
+
+        raise RuntimeError(
+            f"vllm-sjd's patches were checked on vLLM "
+            f"{SUPPORTED_VLLM_MINOR[0]}.{SUPPORTED_VLLM_MINOR[1]}.x; this is vLLM "
+            f"{vllm.__version__}. Install vllm-sjd[gpu] or vllm-sjd[cpu] to get "
+            "a matching vLLM."
+        )
