@@ -10,6 +10,7 @@ sentinel so a second install is harmless, and verify that the install took
 |-------------------------|--------------------------------------------------------------|------------|
 | speculative_config      | EngineArgs.create_speculative_config                         | all        |
 | verified_logits         | rejection_sampler.rejection_sample (captures processed p)    | all        |
+| recovered_tokens        | rejection_sampler.sample_recovered_tokens (empty residual)   | all        |
 | sjd_runner / sjd_worker | GPUModelRunner/CPUModelRunner subclasses, worker subclasses  | all        |
 | cfg_scheduler           | Scheduler subclass: guidance pairs, whole-window budgets     | all        |
 | cpu_expand_kernel       | CpuPlatform.register_triton_kernel_overrides (expand kernel) | CPU 0.32.x |
@@ -30,10 +31,11 @@ def apply_all() -> None:
     if _applied:
         return
     check_vllm_version()
-    from vllm_sjd.patches import speculative_config, verified_logits
+    from vllm_sjd.patches import recovered_tokens, speculative_config, verified_logits
 
     speculative_config.install()
     verified_logits.install()
+    recovered_tokens.install()
     if is_cpu_platform():
         from vllm_sjd.patches import (
             cpu_empty_top_k,

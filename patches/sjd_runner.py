@@ -16,6 +16,9 @@ process; checked on vLLM 0.32.0):
 - `_get_spec_decode_draft_probs`: gives the rejection sampler q from the
   proposer, looked up by request id;
 - `_update_states`: forgets finished and preempted requests.
+It also times forward passes of 1, 2, 4, ... tokens with vLLM's `_dummy_run`
+when the engine starts (`measure_forward_costs`, called by the SJD worker),
+the curve SJD's dynamic window reads.
 
 Without speculation (plain AR on an image model) the same runner applies
 layouts and guidance; there is no proposer then.
@@ -25,6 +28,7 @@ logits, nor a way to return q. Retire when custom_class proposers receive the
 verified probabilities and can return draft probabilities.
 """
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +53,7 @@ from vllm_sjd.proposer import SJDProposer
 class _StepLogits:
     bonus_logits: torch.Tensor  # [B, V] raw logits of each request's last row
     target_logits: torch.Tensor | None  # [sum(n), V] processed, or None
+    target_probs: torch.Tensor | None  # their softmax, where the verifier computed it
     num_draft_tokens: list[int]  # [B]
 
 
@@ -216,7 +221,9 @@ class SJDModelRunnerMixin:
             sampled[pairs.twin] = sampled[pairs.cond]
         self._sjd_pairs = pairs
         if self._proposer is not None:
-            self._sjd_step = _StepLogits(bonus_logits, verified.target_logits, num_draft_tokens)
+            self._sjd_step = _StepLogits(
+                bonus_logits, verified.target_logits, verified.target_probs, num_draft_tokens
+            )
         return output
 
     def _hold(self, held: list[int]) -> None:
@@ -267,12 +274,21 @@ class SJDModelRunnerMixin:
         assert step is not None and isinstance(sampled_token_ids, list)
         pairs, self._sjd_pairs = self._sjd_pairs, _GuidedPairs([], [], [])
         # vLLM's per-batch-size table (num_speculative_tokens_per_batch_size)
-        # sets how many drafts the next step verifies.
+        # sets how many drafts the next step verifies; without one, SJD's
+        # dynamic window may take fewer.
         max_drafts = scheduler_output.num_spec_tokens_to_schedule
         if self.drafter.builds_nothing_for(max_drafts):
             return [[] for _ in sampled_token_ids]
         req_ids = list(self.input_batch.req_ids)
         num_reqs = len(req_ids)
+        seeds = [self.requests[r].sampling_params.seed for r in req_ids]
+        mirror = list(zip(pairs.twin, pairs.cond))
+        accepted = [
+            max(len(t) - 1, 0) if t else n for t, n in zip(sampled_token_ids, step.num_draft_tokens)
+        ]
+        caps = self.drafter.plan_drafts(step.num_draft_tokens, accepted, seeds, max_drafts, mirror)
+        if not any(caps):
+            return [[] for _ in sampled_token_ids]
         rows = self._verified_rows(step, sampled_token_ids, sampling_metadata)
         num_tokens = torch.from_numpy(
             self.input_batch.num_tokens_no_spec[:num_reqs].astype("int64")
@@ -297,12 +313,12 @@ class SJDModelRunnerMixin:
             num_tokens=num_tokens,
             above=None if above is None else above[0].to(step.bonus_logits.device),
             row_strides=() if above is None else above[1],
-            seeds=[self.requests[r].sampling_params.seed for r in req_ids],
+            seeds=seeds,
             greedy=_greedy_mask(sampling_metadata, num_reqs),
             has_output=[len(t) > 0 for t in sampled_token_ids],
             allowed=None if allowed is None else allowed.view(num_reqs, num_slots, -1),
-            mirror=list(zip(pairs.twin, pairs.cond)),
-            max_drafts=max_drafts,
+            mirror=mirror,
+            max_drafts=caps,
         )
 
     def _verified_rows(self, step: _StepLogits, sampled_token_ids, sampling_metadata):
@@ -320,6 +336,8 @@ class SJDModelRunnerMixin:
         )
         if step.target_logits is None or step.target_logits.shape[0] == 0:
             target_probs = bonus.new_zeros((0, bonus.shape[-1]))
+        elif step.target_probs is not None:
+            target_probs = step.target_probs  # the verifier's own softmax
         else:
             target_probs = step.target_logits.softmax(dim=-1, dtype=torch.float32)
         # Rows stay on the model's device; so do the windows built from them.
@@ -329,6 +347,28 @@ class SJDModelRunnerMixin:
             num_draft_tokens=n,
             num_accepted=accepted,
         )
+
+    def measure_forward_costs(self, max_tokens: int, repeats: int = 3) -> list[tuple[int, float]]:
+        """(tokens, seconds) of forward passes of 1, 2, 4, ... up to max_tokens tokens.
+
+        The fastest of `repeats` timed passes after one warm-up pass; the same
+        sizes on every rank (tensor-parallel passes run in lockstep).
+        """
+        sizes = [1 << i for i in range(max(max_tokens, 1).bit_length()) if 1 << i <= max_tokens]
+        on_gpu = self.device.type == "cuda"
+        points = []
+        with torch.random.fork_rng(devices=[self.device] if on_gpu else []):
+            for size in sizes:
+                best = float("inf")
+                for attempt in range(repeats + 1):
+                    started = time.perf_counter()
+                    self._dummy_run(size, skip_eplb=True)
+                    if on_gpu:
+                        torch.cuda.synchronize(self.device)
+                    if attempt:  # the first pass warms up
+                        best = min(best, time.perf_counter() - started)
+                points.append((size, best))
+        return points
 
     def _update_states(self, scheduler_output):
         result = super()._update_states(scheduler_output)

@@ -88,3 +88,28 @@ def test_runner_overrides_match_the_signatures_of_vllm_methods():
         ours = list(inspect.signature(getattr(SJDModelRunnerMixin, name)).parameters)
         theirs = list(inspect.signature(getattr(GPUModelRunner, name)).parameters)
         assert ours == theirs, name
+
+
+def test_an_empty_residual_resamples_from_p_not_token_0():
+    """q covers p (they differ by one float at the draft): stock vLLM recovers id 0."""
+    from types import SimpleNamespace
+
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.sample import rejection_sampler
+
+    from vllm_sjd.patches import recovered_tokens
+
+    CpuPlatform.register_triton_kernel_overrides()
+    p = torch.zeros(2, 8)
+    p[:, 3], p[:, 5] = 0.9, 0.1
+    q = p.clone()
+    q[0, 3] = torch.nextafter(torch.tensor(0.9), torch.tensor(1.0))  # row 0: nothing left over
+    q[1] = 0.125  # row 1: an ordinary residual, on tokens 3 and 5
+    args = (1, [2], torch.tensor([2], dtype=torch.int32), torch.tensor([3, 3], dtype=torch.int32),
+            q, p, SimpleNamespace(generators={}), torch.device("cpu"))
+    stock = recovered_tokens._original_sample_recovered_tokens(*args)
+    assert stock[0] == 0  # the bug: a token p gives probability 0
+    assert rejection_sampler.sample_recovered_tokens is not recovered_tokens._original_sample_recovered_tokens
+    seen = {int(rejection_sampler.sample_recovered_tokens(*args)[0]) for _ in range(200)}
+    assert seen == {3, 5}  # a sample of p: both of its tokens, nothing else
+    assert all(int(rejection_sampler.sample_recovered_tokens(*args)[1]) in (3, 5) for _ in range(20))
