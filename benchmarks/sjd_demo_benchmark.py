@@ -70,19 +70,22 @@ def percentile(values, q):
     return values[min(len(values) - 1, max(0, math.ceil(q / 100 * len(values)) - 1))]
 
 
-def spec_drafts(llm) -> float:
-    return sum(m.value for m in llm.get_metrics() if m.name == "vllm:spec_decode_num_drafts")
+def spec_draft_tokens(llm) -> float:
+    """Drafts verified so far (each request's, guided twins included)."""
+    return sum(m.value for m in llm.get_metrics() if m.name == "vllm:spec_decode_num_draft_tokens")
 
 
 def closed_loop(llm, prompts, params, concurrency: int, tag: str):
     """Serve all prompts keeping `concurrency` requests in flight.
 
-    Returns (token lists in prompt order, per-request latencies, wall seconds)."""
+    Returns (token lists in prompt order, per-request latencies, wall seconds,
+    forward passes per request: the steps that gave it tokens)."""
     engine = llm.llm_engine
     pending = list(range(len(prompts)))
     in_flight: dict[int, float] = {}  # prompt index -> start time
     tokens: dict[int, list[int]] = {}
     latency: dict[int, float] = {}
+    passes = dict.fromkeys(range(len(prompts)), 0)
     start = time.perf_counter()
     while pending or in_flight:
         while pending and len(in_flight) < concurrency:
@@ -92,6 +95,8 @@ def closed_loop(llm, prompts, params, concurrency: int, tag: str):
         for out in engine.step():
             # The engine may suffix the id it was given; the prefix names the prompt.
             match = re.match(re.escape(tag) + r"-(\d+)", out.request_id)
+            if match:
+                passes[int(match.group(1))] += 1
             if out.finished and match and int(match.group(1)) in in_flight:
                 i = int(match.group(1))
                 began = in_flight.pop(i)
@@ -99,7 +104,7 @@ def closed_loop(llm, prompts, params, concurrency: int, tag: str):
                 tokens[i] = list(out.outputs[0].token_ids)
     wall = time.perf_counter() - start
     order = range(len(prompts))
-    return [tokens[i] for i in order], [latency[i] for i in order], wall
+    return [tokens[i] for i in order], [latency[i] for i in order], wall, [passes[i] for i in order]
 
 
 def profile_one(llm, prompt, param, tag: str) -> dict:
@@ -119,32 +124,39 @@ def profile_one(llm, prompt, param, tag: str) -> dict:
     return parts
 
 
-def config_name(window: int, drafting: str, initial: str) -> str:
-    return f"K{window} {drafting}/{initial}" if window else "AR"
+def config_name(window: int, drafting: str, initial: str, dynamic: str = "off") -> str:
+    if not window:
+        return "AR"
+    return f"K{window} {drafting}/{initial}" + (" dynamic" if dynamic != "off" else "")
 
 
 def run_engine(model_path, config, prompts, params, concurrencies, profile_prompt, latency_images):
     from vllm import LLM
 
-    window, drafting, initial = config
+    window, drafting, initial, dynamic = config
     options = dict(model=str(model_path), dtype="float32", max_model_len=512, seed=0,
                    enforce_eager=True, disable_log_stats=False, max_num_seqs=2 * max(concurrencies))
     if window:
         options["speculative_config"] = {"method": "sjd", "num_speculative_tokens": window,
-                                         "drafting": drafting, "initial_drafts": initial}
+                                         "drafting": drafting, "initial_drafts": initial,
+                                         "dynamic_num_speculative_tokens": dynamic}
     t0 = time.perf_counter()
     llm = LLM(**options)
     result = {"engine_start_s": round(time.perf_counter() - t0, 1), "by_concurrency": {}}
     tag = config_name(*config).replace(" ", "-").replace("/", "-")
     try:
         closed_loop(llm, prompts[:2], params[:2], 2, f"{tag}-warmup")
+        if dynamic != "off":
+            result["forward_cost_ms"] = [
+                (t, round(1000 * s, 2)) for t, s in llm.collective_rpc("sjd_forward_costs")[0]
+            ]
         for c in concurrencies:
-            drafts = spec_drafts(llm)
+            drafts = spec_draft_tokens(llm)
             n = latency_images if c == 1 else len(prompts)  # one at a time is slow
-            tokens, latencies, wall = closed_loop(llm, prompts[:n], params[:n], c, f"{tag}-c{c}")
-            steps = (spec_drafts(llm) - drafts) / n
+            tokens, latencies, wall, steps = closed_loop(
+                llm, prompts[:n], params[:n], c, f"{tag}-c{c}")
             per_image = sum(len(t) for t in tokens) / n
-            passes = 1 + steps if window else per_image
+            passes = sum(steps) / n
             result["by_concurrency"][c] = {
                 "images": n, "wall_s": round(wall, 2),
                 "ms_per_pass": round(1000 * wall / (n * passes), 2) if c == 1 else None,
@@ -153,6 +165,7 @@ def run_engine(model_path, config, prompts, params, concurrencies, profile_promp
                 "latency_p90_s": round(percentile(latencies, 90), 3),
                 "passes_per_image": round(passes, 1),
                 "tokens_per_pass": round(per_image / passes, 3),
+                "drafts_per_pass": round((spec_draft_tokens(llm) - drafts) / (n * passes), 2),
             }
             if n == len(prompts):
                 result["tokens"] = tokens  # the last full pass over the prompts is scored
@@ -202,6 +215,8 @@ def plot(results: dict, out: Path) -> None:
     for name, cfg in configs.items():
         if name != "AR":
             window, mode = name.split(" ", 1) if " " in name else (name, "independent/uniform")
+            if mode.endswith(" dynamic"):
+                continue  # its K varies: not a point of this curve
             modes.setdefault(mode, []).append(
                 (int(window[1:]), cfg["by_concurrency"][c1]["tokens_per_pass"]))
     ks = sorted({k for points in modes.values() for k, _ in points})
@@ -245,6 +260,9 @@ def main():
                     choices=["independent", "coupled", "gumbel"])
     ap.add_argument("--initial-drafts", nargs="+", default=["uniform"],
                     choices=["uniform", "last_distribution", "above"])
+    ap.add_argument("--dynamic", nargs="+", default=["off"], choices=["off", "all"],
+                    help="SJD's dynamic window per configuration (the requests here are "
+                         "seeded; 'all' lets them adapt as unseeded ones do by default)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--baseline-images", type=int, default=8,
                     help="images of the plain PyTorch loop (0: skip it)")
@@ -304,8 +322,8 @@ def main():
         save()
 
     vocab_size = json.loads((args.model / "config.json").read_text())["vocab_size"]
-    configs = [(0, "", "")] + [(k, d, i) for k in args.windows for d in args.drafting
-                               for i in args.initial_drafts]
+    configs = [(0, "", "", "off")] + [(k, d, i, m) for k in args.windows for d in args.drafting
+                                      for i in args.initial_drafts for m in args.dynamic]
     for config in configs:
         name = config_name(*config)
         res = run_engine(args.model, config, prompts, params, args.concurrency,

@@ -5,13 +5,19 @@ Named by `parallel_config.worker_cls` when the speculative method is "sjd"
 Ray, builds the SJD runner. Subclasses vllm.v1.worker.gpu_worker.Worker
 (overriding `_make_model_runner`) or vllm.v1.worker.cpu_worker.CPUWorker
 (whose `init_device` builds CPUModelRunner inline: the module global is
-swapped for the SJD runner around that call). Checked on vLLM 0.32.0.
+swapped for the SJD runner around that call), and extending
+`compile_or_warm_up_model`: once the model is warm, the runner times forward
+passes for SJD's dynamic window. Checked on vLLM 0.32.0.
 Retire when vLLM can build a plugin's runner without a worker subclass.
 """
 
 from contextlib import contextmanager
 
 from vllm.platforms import current_platform
+
+# The forward-cost curve is measured up to this many tokens a pass (beyond,
+# the policy extrapolates its last segment).
+MAX_MEASURED_TOKENS = 2048
 
 
 class _SJDWorkerMethods:
@@ -23,6 +29,24 @@ class _SJDWorkerMethods:
                 "speculative method 'sjd' runs on vLLM's V1 model runner; "
                 "unset VLLM_USE_V2_MODEL_RUNNER"
             )
+
+    def compile_or_warm_up_model(self):
+        result = super().compile_or_warm_up_model()
+        drafter = getattr(self.model_runner, "drafter", None)
+        if getattr(drafter, "wants_forward_costs", False):
+            scheduler = self.vllm_config.scheduler_config
+            max_tokens = min(
+                scheduler.max_num_batched_tokens,
+                scheduler.max_num_seqs * (drafter.num_slots + 1),
+                MAX_MEASURED_TOKENS,
+            )
+            drafter.set_forward_costs(self.model_runner.measure_forward_costs(max_tokens))
+        return result
+
+    def sjd_forward_costs(self) -> list[tuple[int, float]] | None:
+        """The forward-cost curve the dynamic window reads, or None when it is off."""
+        policy = getattr(getattr(self.model_runner, "drafter", None), "policy", None)
+        return None if policy is None else policy.forward_cost.as_points()
 
     def sjd_tracked_requests(self) -> list[str]:
         """Request ids the SJD runner and proposer hold state for (empty when idle)."""

@@ -7,8 +7,9 @@ It drafts exactly like SJDProposer but reports a wrong q to the verifier:
 - "old_q_for_kept": under coupled drafting, a draft the coupling kept reports
   the q it was first drawn from, not the new row (the public SCD code's bug).
 A one-hot q would not be wrong (lossless for any draft), only slow.
-Its drafting settings can also be switched while the engine runs
-(`set_drafting`), so one engine serves every mode's test.
+Its drafting settings and a cycle of per-step window lengths can also be
+switched while the engine runs (`set_drafting`, `set_window_cycle`), so one
+engine serves every mode's test.
 """
 
 import dataclasses
@@ -25,6 +26,18 @@ class FaultyQProposer(SJDProposer):
     def __init__(self, vllm_config) -> None:
         super().__init__(vllm_config)
         self.counts = {"kept": 0, "from_above": 0}
+        self.window_cycle: tuple[int, ...] = ()
+        self._step = 0
+
+    def set_window_cycle(self, cycle) -> None:
+        """Schedule cycle[i % len] drafts at step i (0: a plain AR step); () for every slot."""
+        self.window_cycle, self._step = tuple(cycle), 0
+
+    def propose_window(self, req_ids, rows, **kwargs):
+        if self.window_cycle:
+            kwargs["max_drafts"] = self.window_cycle[self._step % len(self.window_cycle)]
+            self._step += 1
+        return super().propose_window(req_ids, rows, **kwargs)
 
     def set_fault(self, fault: str | None, temperature: float = 1.0) -> None:
         assert fault in (None, "neighbour", "before_temperature", "old_q_for_kept")
@@ -73,20 +86,16 @@ class CrashingProposer(SJDProposer):
         return super().propose_window(req_ids, rows, seeds=seeds, **kwargs)
 
 
-class VaryingWindowProposer(SJDProposer):
+class VaryingWindowProposer(FaultyQProposer):
     """Not faulty: schedules a different number of drafts each step (0 included).
 
-    What vLLM's per-batch-size window table does to a request, through the
-    same `max_drafts` path, on every step rather than when the batch changes.
+    What vLLM's per-batch-size window table and SJD's dynamic window do to a
+    request, through the same `max_drafts` path, on every step rather than
+    when the load changes.
     """
 
     CYCLE = (4, 0, 2, 3, 0, 1)
 
     def __init__(self, vllm_config) -> None:
         super().__init__(vllm_config)
-        self._step = 0
-
-    def propose_window(self, req_ids, rows, **kwargs):
-        kwargs["max_drafts"] = self.CYCLE[self._step % len(self.CYCLE)]
-        self._step += 1
-        return super().propose_window(req_ids, rows, **kwargs)
+        self.set_window_cycle(self.CYCLE)

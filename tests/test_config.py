@@ -12,7 +12,8 @@ from vllm_sjd.config import SJDConfig, SJDConfigError, split_speculative_config
 
 def test_defaults_and_split():
     vllm_spec, sjd = split_speculative_config({"method": "sjd"})
-    assert sjd == SJDConfig(num_speculative_tokens=16, drafting="coupled", initial_drafts="above")
+    assert sjd == SJDConfig(num_speculative_tokens=16, drafting="coupled", initial_drafts="above",
+                            dynamic_num_speculative_tokens="off")
     assert vllm_spec == {
         "method": "custom_class",
         "model": "vllm_sjd.proposer.SJDProposer",
@@ -28,6 +29,8 @@ def test_defaults_and_split():
         ({"initial_drafts": "zeros"}, "'initial_drafts'] = 'zeros' is invalid: allowed: one of 'uniform', 'last_distribution', 'above'"),
         ({"drafting": "tree"}, "'drafting'] = 'tree' is invalid: allowed: one of 'independent', 'coupled', 'gumbel'"),
         ({"window": 4}, "'window'] = 4 is invalid: allowed: not a setting; SJD accepts"),
+        ({"dynamic_num_speculative_tokens": True},
+         "allowed: one of 'unseeded', 'all', 'off'"),
     ],
 )
 def test_bad_settings_name_the_setting_and_allowed_values(settings, expected):

@@ -18,7 +18,7 @@ TOKEN_BUDGET = 64
 def llm(peaked_model):
     engine = make_llm(
         peaked_model,
-        sjd={"num_speculative_tokens": WINDOW},
+        sjd={"num_speculative_tokens": WINDOW, "dynamic_num_speculative_tokens": "unseeded"},
         max_num_batched_tokens=TOKEN_BUDGET,
         max_num_seqs=16,
     )
@@ -50,9 +50,11 @@ def test_greedy_sjd_equals_greedy_ar(llm, peaked_model):
 
 def test_fewer_forward_passes_than_tokens(llm):
     before = spec_counters(llm)
+    # Seeded: every step verifies the whole window (the dynamic window leaves
+    # seeded requests alone), so the counters add up exactly.
     outputs = llm.generate(
         [{"prompt_token_ids": p} for p in PROMPTS],
-        fixed_length(60, temperature=1.0),
+        fixed_length(60, temperature=1.0, seed=5),
         use_tqdm=False,
     )
     after = spec_counters(llm)
@@ -130,6 +132,32 @@ def test_no_state_left_after_finished_and_aborted_requests(llm):
         finished.update(o.request_id for o in engine.step() if o.finished)
     assert len(finished) == 16
     assert sjd_state_after_idle(llm) == [[]]
+
+
+def test_the_dynamic_window_drops_drafts_that_cost_more_than_they_gain(llm, peaked_model):
+    """The dynamic window ("unseeded") reads the forward-cost curve measured at start-up;
+    under a curve where every token costs a second, unseeded requests decode
+    without drafts and seeded ones keep K, and greedy output stays AR's."""
+    measured = llm.collective_rpc("sjd_forward_costs")[0]
+    sizes = [t for t, _ in measured]
+    assert sizes[0] == 1 and sizes == sorted(sizes) and len(sizes) >= 4
+    assert all(seconds > 0 for _, seconds in measured)
+    steep = [(1, 1.0), (4096, 4096.0)]
+    llm.collective_rpc("sjd_proposer_call", args=("set_forward_costs", steep))
+    try:
+        prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+        before = spec_counters(llm).get("num_draft_tokens", 0)
+        unseeded = tokens(llm.generate(prompts, fixed_length(30, temperature=0), use_tqdm=False))
+        middle = spec_counters(llm).get("num_draft_tokens", 0)
+        seeded = tokens(llm.generate(prompts, fixed_length(30, temperature=0, seed=3), use_tqdm=False))
+        after = spec_counters(llm).get("num_draft_tokens", 0)
+    finally:
+        llm.collective_rpc("sjd_proposer_call", args=("set_forward_costs", measured))
+    for prompt, got_unseeded, got_seeded in zip(PROMPTS, unseeded, seeded):
+        assert got_unseeded == got_seeded == greedy_continuation(peaked_model, prompt, 30)
+    # Only the requests' first steps, before the policy has seen a step, draft.
+    assert middle - before <= len(PROMPTS) * WINDOW
+    assert after - middle >= 2 * len(PROMPTS) * WINDOW
 
 
 def test_vllms_per_batch_size_table_sets_each_steps_window(peaked_model):

@@ -61,6 +61,8 @@ def llm(contextual_model):
             "num_speculative_tokens": LONG_WINDOW,
             "initial_drafts": "last_distribution",
             "proposer": "tests.faulty_proposers.FaultyQProposer",
+            # Every step verifies the window set_drafting asks for.
+            "dynamic_num_speculative_tokens": "off",
         },
         max_num_seqs=256,
     )
@@ -125,3 +127,20 @@ def test_guided_sjd_in_every_drafting_mode_matches_the_guided_distribution(
     assert chi_square_pvalue(samples, exact_guided_with_layout if grid else exact_guided) > ALPHA
     assert (counts["kept"] > 0) == (drafting == "coupled")
     assert (counts["from_above"] > 0) == (initial == "above")
+
+
+def test_guided_sjd_with_a_window_that_changes_every_step_matches_the_guided_distribution(
+    llm, exact_guided
+):
+    """K cycles through 4, 0, 2, 3, 0, 1 drafts a step, as the dynamic window may
+    vary it; K = 0 steps are plain AR steps of both pair members."""
+    llm.collective_rpc("sjd_proposer_call", args=("set_drafting", "coupled", "uniform", WINDOW))
+    llm.collective_rpc("sjd_proposer_call", args=("set_window_cycle", (4, 0, 2, 3, 0, 1)))
+    before = spec_counters(llm)
+    try:
+        samples = sample(llm, count=MODE_SAMPLES)
+    finally:
+        llm.collective_rpc("sjd_proposer_call", args=("set_window_cycle", ()))
+    after = spec_counters(llm)
+    assert after["num_accepted_tokens"] - before.get("num_accepted_tokens", 0) > 0.1 * MODE_SAMPLES
+    assert chi_square_pvalue(samples, exact_guided) > ALPHA

@@ -74,7 +74,8 @@ def sample(
 def sjd_samples(request, contextual_model):
     llm = make_llm(
         contextual_model,
-        sjd={"num_speculative_tokens": WINDOW, "initial_drafts": request.param},
+        sjd={"num_speculative_tokens": WINDOW, "initial_drafts": request.param,
+             "dynamic_num_speculative_tokens": "off"},
         max_num_seqs=256,
     )
     samples = sample(llm)
@@ -106,7 +107,8 @@ def test_sjd_with_a_window_that_changes_every_step_matches_exact_ar(contextual_m
     # K cycles through 4, 0, 2, 3, 0, 1 drafts a step (K = 0: a plain AR step).
     llm = make_llm(
         contextual_model,
-        sjd={"num_speculative_tokens": WINDOW, "proposer": "tests.faulty_proposers.VaryingWindowProposer"},
+        sjd={"num_speculative_tokens": WINDOW, "proposer": "tests.faulty_proposers.VaryingWindowProposer",
+             "dynamic_num_speculative_tokens": "off"},
         max_num_seqs=256,
     )
     try:
@@ -127,6 +129,8 @@ def faulty_llm(contextual_model):
         sjd={
             "num_speculative_tokens": LONG_WINDOW,
             "proposer": "tests.faulty_proposers.FaultyQProposer",
+            # Every step verifies the window set_drafting asks for.
+            "dynamic_num_speculative_tokens": "off",
         },
         max_num_seqs=256,
     )

@@ -6,21 +6,23 @@ plain `custom_class` configuration, and these settings travel to every process
 in `VllmConfig.additional_config["sjd"]`.
 """
 
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from vllm_sjd.contract import SJD_SETTINGS_CONFIG_KEY, SPECULATIVE_METHOD
 from vllm_sjd.core.drafting import Drafting
 from vllm_sjd.core.window import InitialDrafts
 
-from vllm_sjd.contract import SJD_SETTINGS_CONFIG_KEY, SPECULATIVE_METHOD
+DynamicWindow = Literal["unseeded", "all", "off"]
 PROPOSER_CLASS = "vllm_sjd.proposer.SJDProposer"
 MIN_WINDOW, MAX_WINDOW = 1, 64
 DEFAULT_WINDOW = 16
 
 # Keys of the speculative config that vLLM handles itself and SJD passes on.
 # num_speculative_tokens_per_batch_size: vLLM's [start_bs, end_bs, K] table;
-# its scheduler picks each step's K, the SJD runner drafts that many.
+# its scheduler picks each step's K, the SJD runner drafts that many (and
+# SJD's own dynamic window stays off).
 VLLM_KEYS = frozenset(
     {"method", "num_speculative_tokens", "max_model_len", "num_speculative_tokens_per_batch_size"}
 )
@@ -47,6 +49,14 @@ class SJDConfig(BaseModel):
     # (vanilla SJD), "coupled" (maximal coupling: keeps it when it can) or
     # "gumbel" (noise fixed per position); all lossless (core/drafting.py).
     drafting: Drafting = "coupled"
+    # Which requests take a window K chosen per step from the load (the
+    # batch, the forward-cost curve measured at start-up, the acceptance per
+    # window slot; num_speculative_tokens is the ceiling): "unseeded" (seeded
+    # requests keep K, so their images do not depend on the load), "all", or
+    # "off". vLLM's num_speculative_tokens_per_batch_size, when given, wins.
+    # Off by default: on the demo model it lost to the fixed window at every
+    # load measured (benchmarks/RESULTS.md, "The dynamic window").
+    dynamic_num_speculative_tokens: DynamicWindow = "off"
     # Proposer class (dotted path); a subclass may change how windows are built.
     proposer: str = PROPOSER_CLASS
 
@@ -82,6 +92,8 @@ def _allowed_values(field: str) -> str:
         return "one of " + ", ".join(repr(v) for v in get_args(InitialDrafts))
     if field == "drafting":
         return "one of " + ", ".join(repr(v) for v in get_args(Drafting))
+    if field == "dynamic_num_speculative_tokens":
+        return "one of " + ", ".join(repr(v) for v in get_args(DynamicWindow))
     if field == "num_speculative_tokens":
         return f"an integer from {MIN_WINDOW} to {MAX_WINDOW}"
     if field == "proposer":

@@ -15,11 +15,13 @@ its window as slices.
 """
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
 
 import torch
 
 from vllm_sjd.config import SJDConfig
+from vllm_sjd.core.adaptive import ForwardCostCurve, WindowPolicy
 from vllm_sjd.core.cells_above import CellsAbove
 from vllm_sjd.core.rng import key_from_seed
 from vllm_sjd.core.window import (
@@ -59,6 +61,50 @@ class SJDProposer:
         # Windows of requests that were left out of the latest step.
         self._carried: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._cells_above = CellsAbove()
+        # The dynamic window: on once the runner hands over the forward-cost
+        # curve, unless vLLM's per-batch-size table decides K.
+        self._dynamic = self.config.dynamic_num_speculative_tokens
+        if getattr(spec, "num_speculative_tokens_per_batch_size", None) is not None:
+            self._dynamic = "off"
+        self.policy: WindowPolicy | None = None
+        self._last_plan: float | None = None
+
+    @property
+    def wants_forward_costs(self) -> bool:
+        """The runner measures the forward-cost curve at start-up for the dynamic window."""
+        return self._dynamic != "off"
+
+    def set_forward_costs(self, points: Sequence[tuple[int, float]]) -> None:
+        """(tokens, seconds) of forward passes measured at start-up."""
+        self.policy = WindowPolicy(self.num_slots, ForwardCostCurve(points))
+
+    def plan_drafts(
+        self,
+        num_draft_tokens: Sequence[int],  # this step's drafts per request
+        num_accepted: Sequence[int],  # of which accepted
+        seeds: Sequence[int | None],
+        max_drafts: int | None,  # vLLM's K for the next step
+        mirror: Sequence[tuple[int, int]] = (),  # (twin, conditional): same K
+    ) -> list[int]:
+        """How many drafts each request schedules for the next step.
+
+        Fixed at vLLM's K, except under the dynamic window, where the requests
+        that adapt share the K with the most tokens per second for this batch.
+        """
+        now = time.perf_counter()
+        ceiling = self.num_slots if max_drafts is None else min(max_drafts, self.num_slots)
+        caps = [ceiling] * len(seeds)
+        if self.policy is None:
+            return caps
+        seconds = None if self._last_plan is None else now - self._last_plan
+        self._last_plan = now
+        self.policy.record_step(num_draft_tokens, num_accepted, seconds)
+        adapts = [self._dynamic == "all" or seed is None for seed in seeds]
+        for twin, cond in mirror:
+            adapts[twin] = adapts[cond]
+        fixed = [ceiling for a in adapts if not a]
+        k = self.policy.choose(sum(adapts), fixed, ceiling)
+        return [k if a else ceiling for a in adapts]
 
     @property
     def wants_cells_above(self) -> bool:
@@ -90,7 +136,7 @@ class SJDProposer:
         above: torch.Tensor | None = None,  # [B, K] int64: absolute position of the cell above, -1 none
         row_strides: Sequence[int] = (),  # per request: image row stride, 0 without an image
         mirror: Sequence[tuple[int, int]] = (),  # (row, source row): same window as source
-        max_drafts: int | None = None,  # drafts to schedule per request (vLLM's K this step)
+        max_drafts: int | Sequence[int] | None = None,  # drafts to schedule, per request or for all
     ) -> list[list[int]]:
         """Build every request's next window; returns the drafts to schedule.
 
@@ -101,6 +147,10 @@ class SJDProposer:
         K slots; at most `max_drafts` of them are scheduled (a prefix of exact
         samples is as lossless as the whole).
         """
+        if max_drafts is not None and not isinstance(max_drafts, int):
+            max_drafts = list(max_drafts)
+            if not any(max_drafts):
+                return [[] for _ in req_ids]
         if self.builds_nothing_for(max_drafts):
             return [[] for _ in req_ids]
         device = rows.bonus_probs.device
@@ -130,8 +180,11 @@ class SJDProposer:
             drafts[rows_to], q[rows_to] = drafts[rows_from], q[rows_from]
         self._store(req_ids, drafts, q)
         # A window must end inside the model's context.
-        limit = self.num_slots if max_drafts is None else min(max_drafts, self.num_slots)
-        room = (self.max_model_len - num_tokens).clamp_(min=0, max=limit)
+        if max_drafts is None:
+            limit = torch.full_like(num_tokens, self.num_slots)
+        else:
+            limit = torch.as_tensor(max_drafts, dtype=torch.int64).clamp(max=self.num_slots)
+        room = torch.minimum((self.max_model_len - num_tokens).clamp_(min=0), limit)
         draft_lists = drafts.tolist()
         return [
             d[:r] if ok or keep else []

@@ -1,0 +1,80 @@
+"""The dynamic window's policy (vllm_sjd/core/adaptive.py) and the proposer's use of it, engine-free."""
+
+import pytest
+
+from tests.test_proposer import WINDOW, proposer
+from vllm_sjd.core.adaptive import ForwardCostCurve, SlotAcceptance, StepOverhead, WindowPolicy
+
+
+def test_forward_cost_curve_interpolates_and_extrapolates_its_last_segment():
+    curve = ForwardCostCurve([(4, 3.0), (1, 1.0), (2, 1.0)])
+    assert curve(1) == curve(0) == 1.0
+    assert curve(3) == pytest.approx(2.0)
+    assert curve(8) == pytest.approx(7.0)  # slope 1 per token past the last point
+    assert ForwardCostCurve([(16, 0.5)])(1000) == 0.5
+
+
+def test_slot_acceptance_counts_reached_and_kept_slots():
+    acceptance = SlotAcceptance(4)
+    for _ in range(200):
+        # 4 drafts, 2 accepted: slots 1-2 kept, slot 3 reached and rejected, slot 4 never reached.
+        acceptance.record([4], [2])
+    assert acceptance.rate(0) > 0.95 and acceptance.rate(1) > 0.95
+    assert acceptance.rate(2) < 0.05
+    assert acceptance.rate(3) == pytest.approx(0.8)  # untried: the prior
+    assert acceptance.expected_tokens(0) == 1.0
+    assert 2.9 < acceptance.expected_tokens(4) < 3.1
+
+
+def test_step_overhead_fit_recovers_a_linear_cost():
+    overhead = StepOverhead()
+    for batch in (1, 2, 4, 8, 16, 32):
+        for drafts in (0, batch, 4 * batch, 16 * batch):
+            overhead.record(batch, drafts, 0.002 + 0.0005 * batch + 0.0001 * drafts)
+    assert overhead(10, 50) == pytest.approx(0.002 + 0.005 + 0.005, rel=1e-3)
+
+
+def well_accepted_policy(curve) -> WindowPolicy:
+    policy = WindowPolicy(16, curve)
+    for _ in range(50):
+        policy.record_step([16, 16], [16, 8], None)
+    return policy
+
+
+def test_a_flat_forward_cost_takes_the_whole_window():
+    # A GPU-like pass: 17 tokens cost about what 1 does.
+    policy = well_accepted_policy(ForwardCostCurve([(1, 0.010), (32, 0.0105), (1024, 0.012)]))
+    assert policy.choose(1, [], 16) == 16
+
+
+def test_a_compute_bound_batch_shrinks_the_window_to_zero():
+    # Cost proportional to tokens (a busy CPU): one more token per request never pays.
+    policy = well_accepted_policy(ForwardCostCurve([(1, 0.001), (2048, 2.048)]))
+    assert policy.choose(64, [], 16) == 0
+    # A small batch on a curve with a fixed part still drafts.
+    policy = well_accepted_policy(ForwardCostCurve([(1, 0.010), (64, 0.012), (2048, 2.048)]))
+    assert policy.choose(1, [], 16) > 0
+    assert policy.choose(1, [], 16) >= policy.choose(64, [], 16)
+
+
+def test_fixed_requests_count_in_the_cost():
+    policy = well_accepted_policy(ForwardCostCurve([(1, 0.010), (64, 0.012), (4096, 4.0)]))
+    alone = policy.choose(2, [], 16)
+    beside_fixed = policy.choose(2, [16] * 60, 16)
+    assert beside_fixed <= alone
+    assert policy.choose(0, [16], 16) == 0
+
+
+def test_proposer_plans_the_chosen_window_for_unseeded_requests_only():
+    p = proposer()
+    # Without a measured curve every request schedules the whole window.
+    assert p.plan_drafts([0, 0], [0, 0], [None, 7], None) == [WINDOW, WINDOW]
+    p.set_forward_costs([(1, 0.001), (4096, 4.096)])  # cost proportional to tokens, drafts rejected
+    for _ in range(5):
+        caps = p.plan_drafts([WINDOW] * 64, [0] * 64, [None] * 63 + [7], None)
+    assert caps[:63] == [0] * 63 and caps[63] == WINDOW  # the seeded request keeps K
+    # A guided pair's twin follows its conditional request.
+    caps = p.plan_drafts([0, 0], [0, 0], [7, None], None, mirror=[(1, 0)])
+    assert caps[0] == caps[1] == WINDOW
+    # vLLM's K for the step stays the ceiling.
+    assert p.plan_drafts([0], [0], [7], 2) == [2]
