@@ -295,12 +295,16 @@ class SJDModelRunnerMixin:
         )
         num_slots = self.drafter.num_slots
         entries = self._layout_entries(req_ids)
+        # With every request an image, windows are built on its layout's ids only.
+        vocab_size, device = step.bonus_logits.shape[-1], step.bonus_logits.device
+        columns = self._layouts.columns(entries, vocab_size, device)
         allowed = self._layouts.row_masks(
             entries,
             num_tokens,
             torch.full((num_reqs,), num_slots, dtype=torch.int64),
-            step.bonus_logits.shape[-1],
-            step.bonus_logits.device,
+            vocab_size,
+            device,
+            columns,
         )
         above = (
             self._layouts.cells_above(entries, num_tokens, num_slots)
@@ -319,6 +323,7 @@ class SJDModelRunnerMixin:
             allowed=None if allowed is None else allowed.view(num_reqs, num_slots, -1),
             mirror=mirror,
             max_drafts=caps,
+            columns=columns,
         )
 
     def _verified_rows(self, step: _StepLogits, sampled_token_ids, sampling_metadata):

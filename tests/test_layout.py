@@ -67,6 +67,16 @@ def test_allowed_mask_matches_constraints():
     assert mask[2].sum() == 1 and mask[2, 8196]
 
 
+def test_a_top_k_that_keeps_every_code_is_dropped_and_a_smaller_one_kept():
+    from vllm_sjd.image_generation import image_sampling_params
+
+    grid = cl.ChameleonImageLayout(256).grid(256, 256)  # 8192 codes
+    assert image_sampling_params(grid, top_k=8192).top_k == 0
+    assert image_sampling_params(grid, top_k=2000).top_k == 2000
+    ids = grid.token_ids()
+    assert ids.numel() == 8192 + 2 and {8803, 8196} <= set(ids.tolist())  # end-of-line, -image
+
+
 def test_unsupported_size_lists_the_supported_ones():
     layout = cl.ChameleonImageLayout(512)
     with pytest.raises(UnsupportedImageSize, match="supported sizes: .*512x512"):

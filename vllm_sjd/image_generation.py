@@ -38,6 +38,10 @@ def image_sampling_params(
     # image; min_tokens would mask an EOS that the layout forces (Emu3).
     extra_args = image_extra_args(grid)
     extra_args.update(guidance_extra_args(guidance_scale, unconditional_prompt_token_ids))
+    if top_k is not None and top_k >= grid.code_high - grid.code_low:
+        # The layout leaves no position more candidates than the codes, so
+        # such a top-k keeps every one: skip vLLM's top-k pass over the vocabulary.
+        top_k = None
     return SamplingParams(
         max_tokens=grid.num_tokens,
         ignore_eos=True,

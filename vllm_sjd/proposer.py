@@ -23,6 +23,7 @@ import torch
 from vllm_sjd.config import SJDConfig
 from vllm_sjd.core.adaptive import ForwardCostCurve, WindowPolicy
 from vllm_sjd.core.cells_above import CellsAbove
+from vllm_sjd.core.columns import Columns
 from vllm_sjd.core.rng import key_from_seed
 from vllm_sjd.core.window import (
     CellsAboveRows,
@@ -137,6 +138,7 @@ class SJDProposer:
         row_strides: Sequence[int] = (),  # per request: image row stride, 0 without an image
         mirror: Sequence[tuple[int, int]] = (),  # (row, source row): same window as source
         max_drafts: int | Sequence[int] | None = None,  # drafts to schedule, per request or for all
+        columns: Columns | None = None,  # every id a slot may hold; `allowed` has only these
     ) -> list[list[int]]:
         """Build every request's next window; returns the drafts to schedule.
 
@@ -145,7 +147,9 @@ class SJDProposer:
         `mirror` gives a guided pair's unconditional twin the conditional
         request's window, so both verify the same drafts. Windows keep all
         K slots; at most `max_drafts` of them are scheduled (a prefix of exact
-        samples is as lossless as the whole).
+        samples is as lossless as the whole). With `columns` the window is
+        built on those vocabulary columns only (exact: core/columns.py) and
+        stored full-width.
         """
         if max_drafts is not None and not isinstance(max_drafts, int):
             max_drafts = list(max_drafts)
@@ -154,21 +158,37 @@ class SJDProposer:
         if self.builds_nothing_for(max_drafts):
             return [[] for _ in req_ids]
         device = rows.bonus_probs.device
+        view = None if columns is None else columns.to(device)
         keys = torch.tensor(self._request_keys(req_ids, seeds), dtype=torch.int64)
         cells_above = None
         if self.wants_cells_above and above is not None:
             self._record_cells(req_ids, rows, num_tokens, has_output, row_strides)
-            cells_above = self._lookup_cells(req_ids, above, rows.bonus_probs)
+            cells_above = self._lookup_cells(req_ids, above, rows.bonus_probs, view)
+        previous = self._previous_windows(req_ids, rows.bonus_probs)
+        if view is not None:
+            rows = StepRows(
+                view.select(rows.target_probs),
+                view.select(rows.bonus_probs),
+                rows.num_draft_tokens,
+                rows.num_accepted,
+            )
+            if previous is not None:
+                previous = PreviousWindow(
+                    view.indices(previous.drafts), view.select(previous.q), previous.present
+                )
         built = self._next_window(
             rows,
             keys=keys.to(device),
             next_positions=num_tokens.to(device),
             greedy=greedy.to(device),
             allowed=allowed,
-            previous=self._previous_windows(req_ids, rows.bonus_probs),
+            previous=previous,
             above=cells_above,
+            token_ids=None if view is None else view.ids,
         )
         drafts, q = built.drafts, built.q
+        if view is not None:
+            drafts, q = view.tokens(drafts), view.expand(q)
         kept = [False] * len(req_ids)
         for i, produced in enumerate(has_output):
             window = None if produced else self._window(req_ids[i])
@@ -245,14 +265,18 @@ class SJDProposer:
                 req_ids[i], row_strides[i], positions, all_rows[sources.to(all_rows.device)]
             )
 
-    def _lookup_cells(self, req_ids, above: torch.Tensor, like: torch.Tensor) -> CellsAboveRows:
+    def _lookup_cells(
+        self, req_ids, above: torch.Tensor, like: torch.Tensor, view: Columns | None
+    ) -> CellsAboveRows:
         """Each slot's cell above, and the verified rows of those already committed."""
         held = torch.zeros(above.shape, dtype=torch.bool, device=like.device)
-        rows = like.new_zeros((*above.shape, like.shape[-1]))
+        width = like.shape[-1] if view is None else view.ids.numel()
+        rows = like.new_zeros((*above.shape, width))
         for i, req_id in enumerate(req_ids):
             hit = self._cells_above.lookup(req_id, above[i])
             if hit is not None:
-                held[i], rows[i] = hit
+                held[i] = hit[0]
+                rows[i] = hit[1] if view is None else view.select(hit[1])
         return CellsAboveRows(above.to(like.device), held, rows)
 
     def draft_probs(

@@ -90,16 +90,18 @@ def draw(
     previous_drafts: torch.Tensor | None = None,  # [B, K] this position's last draft
     previous_q: torch.Tensor | None = None,  # [B, K, V] the q it was drawn from
     has_previous: torch.Tensor | None = None,  # [B, K] bool
+    token_ids: torch.Tensor | None = None,  # [V'] the id of each column of q; None: all
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(drafts [B, K] int64, kept [B, K] bool): one exact sample of q per slot.
 
-    `kept` marks slots whose previous draft was kept by the coupling.
+    Drafts index q's columns. `kept` marks slots whose previous draft was
+    kept by the coupling.
     """
     batch_size, num_slots, vocab_size = q.shape
     no_keep = torch.zeros(batch_size, num_slots, dtype=torch.bool, device=q.device)
     if drafting == "gumbel":
         positions = next_positions.unsqueeze(1) + torch.arange(num_slots, device=q.device)
-        noise = token_exponentials(keys, positions, vocab_size)
+        noise = token_exponentials(keys, positions, vocab_size, token_ids)
         return (q / noise).argmax(dim=-1), no_keep
     uniforms = window_uniforms(keys, next_positions, num_slots)
     if drafting == "independent" or previous_drafts is None:

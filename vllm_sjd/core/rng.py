@@ -84,6 +84,7 @@ def token_exponentials(
     keys: torch.Tensor,  # [B] int64
     positions: torch.Tensor,  # [B, K] int64: absolute token index of each slot
     vocab_size: int,
+    token_ids: torch.Tensor | None = None,  # [U]: noise for these ids only, [B, K, U]
 ) -> torch.Tensor:
     """Exp(1) noise per (request, absolute position, token), [B, K, V] float32.
 
@@ -91,7 +92,11 @@ def token_exponentials(
     of q (the exponential form of the Gumbel-max trick). 24-bit uniforms,
     strictly inside (0, 1): float32 resolution, far below what a test sees.
     """
-    tokens = torch.arange(vocab_size, dtype=torch.int64, device=keys.device)
+    tokens = (
+        torch.arange(vocab_size, dtype=torch.int64, device=keys.device)
+        if token_ids is None
+        else token_ids.to(keys.device)
+    )
     base = splitmix64((keys ^ GUMBEL_STREAM).unsqueeze(1) ^ splitmix64(positions))
     x = splitmix64(base.unsqueeze(-1) + tokens)
     u = (_shr(x, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))

@@ -134,6 +134,7 @@ def next_window(
     allowed: torch.Tensor | None = None,  # bool, [V] or [B, K, V]; None: all tokens
     previous: PreviousWindow | None = None,  # needed by coupled drafting
     above: CellsAboveRows | None = None,
+    token_ids: torch.Tensor | None = None,  # [V'] the id of each column; None: all V
 ) -> Window:
     """The next window of every request.
 
@@ -146,6 +147,8 @@ def next_window(
     fresh slots go uniform.
     For greedy requests the drafts are the argmax of the model's rows (plain
     Jacobi decoding) and q is one-hot, which the greedy verifier ignores.
+    Every [..., V] input may hold only some vocabulary columns, named by
+    `token_ids` (core/columns.py); drafts then index those columns.
     """
     batch_size, vocab_size = rows.bonus_probs.shape
     device = rows.bonus_probs.device
@@ -188,6 +191,7 @@ def next_window(
         previous_drafts=None if old is None else old[0],
         previous_q=None if old is None else old[1],
         has_previous=None if old is None else old[2],
+        token_ids=token_ids,
     )
     if bool(greedy.any()):
         jacobi = greedy[:, None] & (recycled | fresh_from_model)
@@ -218,5 +222,6 @@ def _previous_at_slots(
     exists = previous.present[:, None] & recycled & (old_slot < num_slots)
     old_slot = old_slot.clamp_(max=num_slots - 1)
     drafts = previous.drafts.gather(1, old_slot)
+    exists &= drafts >= 0  # a draft outside q's columns cannot be coupled with
     q = previous.q.gather(1, old_slot[:, :, None].expand(-1, -1, vocab_size))
     return drafts, q, exists

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from vllm_sjd.contract import IMAGE_GRID_ARG
+from vllm_sjd.core.columns import Columns
 from vllm_sjd.layouts.grid import ImageGrid
 
 
@@ -36,6 +37,8 @@ class LayoutConstraints:
 
     def __init__(self) -> None:
         self._grids: dict[str, tuple[ImageGrid | None, int]] = {}
+        self._tables: dict[tuple, torch.Tensor] = {}
+        self._columns: dict[tuple, Columns] = {}
 
     def lookup(
         self,
@@ -52,15 +55,35 @@ class LayoutConstraints:
             entries.append(entry)
         return entries
 
-    @staticmethod
+    def columns(
+        self, entries: Sequence[tuple[ImageGrid | None, int]], vocab_size: int, device
+    ) -> Columns | None:
+        """The ids any slot of these requests may hold; None if one has no grid."""
+        grids = frozenset(grid for grid, _ in entries)
+        if None in grids or not grids:
+            return None
+        key = (grids, vocab_size, str(device))
+        columns = self._columns.get(key)
+        if columns is None:
+            self._forget_tables_if_many()
+            ids = torch.cat([grid.token_ids() for grid in grids])
+            columns = self._columns[key] = Columns.of(ids, vocab_size, key).to(device)
+        return columns
+
     def row_masks(
+        self,
         entries: Sequence[tuple[ImageGrid | None, int]],
         first_positions: torch.Tensor,  # [B] int64: absolute token index of each request's first row
         counts: torch.Tensor,  # [B] int64: rows per request
         vocab_size: int,
         device: torch.device,
+        columns: Columns | None = None,  # only these ids: [sum(counts), U]
     ) -> torch.Tensor | None:
-        """[sum(counts), V] bool: tokens each row may hold; None if no request has a grid."""
+        """[sum(counts), V] bool: tokens each row may hold; None if no request has a grid.
+
+        Rows are looked up in a per-grid table of every position's mask, built
+        once: a gather instead of comparisons over the vocabulary per step.
+        """
         grids = [grid for grid, _ in entries]
         if all(grid is None for grid in grids):
             return None
@@ -70,11 +93,37 @@ class LayoutConstraints:
         offset = torch.arange(int(counts.sum())) - first_row[request_of_row]
         prompt_lens = torch.tensor([prompt_len for _, prompt_len in entries], dtype=torch.int64)
         relative = (first_positions.cpu().to(torch.int64) - prompt_lens)[request_of_row] + offset
-        mask = torch.ones(len(relative), vocab_size, dtype=torch.bool)
-        for grid in {g for g in grids if g is not None}:
+        distinct = {g for g in grids if g is not None}
+        if len(distinct) == 1 and None not in grids:
+            (grid,) = distinct
+            table = self._mask_table(grid, vocab_size, device, columns)
+            return table[relative.clamp(0, grid.num_tokens).to(device)]
+        width = vocab_size if columns is None else columns.ids.numel()
+        mask = torch.ones(len(relative), width, dtype=torch.bool, device=device)
+        for grid in distinct:
             members = torch.tensor([g == grid for g in grids])[request_of_row]
-            mask[members] = grid.allowed_mask(relative[members], vocab_size)
-        return mask.to(device)
+            table = self._mask_table(grid, vocab_size, device, columns)
+            rows = relative[members].clamp(0, grid.num_tokens)
+            mask[members.to(device)] = table[rows.to(device)]
+        return mask
+
+    def _mask_table(self, grid: ImageGrid, vocab_size: int, device, columns) -> torch.Tensor:
+        """[num_tokens + 1, V or U] bool: row t is position t's mask; the last row
+        also holds for every position past the image."""
+        key = (grid, vocab_size, str(device), None if columns is None else ("ids", columns.key))
+        table = self._tables.get(key)
+        if table is None or (columns is not None and columns.key is None):
+            self._forget_tables_if_many()
+            positions = torch.arange(grid.num_tokens + 1)
+            ids = None if columns is None else columns.ids.cpu()
+            table = self._tables[key] = grid.allowed_mask(positions, vocab_size, ids).to(device)
+        return table
+
+    def _forget_tables_if_many(self) -> None:
+        # Keyed by grid (image size): a handful in practice; bounded regardless.
+        if len(self._tables) + len(self._columns) > 64:
+            self._tables.clear()
+            self._columns.clear()
 
     @staticmethod
     def cells_above(

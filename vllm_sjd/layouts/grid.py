@@ -85,12 +85,23 @@ class ImageGrid:
         is_code &= body % self.row_stride < self.cols
         return torch.where(is_code, p - self.row_stride, torch.full_like(p, -1))
 
-    def allowed_mask(self, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        """[..., V] bool: the tokens each position may hold."""
+    def allowed_mask(
+        self, positions: torch.Tensor, vocab_size: int, token_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[..., V] bool: the tokens each position may hold.
+
+        With `token_ids` ([U]), only those columns: [..., U].
+        """
         forced, low, high = self.constraints(positions)
-        ids = torch.arange(vocab_size, device=positions.device)
+        ids = torch.arange(vocab_size, device=positions.device) if token_ids is None else token_ids
         free = (ids >= low[..., None]) & (ids < high[..., None])
         return torch.where(forced[..., None] >= 0, ids == forced[..., None], free)
+
+    def token_ids(self) -> torch.Tensor:
+        """Every id some position of this layout may hold: codes and forced tokens."""
+        forced = [*self.header, *self.trailer] + ([self.row_end] if self.row_end is not None else [])
+        codes = torch.arange(self.code_low, self.code_high, dtype=torch.int64)
+        return torch.unique(torch.cat([codes, torch.tensor(forced, dtype=torch.int64)]))
 
     def codes(self, tokens: Sequence[int]) -> torch.Tensor:
         """The [rows, cols] code grid of a generated token sequence.
