@@ -28,6 +28,7 @@ logits, nor a way to return q. Retire when custom_class proposers receive the
 verified probabilities and can return draft probabilities.
 """
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -45,16 +46,21 @@ from vllm_sjd.guidance import (
     unconditional_request_id,
 )
 from vllm_sjd.layouts.constraints import LayoutConstraints
+from vllm_sjd.patches.sjd_sampling import SJDSamplingMixin, samples_without_logprobs
 from vllm_sjd.patches.verified_logits import capture_verified_logits
 from vllm_sjd.proposer import SJDProposer
 
 
 @dataclass
 class _StepLogits:
-    bonus_logits: torch.Tensor  # [B, V] raw logits of each request's last row
-    target_logits: torch.Tensor | None  # [sum(n), V] processed, or None
-    target_probs: torch.Tensor | None  # their softmax, where the verifier computed it
     num_draft_tokens: list[int]  # [B]
+    vocab_size: int  # of the logits
+    # SJD's own sampling step: the verified rows, on the layout's columns.
+    rows: StepRows | None = None
+    # vLLM's samplers: what SJD needs to compute the same rows.
+    bonus_logits: torch.Tensor | None = None  # [B, V] raw logits of each request's last row
+    target_logits: torch.Tensor | None = None  # [sum(n), V] processed, or None
+    target_probs: torch.Tensor | None = None  # their softmax, where the verifier computed it
 
 
 @dataclass
@@ -66,7 +72,7 @@ class _GuidedPairs:
     scale: list[float]
 
 
-class SJDModelRunnerMixin:
+class SJDModelRunnerMixin(SJDSamplingMixin):
     """Overrides shared by the GPU and CPU SJD runners."""
 
     drafter: SJDProposer  # only under speculation
@@ -204,6 +210,16 @@ class SJDModelRunnerMixin:
         pairs, held = self._pair_up(counts, spec_decode_metadata)
         if held:
             self._hold(held)
+        self._sjd_pairs = pairs
+        sampling_metadata = self.input_batch.sampling_metadata
+        if self._proposer is not None and samples_without_logprobs(sampling_metadata):
+            # SJD's own step (patches/sjd_sampling.py).
+            greedy = _greedy_mask(sampling_metadata, num_reqs)
+            output, rows = self._sample_on_columns(
+                logits, spec_decode_metadata, counts, pairs, greedy
+            )
+            self._sjd_step = _StepLogits((counts - 1).tolist(), logits.shape[-1], rows=rows)
+            return output
         if pairs.cond:
             self._guide(logits, pairs, counts)
         self._apply_layout(logits, counts)
@@ -219,10 +235,13 @@ class SJDModelRunnerMixin:
             # The twin commits exactly the conditional request's tokens.
             sampled = output.sampled_token_ids
             sampled[pairs.twin] = sampled[pairs.cond]
-        self._sjd_pairs = pairs
         if self._proposer is not None:
             self._sjd_step = _StepLogits(
-                bonus_logits, verified.target_logits, verified.target_probs, num_draft_tokens
+                num_draft_tokens,
+                logits.shape[-1],
+                bonus_logits=bonus_logits,
+                target_logits=verified.target_logits,
+                target_probs=verified.target_probs,
             )
         return output
 
@@ -243,7 +262,7 @@ class SJDModelRunnerMixin:
         }
 
     def _bookkeeping_sync(self, *args, **kwargs):
-        result = super()._bookkeeping_sync(*args, **kwargs)
+        result = self._bookkeeping_without_generators(super()._bookkeeping_sync, *args, **kwargs)
         states, self._held_generator_states = self._held_generator_states, {}
         generators = self.input_batch.generators
         for i, state in states.items():
@@ -296,7 +315,7 @@ class SJDModelRunnerMixin:
         num_slots = self.drafter.num_slots
         entries = self._layout_entries(req_ids)
         # With every request an image, windows are built on its layout's ids only.
-        vocab_size, device = step.bonus_logits.shape[-1], step.bonus_logits.device
+        vocab_size, device = step.vocab_size, rows.bonus_probs.device
         columns = self._layouts.columns(entries, vocab_size, device)
         allowed = self._layouts.row_masks(
             entries,
@@ -315,7 +334,7 @@ class SJDModelRunnerMixin:
             req_ids,
             rows,
             num_tokens=num_tokens,
-            above=None if above is None else above[0].to(step.bonus_logits.device),
+            above=None if above is None else above[0].to(device),
             row_strides=() if above is None else above[1],
             seeds=seeds,
             greedy=_greedy_mask(sampling_metadata, num_reqs),
@@ -328,13 +347,15 @@ class SJDModelRunnerMixin:
 
     def _verified_rows(self, step: _StepLogits, sampled_token_ids, sampling_metadata):
         num_reqs = len(sampled_token_ids)
-        device = step.bonus_logits.device
+        device = step.bonus_logits.device if step.rows is None else step.rows.bonus_probs.device
         n = torch.tensor(step.num_draft_tokens, dtype=torch.int64, device=device)
         produced = torch.tensor(
             [len(t) for t in sampled_token_ids], dtype=torch.int64, device=device
         )
         # a = produced - 1; a request that produced nothing keeps no rows.
         accepted = torch.where(produced > 0, produced - 1, n)
+        if step.rows is not None:
+            return dataclasses.replace(step.rows, num_draft_tokens=n, num_accepted=accepted)
         cu_one_per_request = torch.arange(1, num_reqs + 1, device=device, dtype=torch.int32)
         bonus = rejection_sampler.apply_sampling_constraints(
             step.bonus_logits.to(torch.float32), cu_one_per_request, sampling_metadata

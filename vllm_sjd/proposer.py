@@ -23,7 +23,7 @@ import torch
 from vllm_sjd.config import SJDConfig
 from vllm_sjd.core.adaptive import ForwardCostCurve, WindowPolicy
 from vllm_sjd.core.cells_above import CellsAbove
-from vllm_sjd.core.columns import Columns
+from vllm_sjd.core.columns import Columns, convert, same_columns
 from vllm_sjd.core.rng import key_from_seed
 from vllm_sjd.core.window import (
     CellsAboveRows,
@@ -57,10 +57,12 @@ class SJDProposer:
         self._keys: dict[str, int] = {}
         # Latest step's windows: row of each request in the tensors below.
         self._window_row: dict[str, int] = {}
-        self._drafts: torch.Tensor | None = None  # [B, K] int64
-        self._q: torch.Tensor | None = None  # [B, K, V] float32
-        # Windows of requests that were left out of the latest step.
-        self._carried: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._drafts: torch.Tensor | None = None  # [B, K] int64 token ids
+        self._q: torch.Tensor | None = None  # [B, K, W] float32
+        # The vocabulary columns of _q (the batch's layout ids); None: all V.
+        self._columns: Columns | None = None
+        # Windows of requests that were left out of the latest step, with their columns.
+        self._carried: dict[str, tuple[torch.Tensor, torch.Tensor, Columns | None]] = {}
         self._cells_above = CellsAbove()
         # The dynamic window: on once the runner hands over the forward-cost
         # curve, unless vLLM's per-batch-size table decides K.
@@ -148,8 +150,8 @@ class SJDProposer:
         request's window, so both verify the same drafts. Windows keep all
         K slots; at most `max_drafts` of them are scheduled (a prefix of exact
         samples is as lossless as the whole). With `columns` the window is
-        built on those vocabulary columns only (exact: core/columns.py) and
-        stored full-width.
+        built and kept on those vocabulary columns only (exact:
+        core/columns.py); `rows` may already hold only those (rows.columns).
         """
         if max_drafts is not None and not isinstance(max_drafts, int):
             max_drafts = list(max_drafts)
@@ -159,23 +161,22 @@ class SJDProposer:
             return [[] for _ in req_ids]
         device = rows.bonus_probs.device
         view = None if columns is None else columns.to(device)
-        keys = torch.tensor(self._request_keys(req_ids, seeds), dtype=torch.int64)
+        keys = self.request_keys(req_ids, seeds)
+        if not same_columns(rows.columns, view):
+            rows = StepRows(
+                convert(rows.target_probs, rows.columns, view),
+                convert(rows.bonus_probs, rows.columns, view),
+                rows.num_draft_tokens,
+                rows.num_accepted,
+                view,
+            )
         cells_above = None
         if self.wants_cells_above and above is not None:
             self._record_cells(req_ids, rows, num_tokens, has_output, row_strides)
-            cells_above = self._lookup_cells(req_ids, above, rows.bonus_probs, view)
-        previous = self._previous_windows(req_ids, rows.bonus_probs)
-        if view is not None:
-            rows = StepRows(
-                view.select(rows.target_probs),
-                view.select(rows.bonus_probs),
-                rows.num_draft_tokens,
-                rows.num_accepted,
-            )
-            if previous is not None:
-                previous = PreviousWindow(
-                    view.indices(previous.drafts), view.select(previous.q), previous.present
-                )
+            cells_above = self._lookup_cells(req_ids, above, rows.bonus_probs, rows.columns)
+        previous = self._previous_windows(req_ids, rows.bonus_probs, view)
+        if view is not None and previous is not None:
+            previous = PreviousWindow(view.indices(previous.drafts), previous.q, previous.present)
         built = self._next_window(
             rows,
             keys=keys.to(device),
@@ -188,17 +189,17 @@ class SJDProposer:
         )
         drafts, q = built.drafts, built.q
         if view is not None:
-            drafts, q = view.tokens(drafts), view.expand(q)
+            drafts = view.tokens(drafts)
         kept = [False] * len(req_ids)
         for i, produced in enumerate(has_output):
-            window = None if produced else self._window(req_ids[i])
+            window = None if produced else self._window(req_ids[i], view)
             if window is not None:
                 drafts[i], q[i] = window[0].to(device), window[1].to(device)
                 kept[i] = True
         if mirror:
             rows_to, rows_from = (torch.tensor(r, device=device) for r in zip(*mirror))
             drafts[rows_to], q[rows_to] = drafts[rows_from], q[rows_from]
-        self._store(req_ids, drafts, q)
+        self._store(req_ids, drafts, q, view)
         # A window must end inside the model's context.
         if max_drafts is None:
             limit = torch.full_like(num_tokens, self.num_slots)
@@ -230,9 +231,9 @@ class SJDProposer:
         )
 
     def _previous_windows(
-        self, req_ids: Sequence[str], like: torch.Tensor
+        self, req_ids: Sequence[str], like: torch.Tensor, columns: Columns | None
     ) -> PreviousWindow | None:
-        """The stored windows in batch order (coupled drafting re-drafts against them)."""
+        """The stored windows in batch order, q on `columns` (coupled drafting re-drafts against them)."""
         if self.config.drafting != "coupled" or (self._drafts is None and not self._carried):
             return None
         batch_size, device = len(req_ids), like.device
@@ -241,12 +242,12 @@ class SJDProposer:
             list(self._window_row.items()) == in_order
         ):
             present = torch.ones(batch_size, dtype=torch.bool, device=device)
-            return PreviousWindow(self._drafts, self._q, present)
+            return PreviousWindow(self._drafts, convert(self._q, self._columns, columns), present)
         drafts = torch.full((batch_size, self.num_slots), -1, dtype=torch.int64, device=device)
         q = like.new_zeros((batch_size, self.num_slots, like.shape[-1]))
         present = torch.zeros(batch_size, dtype=torch.bool)
         for i, req_id in enumerate(req_ids):
-            window = self._window(req_id)
+            window = self._window(req_id, columns)
             if window is not None:
                 drafts[i], q[i] = window[0].to(device), window[1].to(device)
                 present[i] = True
@@ -262,21 +263,25 @@ class SJDProposer:
             committed = len(sources)
             positions = torch.arange(ends[i] - committed, ends[i], dtype=torch.int64)
             self._cells_above.record(
-                req_ids[i], row_strides[i], positions, all_rows[sources.to(all_rows.device)]
+                req_ids[i],
+                row_strides[i],
+                positions,
+                all_rows[sources.to(all_rows.device)],
+                rows.columns,
             )
 
     def _lookup_cells(
-        self, req_ids, above: torch.Tensor, like: torch.Tensor, view: Columns | None
+        self, req_ids, above: torch.Tensor, like: torch.Tensor, columns: Columns | None
     ) -> CellsAboveRows:
-        """Each slot's cell above, and the verified rows of those already committed."""
+        """Each slot's cell above, and the verified rows of those already committed
+        (on `columns`, those of `like`)."""
         held = torch.zeros(above.shape, dtype=torch.bool, device=like.device)
-        width = like.shape[-1] if view is None else view.ids.numel()
-        rows = like.new_zeros((*above.shape, width))
+        rows = like.new_zeros((*above.shape, like.shape[-1]))
         for i, req_id in enumerate(req_ids):
-            hit = self._cells_above.lookup(req_id, above[i])
+            hit = self._cells_above.lookup(req_id, above[i], columns)
             if hit is not None:
                 held[i] = hit[0]
-                rows[i] = hit[1] if view is None else view.select(hit[1])
+                rows[i] = hit[1]
         return CellsAboveRows(above.to(like.device), held, rows)
 
     def draft_probs(
@@ -286,59 +291,73 @@ class SJDProposer:
         draft_token_ids: torch.Tensor,  # [sum(n)] the drafts vLLM scheduled
         vocab_size: int,
     ) -> torch.Tensor | None:
-        """q for the scheduled drafts, [sum(n), V] float32, in batch order.
+        """q for vLLM's rejection sampler: [sum(n), V] float32, in batch order."""
+        if int(draft_token_ids.shape[0]) == 0:
+            return None
+        return self.scheduled_drafts(req_ids, num_draft_tokens, draft_token_ids, None, vocab_size)[1]
+
+    def scheduled_drafts(
+        self,
+        req_ids: Sequence[str],
+        num_draft_tokens: Sequence[int],
+        draft_token_ids: torch.Tensor,  # [sum(n)] the drafts vLLM scheduled
+        columns: Columns | None,  # the columns wanted; None: the whole vocabulary
+        vocab_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(drafts as column indices [sum(n)], -1 outside; their q [sum(n), W] float32).
 
         A draft without a stored q (or a different token than the one stored)
         gets a one-hot q: still lossless, only less likely to be accepted.
         """
-        total = int(draft_token_ids.shape[0])
-        if total == 0:
-            return None
         device = draft_token_ids.device
+        draft_token_ids = draft_token_ids.to(torch.int64)
         counts = torch.tensor(num_draft_tokens, dtype=torch.int64)
         first = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(total) - first.repeat_interleave(counts)
+        slot = torch.arange(int(draft_token_ids.shape[0])) - first.repeat_interleave(counts)
         rows = [self._window_row.get(r, -1) for r in req_ids]
-        if self._q is not None and min(rows) >= 0:
+        if self._q is not None and min(rows, default=-1) >= 0:
             row = torch.tensor(rows, dtype=torch.int64).repeat_interleave(counts)
             row, slot = row.to(self._q.device), slot.to(self._q.device)
             stored_drafts = self._drafts[row, slot]
-            q = self._q[row, slot]
+            q = convert(self._q[row, slot], self._columns, columns)
         else:
-            stored_drafts, q = self._gather_slow(req_ids, num_draft_tokens, vocab_size)
+            stored_drafts, q = self._gather_slow(req_ids, num_draft_tokens, columns, vocab_size)
         stored_drafts, q = stored_drafts.to(device), q.to(device)
-        draft_token_ids = draft_token_ids.to(torch.int64)
-        mismatch = stored_drafts != draft_token_ids
-        if bool(mismatch.any()):
-            logger.debug("SJD: %d scheduled drafts have no stored q", int(mismatch.sum()))
-            one_hot = torch.zeros_like(q).scatter_(-1, draft_token_ids[:, None], 1.0)
-            q = torch.where(mismatch[:, None], one_hot, q)
-        return q.contiguous()
+        drafts = draft_token_ids if columns is None else columns.to(device).indices(draft_token_ids)
+        one_hot = torch.zeros_like(q).scatter_(-1, drafts.clamp(min=0)[:, None], 1.0)
+        q = torch.where((stored_drafts != draft_token_ids)[:, None], one_hot, q)
+        return drafts, q.contiguous()
 
-    def _gather_slow(self, req_ids, num_draft_tokens, vocab_size):
+    def _gather_slow(self, req_ids, num_draft_tokens, columns, vocab_size):
+        width = vocab_size if columns is None else columns.ids.numel()
         drafts, qs = [], []
         for req_id, n in zip(req_ids, num_draft_tokens):
             if n == 0:
                 continue
-            window = self._window(req_id)
+            window = self._window(req_id, columns)
             if window is None:
                 drafts.append(torch.full((n,), -1, dtype=torch.int64))
-                qs.append(torch.zeros(n, vocab_size))
+                qs.append(torch.zeros(n, width))
             else:
                 drafts.append(window[0][:n].cpu())
                 qs.append(window[1][:n].cpu())
         return torch.cat(drafts), torch.cat(qs)
 
-    def _window(self, req_id: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _window(
+        self, req_id: str, columns: Columns | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A request's stored (drafts, q), q on `columns`."""
         row = self._window_row.get(req_id)
         if row is not None:
-            return self._drafts[row], self._q[row]
-        return self._carried.get(req_id)
+            return self._drafts[row], convert(self._q[row], self._columns, columns)
+        carried = self._carried.get(req_id)
+        if carried is None:
+            return None
+        return carried[0], convert(carried[1], carried[2], columns)
 
     # State ----------------------------------------------------------------
-    def _request_keys(
-        self, req_ids: Sequence[str], seeds: Sequence[int | None]
-    ) -> list[int]:
+    def request_keys(self, req_ids: Sequence[str], seeds: Sequence[int | None]) -> torch.Tensor:
+        """[B] int64: each request's random key (drafting and verification), made on first sight."""
         keys = [self._keys.get(r) for r in req_ids]
         for i, key in enumerate(keys):
             if key is None:  # first step of this request
@@ -351,17 +370,19 @@ class SJDProposer:
                     else int(torch.randint(-(2**62), 2**62, ()).item())
                 )
                 self._keys[req_ids[i]] = keys[i] = key
-        return keys
+        return torch.tensor(keys, dtype=torch.int64)
 
-    def _store(self, req_ids: Sequence[str], drafts, q) -> None:
+    def _store(self, req_ids: Sequence[str], drafts, q, columns: Columns | None) -> None:
         batch = set(req_ids)
         for req_id, row in self._window_row.items():
             if req_id not in batch:
-                self._carried[req_id] = (self._drafts[row].clone(), self._q[row].clone())
+                self._carried[req_id] = (
+                    self._drafts[row].clone(), self._q[row].clone(), self._columns
+                )
         for req_id in batch.intersection(self._carried):
             del self._carried[req_id]
         self._window_row = {r: i for i, r in enumerate(req_ids)}
-        self._drafts, self._q = drafts, q
+        self._drafts, self._q, self._columns = drafts, q, columns
 
     def evict(self, req_ids: Iterable[str]) -> None:
         """Forget finished, aborted or preempted requests."""
@@ -372,13 +393,13 @@ class SJDProposer:
             self._window_row.pop(req_id, None)
         self._cells_above.evict(req_ids)
         if not self._window_row:
-            self._drafts = self._q = None
+            self._drafts = self._q = self._columns = None
 
     def window_digest(self) -> dict[str, tuple[list[int], float]]:
         """Each pending window's drafts and a checksum of its q (rank comparisons)."""
         digest = {}
         for req_id in set(self._window_row) | set(self._carried):
-            drafts, q = self._window(req_id)
+            drafts, q = self._window(req_id, None)
             weights = torch.arange(1, q.numel() + 1, dtype=torch.float64).view_as(q)
             digest[req_id] = (drafts.tolist(), float((q.double() * weights).sum()))
         return digest

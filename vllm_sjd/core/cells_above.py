@@ -12,24 +12,32 @@ from collections.abc import Iterable
 
 import torch
 
+from vllm_sjd.core.columns import Columns, convert, same_columns
+
 
 class CellsAbove:
     def __init__(self) -> None:
-        # req_id -> (rows [S, V] float32, absolute position of each row [S], -1 empty)
-        self._rings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # req_id -> (rows [S, W] float32, absolute position of each row [S], -1 empty,
+        # the vocabulary columns of the rows, None for all)
+        self._rings: dict[str, tuple[torch.Tensor, torch.Tensor, Columns | None]] = {}
 
     def record(
         self,
         req_id: str,
         row_stride: int,
         positions: torch.Tensor,  # [m] int64: absolute index of each committed token
-        probs: torch.Tensor,  # [m, V] float32: the row that verified it
+        probs: torch.Tensor,  # [m, W] float32: the row that verified it
+        columns: Columns | None = None,  # the columns of probs; None: all
     ) -> None:
         ring = self._rings.get(req_id)
+        if ring is not None and not same_columns(ring[2], columns):
+            ring = (convert(ring[0], ring[2], columns), ring[1], columns)
+            self._rings[req_id] = ring
         if ring is None or ring[0].shape != (row_stride, probs.shape[-1]):
             ring = (
                 probs.new_zeros((row_stride, probs.shape[-1])),
                 torch.full((row_stride,), -1, dtype=torch.int64, device=probs.device),
+                columns,
             )
             self._rings[req_id] = ring
         positions = positions.to(probs.device)
@@ -40,17 +48,20 @@ class CellsAbove:
         ring[1][index] = positions
 
     def lookup(
-        self, req_id: str, above: torch.Tensor  # [K] int64: position of each slot's cell above, -1 none
+        self,
+        req_id: str,
+        above: torch.Tensor,  # [K] int64: position of each slot's cell above, -1 none
+        columns: Columns | None = None,  # the columns wanted; None: all
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(found [K] bool, rows [K, V]) for the slots whose cell above is held."""
+        """(found [K] bool, rows [K, W]) for the slots whose cell above is held."""
         ring = self._rings.get(req_id)
         if ring is None:
             return None
-        rows, positions = ring
+        rows, positions, held_columns = ring
         above = above.to(rows.device)
         index = above.clamp(min=0) % rows.shape[0]
         found = (above >= 0) & (positions[index] == above)
-        return found, rows[index]
+        return found, convert(rows[index], held_columns, columns)
 
     def evict(self, req_ids: Iterable[str]) -> None:
         for req_id in req_ids:

@@ -62,3 +62,23 @@ class Columns:
         """Token ids -> column indices; -1 for -1 and for tokens outside the columns."""
         found = self.index_of[tokens.clamp(min=0)]
         return torch.where(tokens >= 0, found, torch.full_like(found, -1))
+
+
+def same_columns(a: "Columns | None", b: "Columns | None") -> bool:
+    """Whether two column sets (None: the whole vocabulary) are the same."""
+    if a is None or b is None:
+        return a is b
+    if a is b or (a.key is not None and a.key == b.key):
+        return True
+    return a.ids.shape == b.ids.shape and bool(torch.equal(a.ids.cpu(), b.ids.cpu()))
+
+
+def convert(values: torch.Tensor, source: "Columns | None", target: "Columns | None") -> torch.Tensor:
+    """[..., columns of source] -> [..., columns of target]; None is the whole vocabulary.
+
+    Exact where the values are zero outside both (distributions of one layout).
+    """
+    if same_columns(source, target):
+        return values
+    full = values if source is None else source.to(values.device).expand(values)
+    return full if target is None else target.to(values.device).select(full)

@@ -63,6 +63,9 @@ DRAFT_STREAM = 0
 COUPLING_STREAM = _as_signed64(0x5851F42D4C957F2D)
 RESIDUAL_STREAM = _as_signed64(0x2545F4914F6CDD1D)
 GUMBEL_STREAM = _as_signed64(0xD1B54A32D192ED03)
+# Verification (core/verify.py): the acceptance test, and the token drawn at a position.
+ACCEPT_STREAM = _as_signed64(0xAF251AF3B0F025B5)
+TOKEN_STREAM = _as_signed64(0xE220A8397B1DCDAF)
 
 
 def window_uniforms(

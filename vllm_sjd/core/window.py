@@ -28,6 +28,7 @@ from typing import Literal
 
 import torch
 
+from vllm_sjd.core.columns import Columns
 from vllm_sjd.core.drafting import Drafting, draw, sample_inverse_cdf
 
 InitialDrafts = Literal["uniform", "last_distribution", "above"]
@@ -51,6 +52,8 @@ class StepRows:
     num_draft_tokens: torch.Tensor
     # [B] int64: drafts accepted this step (a); a = n where nothing was sampled.
     num_accepted: torch.Tensor
+    # The vocabulary columns the rows hold (core/columns.py); None: all of them.
+    columns: Columns | None = None
 
 
 @dataclass

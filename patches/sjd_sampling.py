@@ -1,0 +1,178 @@
+"""SJD's own sampling step: every row of a step on the layout's columns, verified by core/verify.py.
+
+Part of the SJD model runner (patches/sjd_runner.py), replacing what
+vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample does under speculation
+(vLLM's Sampler, or its RejectionSampler when drafts are verified). Checked on
+vLLM 0.32.0.
+
+Why: vLLM's samplers work on the whole vocabulary: temperature, top-k and two
+softmaxes over [rows, V], q handed in as [drafts, V], the recovered token from
+V exponentials per request; then SJD needs the same rows again. An image
+request's rows carry mass only on its layout's ids (513 of 8960 on the demo
+model, 8195 of 65536 on Lumina-mGPT), so this step gathers those columns once,
+applies guidance, the layout, temperature, top-k and top-p there (vLLM's own
+top-k/top-p function), verifies with core/verify.py, and hands the same
+probabilities to the proposer. Batches that mix in a request without a layout
+run the same code on the whole vocabulary.
+
+What stays vLLM's: logits processors, penalties, bad words and allowed token
+ids (applied by vLLM's own functions on the full rows, only when a request
+uses one), and whole steps that want logprobs (vLLM's samplers then run as
+before). Random numbers are SJD's counter-based ones, so a seeded request's
+tokens do not depend on its batch; the seeded generators vLLM keeps are not
+used, and hidden from vLLM's rewind of discarded rows.
+"""
+
+import numpy as np
+import torch
+from vllm.v1.outputs import SamplerOutput
+from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+from vllm_sjd.core.columns import Columns
+from vllm_sjd.core.verify import PLACEHOLDER, verify
+from vllm_sjd.core.window import StepRows
+
+
+def samples_without_logprobs(sampling_metadata) -> bool:
+    """No request of the step asks for logprobs (SJD's step returns none)."""
+    return sampling_metadata.max_num_logprobs is None and not sampling_metadata.logprob_token_ids
+
+
+def _uses_logits_processing(sampling_metadata) -> bool:
+    """Whether a request uses penalties, bad words, allowed ids or a logits processor."""
+    if not sampling_metadata.no_penalties or sampling_metadata.bad_words_token_ids:
+        return True
+    if sampling_metadata.allowed_token_ids_mask is not None:
+        return True
+    holder = sampling_metadata.thinking_budget_state_holder
+    if holder is not None and holder.has_tracked_requests():
+        return True
+    # MinTokensLogitsProcessor keeps `min_toks` while a request is short of
+    # its min_tokens; any other processor is assumed to have work.
+    return any(
+        getattr(processor, "min_toks", True)
+        for processor in sampling_metadata.logitsprocs.non_argmax_invariant
+    )
+
+
+class SJDSamplingMixin:
+    """The SJD runner's `_sample` under speculation, on the layout's columns."""
+
+    def _sample_on_columns(self, logits, spec_decode_metadata, counts: np.ndarray, pairs, greedy):
+        """(SamplerOutput, StepRows without accepted counts) of one step."""
+        self.input_batch.update_async_output_token_ids()
+        sampling_metadata = self.input_batch.sampling_metadata
+        num_reqs = self.input_batch.num_reqs
+        req_ids = self.input_batch.req_ids[:num_reqs]
+        entries = self._layout_entries(req_ids)
+        vocab_size, device = logits.shape[-1], logits.device
+        columns = self._layouts.columns(entries, vocab_size, device)
+        first = torch.from_numpy(self.input_batch.num_tokens_no_spec[:num_reqs].astype("int64"))
+        counts_t = torch.from_numpy(counts)
+
+        if columns is None or _uses_logits_processing(sampling_metadata):
+            # Guidance and the layout on the full rows, then vLLM's processors.
+            if pairs.cond:
+                self._guide(logits, pairs, counts)
+            self._apply_layout(logits, counts)
+            logits = self._vllm_logits_processing(logits.float(), spec_decode_metadata)
+            scores = logits if columns is None else columns.select(logits)
+        else:
+            scores = columns.select(logits)
+            if pairs.cond:
+                self._guide(scores, pairs, counts)
+            mask = self._layouts.row_masks(entries, first, counts_t, vocab_size, device, columns)
+            scores.masked_fill_(~mask, float("-inf"))
+        probs = self._processed_probs(scores.float(), counts_t, sampling_metadata, greedy)
+
+        if spec_decode_metadata is None:
+            target_rows = torch.zeros(0, dtype=torch.int64, device=device)
+            bonus_rows = torch.arange(num_reqs, device=device)
+            num_draft = [0] * num_reqs
+            draft_ids = torch.zeros(0, dtype=torch.int64, device=device)
+        else:
+            target_rows = spec_decode_metadata.target_logits_indices
+            bonus_rows = spec_decode_metadata.bonus_logits_indices
+            num_draft = list(spec_decode_metadata.num_draft_tokens)
+            draft_ids = spec_decode_metadata.draft_token_ids
+        target_probs, bonus_probs = probs[target_rows], probs[bonus_rows]
+        drafts, q = self._draft_distributions(req_ids, num_draft, draft_ids, columns, probs)
+        seeds = [self.requests[r].sampling_params.seed for r in req_ids]
+        verdict = verify(
+            target_probs,
+            bonus_probs,
+            torch.tensor(num_draft, dtype=torch.int64, device=device),
+            max(num_draft, default=0),
+            drafts,
+            q,
+            greedy.to(device),
+            self.drafter.request_keys(req_ids, seeds).to(device),
+            first.to(device),
+        )
+        tokens = verdict.tokens
+        if columns is not None:
+            tokens = torch.where(tokens >= 0, columns.tokens(tokens.clamp(min=0)), PLACEHOLDER)
+        if pairs.cond:
+            # The twin commits exactly the conditional request's tokens.
+            tokens[pairs.twin] = tokens[pairs.cond]
+        self._generators_untouched = True
+        rows = StepRows(target_probs, bonus_probs, None, None, columns)
+        return SamplerOutput(sampled_token_ids=tokens.to(torch.int32), logprobs_tensors=None), rows
+
+    def _vllm_logits_processing(self, logits, spec_decode_metadata):
+        """vLLM's penalties, bad words, allowed ids and logits processors, as its samplers apply them."""
+        sampling_metadata = self.input_batch.sampling_metadata
+        if not _uses_logits_processing(sampling_metadata):
+            return logits
+        if spec_decode_metadata is None:
+            return self.sampler.apply_logits_processors(logits, sampling_metadata, False)
+        target = spec_decode_metadata.target_logits_indices
+        bonus = spec_decode_metadata.bonus_logits_indices
+        logits[target] = self.rejection_sampler.apply_logits_processors(
+            logits[target], sampling_metadata, spec_decode_metadata
+        )
+        logits[bonus] = self.sampler.apply_logits_processors(
+            logits[bonus], sampling_metadata, True
+        )
+        return logits
+
+    @staticmethod
+    def _processed_probs(scores, counts: torch.Tensor, sampling_metadata, greedy) -> torch.Tensor:
+        """Temperature, top-k and top-p per row, then the softmax, [rows, W] float32."""
+        num_reqs, width = counts.shape[0], scores.shape[-1]
+        device = scores.device
+        per_row = counts.to(device)
+        if sampling_metadata.temperature is not None:
+            temperature = sampling_metadata.temperature[:num_reqs].to(torch.float32)
+            temperature = torch.where(greedy.to(device), 1.0, temperature)
+            scores.div_(temperature.repeat_interleave(per_row, output_size=scores.shape[0])[:, None])
+        top_k = top_p = None
+        if sampling_metadata.top_k is not None:
+            top_k = sampling_metadata.top_k[:num_reqs].clamp(max=width)
+            top_k = top_k.repeat_interleave(per_row, output_size=scores.shape[0])
+        if sampling_metadata.top_p is not None:
+            top_p = sampling_metadata.top_p[:num_reqs]
+            top_p = top_p.repeat_interleave(per_row, output_size=scores.shape[0])
+        scores = apply_top_k_top_p(scores, top_k, top_p)
+        return scores.softmax(dim=-1, dtype=torch.float32)
+
+    def _draft_distributions(self, req_ids, num_draft, draft_ids, columns: Columns | None, probs):
+        """The scheduled drafts as column indices, and their q on the same columns."""
+        if not sum(num_draft):
+            empty = torch.zeros(0, dtype=torch.int64, device=probs.device)
+            return empty, probs.new_zeros((0, probs.shape[-1]))
+        return self.drafter.scheduled_drafts(req_ids, num_draft, draft_ids, columns, probs.shape[-1])
+
+    def _bookkeeping_without_generators(self, bookkeeping, *args, **kwargs):
+        """vLLM's bookkeeping, without rewinding generators this step did not use."""
+        if not getattr(self, "_generators_untouched", False):
+            return bookkeeping(*args, **kwargs)
+        self._generators_untouched = False
+        generators = self.input_batch.generators
+        num_reqs = self.input_batch.num_reqs
+        discarded = np.nonzero(self.discard_request_mask.np[:num_reqs])[0].tolist()
+        hidden = {i: generators.pop(i) for i in discarded if i in generators}
+        try:
+            return bookkeeping(*args, **kwargs)
+        finally:
+            generators.update(hidden)

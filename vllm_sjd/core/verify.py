@@ -1,0 +1,112 @@
+"""SJD's verification step in plain torch: accept, resample, bonus, on any set of columns.
+
+For one request in one step: drafts d_1..d_n with the q each was drawn from,
+and the n+1 rows p the pass computed (row j verifies d_{j+1}; row n is the
+bonus row). Draft j is accepted with probability min(1, p_j(d_j) / q_j(d_j));
+at the first rejection a token is drawn from norm(max(0, p_j - q_j)) (from p_j
+itself where q_j covers p_j, which the rejection had probability 0 to reach in
+exact arithmetic) and the step ends; if every draft passes, a bonus token is
+drawn from row n. A greedy request accepts a draft equal to argmax p_j and
+closes with an argmax. This is vLLM's rejection sampler (the same test, the
+same comparisons), without its vocabulary-wide passes.
+
+Random numbers are counter-based (core/rng.py), keyed by the request's key
+and the absolute position of the token they decide: the acceptance uniform of
+the draft at position t and the uniform of the token drawn at t. Each position's
+token is decided in exactly one step (accepted, resampled or bonus; a step
+whose result is discarded decides nothing), so no number is used twice, and
+they are independent of the drafting streams. A seeded request draws the
+same numbers in any batch.
+
+Every [..., W] input may hold only some vocabulary columns (core/columns.py):
+with zero probability on the others, every test and draw gives the same token.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_sjd.core.drafting import sample_inverse_cdf
+from vllm_sjd.core.rng import ACCEPT_STREAM, TOKEN_STREAM, window_uniforms
+
+PLACEHOLDER = -1  # vLLM's placeholder for the slots after a request's last token
+
+
+@dataclass
+class Verdict:
+    tokens: torch.Tensor  # [B, max_n + 1] int64 column indices, PLACEHOLDER after the last
+    num_accepted: torch.Tensor  # [B] int64: drafts accepted (a <= n)
+
+
+def position_uniforms(keys: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
+    """One uniform in [0, 1) per (key, absolute position), float64, for `stream`."""
+    return window_uniforms(keys, positions, 1, stream)[:, 0]
+
+
+def verify(
+    target_probs: torch.Tensor,  # [T, W] float32: rows 0..n-1 of every request, in batch order
+    bonus_probs: torch.Tensor,  # [B, W] float32: each request's row n
+    num_draft_tokens: torch.Tensor,  # [B] int64 (n), on the rows' device
+    max_num_drafts: int,  # max(n), known on the host
+    drafts: torch.Tensor,  # [T] int64 column index of each draft; -1: none (rejected)
+    draft_q: torch.Tensor,  # [T, W] float32: the q each draft was drawn from
+    greedy: torch.Tensor,  # [B] bool
+    keys: torch.Tensor,  # [B] int64: per-request random keys
+    first_positions: torch.Tensor,  # [B] int64: absolute index of the token row 0 decides
+) -> Verdict:
+    batch_size = bonus_probs.shape[0]
+    device = bonus_probs.device
+    n = num_draft_tokens
+    total = target_probs.shape[0]
+    first_row = torch.cumsum(n, 0) - n
+    request_of_row = torch.repeat_interleave(
+        torch.arange(batch_size, device=device), n, output_size=total
+    )
+    slot = torch.arange(total, device=device) - first_row[request_of_row]
+
+    # The acceptance test, row by row.
+    index = drafts.clamp(min=0)[:, None]
+    p_d = target_probs.gather(1, index)[:, 0].to(torch.float64)
+    q_d = draft_q.gather(1, index)[:, 0].to(torch.float64)
+    u = position_uniforms(keys[request_of_row], first_positions[request_of_row] + slot, ACCEPT_STREAM)
+    accepted = (drafts >= 0) & (q_d > 0) & (p_d >= u * q_d)
+    greedy_rows = greedy[request_of_row]
+    if total:
+        target_argmax = target_probs.argmax(dim=-1)
+        accepted = torch.where(greedy_rows, drafts == target_argmax, accepted)
+
+    # a = the accepted prefix: stop at the first rejection.
+    passed = torch.zeros(batch_size, max_num_drafts + 1, dtype=torch.bool, device=device)
+    passed[request_of_row, slot] = accepted
+    num_accepted = passed[:, :max_num_drafts].to(torch.int64).cumprod(dim=1).sum(dim=1)
+    rejected = num_accepted < n
+
+    # One more token: resampled at row a after a rejection, else the bonus token.
+    if total:
+        row = (first_row + num_accepted).clamp(max=total - 1)
+        p_rejected, q_rejected = target_probs[row], draft_q[row]
+        residual = (p_rejected - q_rejected).clamp_min(0.0)
+        covered = ~(p_rejected > q_rejected).any(dim=-1, keepdim=True)
+        residual = torch.where(covered, p_rejected, residual)
+        source = torch.where(rejected[:, None], residual, bonus_probs)
+        closing = torch.where(rejected[:, None], p_rejected, bonus_probs)
+    else:
+        source = closing = bonus_probs
+    u_token = position_uniforms(keys, first_positions + num_accepted, TOKEN_STREAM)
+    token = sample_inverse_cdf(source, u_token)
+    token = torch.where(greedy, closing.argmax(dim=-1), token)
+
+    tokens = torch.full(
+        (batch_size, max_num_drafts + 1), PLACEHOLDER, dtype=torch.int64, device=device
+    )
+    keep = slot < num_accepted[request_of_row]
+    tokens[request_of_row[keep], slot[keep]] = drafts[keep]
+    tokens[torch.arange(batch_size, device=device), num_accepted] = token
+    return Verdict(tokens, num_accepted)
+
+
+def one_hot_q(drafts: torch.Tensor, width: int) -> torch.Tensor:
+    """[T, width] float32: the q of drafts that carry no distribution (-1: an empty row)."""
+    q = torch.zeros(drafts.shape[0], width, dtype=torch.float32, device=drafts.device)
+    valid = (drafts >= 0).to(torch.float32)[:, None]
+    return q.scatter_(1, drafts.clamp(min=0)[:, None], valid)
