@@ -91,6 +91,9 @@ class SJDModelRunnerMixin(SJDSamplingMixin):
         # request id -> ("cond", twin id, scale) | ("twin", cond id) | None
         self._guidance_roles: dict[str, tuple | None] = {}
         self.num_held_steps = 0  # pair members held back for want of their partner
+        # Steps sampled by SJD's own step, on layout columns or the whole
+        # vocabulary, and by vLLM's samplers (a request wanted logprobs).
+        self.sampling_steps = {"columns": 0, "vocabulary": 0, "vllm": 0}
         self._held_generator_states: dict[int, torch.Tensor] = {}  # batch index -> state
 
     def _layout_entries(self, req_ids):
@@ -219,7 +222,9 @@ class SJDModelRunnerMixin(SJDSamplingMixin):
                 logits, spec_decode_metadata, counts, pairs, greedy
             )
             self._sjd_step = _StepLogits((counts - 1).tolist(), logits.shape[-1], rows=rows)
+            self.sampling_steps["vocabulary" if rows.columns is None else "columns"] += 1
             return output
+        self.sampling_steps["vllm"] += 1
         if pairs.cond:
             self._guide(logits, pairs, counts)
         self._apply_layout(logits, counts)

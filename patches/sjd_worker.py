@@ -56,6 +56,10 @@ class _SJDWorkerMethods:
         """How often a guided pair member was held back for want of its partner."""
         return self.model_runner.num_held_steps
 
+    def sjd_sampling_steps(self) -> dict[str, int]:
+        """Steps sampled on layout columns, on the whole vocabulary, and by vLLM's samplers."""
+        return dict(self.model_runner.sampling_steps)
+
     def sjd_proposer_call(self, method: str, *args):
         """Call a method of this worker's proposer (tests, diagnostics)."""
         return getattr(self.model_runner.drafter, method)(*args)

