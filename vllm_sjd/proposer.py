@@ -237,17 +237,20 @@ class SJDProposer:
         if self.config.drafting != "coupled" or (self._drafts is None and not self._carried):
             return None
         batch_size, device = len(req_ids), like.device
-        in_order = [(r, i) for i, r in enumerate(req_ids)]
-        if self._drafts is not None and self._drafts.shape[0] == batch_size and (
-            list(self._window_row.items()) == in_order
-        ):
+        rows = [self._window_row.get(r, -1) for r in req_ids]
+        if self._drafts is not None and rows == list(range(self._drafts.shape[0])):
             present = torch.ones(batch_size, dtype=torch.bool, device=device)
             return PreviousWindow(self._drafts, convert(self._q, self._columns, columns), present)
         drafts = torch.full((batch_size, self.num_slots), -1, dtype=torch.int64, device=device)
         q = like.new_zeros((batch_size, self.num_slots, like.shape[-1]))
-        present = torch.zeros(batch_size, dtype=torch.bool)
+        present = torch.tensor([row >= 0 for row in rows], dtype=torch.bool)
+        if bool(present.any()):  # one gather for the requests of the latest step
+            source = torch.tensor(rows, dtype=torch.int64)[present].to(self._drafts.device)
+            target = present.to(device)
+            drafts[target] = self._drafts[source].to(device)
+            q[target] = convert(self._q[source], self._columns, columns).to(device)
         for i, req_id in enumerate(req_ids):
-            window = self._window(req_id, columns)
+            window = None if rows[i] >= 0 else self._window(req_id, columns)
             if window is not None:
                 drafts[i], q[i] = window[0].to(device), window[1].to(device)
                 present[i] = True
@@ -311,11 +314,13 @@ class SJDProposer:
         """
         device = draft_token_ids.device
         draft_token_ids = draft_token_ids.to(torch.int64)
-        counts = torch.tensor(num_draft_tokens, dtype=torch.int64)
+        # Requests with no drafts this step need no stored window.
+        drafting = [(self._window_row.get(r, -1), n) for r, n in zip(req_ids, num_draft_tokens) if n]
+        counts = torch.tensor([n for _, n in drafting], dtype=torch.int64)
         first = torch.cumsum(counts, 0) - counts
         slot = torch.arange(int(draft_token_ids.shape[0])) - first.repeat_interleave(counts)
-        rows = [self._window_row.get(r, -1) for r in req_ids]
-        if self._q is not None and min(rows, default=-1) >= 0:
+        if self._q is not None and all(row >= 0 for row, _ in drafting):
+            rows = [row for row, _ in drafting]
             row = torch.tensor(rows, dtype=torch.int64).repeat_interleave(counts)
             row, slot = row.to(self._q.device), slot.to(self._q.device)
             stored_drafts = self._drafts[row, slot]
