@@ -310,10 +310,7 @@ class SJDModelRunnerMixin(SJDSamplingMixin):
         accepted = [
             max(len(t) - 1, 0) if t else n for t, n in zip(sampled_token_ids, step.num_draft_tokens)
         ]
-        caps = self.drafter.plan_drafts(
-            step.num_draft_tokens, accepted, seeds, max_drafts, mirror,
-            num_produced=[len(t) for t in sampled_token_ids],
-        )
+        caps = self.drafter.plan_drafts(step.num_draft_tokens, accepted, seeds, max_drafts, mirror)
         if not any(caps):
             return [[] for _ in sampled_token_ids]
         rows = self._verified_rows(step, sampled_token_ids, sampling_metadata)

@@ -13,7 +13,6 @@ engine serves every mode's test.
 """
 
 import dataclasses
-import time
 
 import torch
 
@@ -100,21 +99,3 @@ class VaryingWindowProposer(FaultyQProposer):
     def __init__(self, vllm_config) -> None:
         super().__init__(vllm_config)
         self.set_window_cycle(self.CYCLE)
-
-
-class SlowDraftsProposer(SJDProposer):
-    """Not faulty: each scheduled draft costs `draft_seconds` of real time (set while idle).
-
-    Drafts that cost more than they gain, measured as the dynamic window
-    measures them, in the real engine.
-    """
-
-    draft_seconds = 0.0
-
-    def set_draft_seconds(self, seconds: float) -> None:
-        self.draft_seconds = seconds
-
-    def propose_window(self, req_ids, rows, **kwargs):
-        drafts = super().propose_window(req_ids, rows, **kwargs)
-        time.sleep(self.draft_seconds * sum(len(d) for d in drafts))
-        return drafts

@@ -4,7 +4,6 @@ import pytest
 
 from tests.test_proposer import WINDOW, proposer
 from vllm_sjd.core.adaptive import ForwardCostCurve, SlotAcceptance, StepOverhead, WindowPolicy
-from vllm_sjd.core.window_ladder import WindowLadder
 
 
 def test_forward_cost_curve_interpolates_and_extrapolates_its_last_segment():
@@ -79,57 +78,3 @@ def test_proposer_plans_the_chosen_window_for_unseeded_requests_only():
     assert caps[0] == caps[1] == WINDOW
     # vLLM's K for the step stays the ceiling.
     assert p.plan_drafts([0], [0], [7], 2) == [2]
-
-
-def _simulated_load(batch: int, per_token: float, suggested: int, seed: int):
-    """The ladder against a load whose acceptance grows with the K it runs at."""
-    import random
-
-    rng = random.Random(seed)
-
-    def alpha(k):  # regime-dependent: a long window refines its tail drafts
-        return 0.45 + 0.35 * min(k, 16) / 16
-
-    def seconds(k):
-        return 0.002 + 0.0003 * batch + per_token * batch * (k + 1)
-
-    def rate(k):
-        return batch * sum(alpha(k) ** j for j in range(k + 1)) / seconds(k)
-
-    ladder = WindowLadder(16)
-    tokens, took, rates = 0, None, []
-    for _ in range(600):
-        k = ladder.next_k(batch, tokens, took, suggested)
-        tokens = batch
-        for _ in range(batch):
-            a = 0
-            while a < k and rng.random() < alpha(k):
-                a += 1
-            tokens += a
-        took = seconds(k) * rng.uniform(0.85, 1.15)
-        rates.append(rate(k))
-    best = max(ladder.rungs, key=rate)
-    return ladder, rate, best, sum(rates[300:]) / 300
-
-
-@pytest.mark.parametrize("batch,per_token,suggested", [
-    (2, 0.0001, 16),   # drafts nearly free: the whole window
-    (8, 0.00005, 2),   # the cost model starts too low
-    (128, 0.0002, 16),  # compute-bound: one draft at most, from the top
-    (128, 0.00005, 4),  # a large K beats the middle ones that lose to a small one
-])
-def test_the_ladder_settles_where_measured_tokens_per_second_peak(batch, per_token, suggested):
-    for seed in (0, 1):
-        ladder, rate, best, achieved = _simulated_load(batch, per_token, suggested, seed)
-        home = ladder.homes()[batch.bit_length()]
-        assert rate(home) >= 0.95 * rate(best)
-        assert achieved >= 0.9 * rate(best)  # tries included, once settled
-
-
-def test_the_ladder_starts_a_new_batch_size_at_the_suggested_k():
-    ladder = WindowLadder(16)
-    assert ladder.rungs == [0, 1, 2, 4, 8, 16]
-    assert ladder.next_k(3, 0, None, 5) == 4  # nearest rung
-    assert ladder.next_k(3, 10, 0.01, 5) == 4  # same episode
-    assert ladder.next_k(64, 10, 0.01, 0) == 0  # another bucket
-    assert WindowLadder(12).rungs == [0, 1, 2, 4, 8, 12]

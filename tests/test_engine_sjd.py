@@ -147,11 +147,10 @@ def test_no_state_left_after_finished_and_aborted_requests(llm):
     assert sjd_state_after_idle(llm) == [[]]
 
 
-def test_the_dynamic_window_starts_a_load_at_the_cost_models_k(llm, peaked_model):
-    """The dynamic window ("unseeded") starts each batch size at the K of its cost
-    model, which reads the forward-cost curve measured at start-up: under a curve
-    where every token costs a second, unseeded requests start without drafts,
-    seeded ones keep K, and greedy output stays AR's."""
+def test_the_dynamic_window_drops_drafts_that_cost_more_than_they_gain(llm, peaked_model):
+    """The dynamic window ("unseeded") reads the forward-cost curve measured at start-up;
+    under a curve where every token costs a second, unseeded requests decode
+    without drafts and seeded ones keep K, and greedy output stays AR's."""
     measured = llm.collective_rpc("sjd_forward_costs")[0]
     sizes = [t for t, _ in measured]
     assert sizes[0] == 1 and sizes == sorted(sizes) and len(sizes) >= 4
@@ -161,46 +160,17 @@ def test_the_dynamic_window_starts_a_load_at_the_cost_models_k(llm, peaked_model
     try:
         prompts = [{"prompt_token_ids": p} for p in PROMPTS]
         before = spec_counters(llm).get("num_draft_tokens", 0)
-        # Fewer steps than one episode of the ladder (core/window_ladder.py).
-        unseeded = tokens(llm.generate(prompts, fixed_length(8, temperature=0), use_tqdm=False))
+        unseeded = tokens(llm.generate(prompts, fixed_length(30, temperature=0), use_tqdm=False))
         middle = spec_counters(llm).get("num_draft_tokens", 0)
         seeded = tokens(llm.generate(prompts, fixed_length(30, temperature=0, seed=3), use_tqdm=False))
         after = spec_counters(llm).get("num_draft_tokens", 0)
     finally:
         llm.collective_rpc("sjd_proposer_call", args=("set_forward_costs", measured))
     for prompt, got_unseeded, got_seeded in zip(PROMPTS, unseeded, seeded):
-        assert got_unseeded == greedy_continuation(peaked_model, prompt, 8)
-        assert got_seeded == greedy_continuation(peaked_model, prompt, 30)
+        assert got_unseeded == got_seeded == greedy_continuation(peaked_model, prompt, 30)
+    # Only the requests' first steps, before the policy has seen a step, draft.
     assert middle - before <= len(PROMPTS) * WINDOW
     assert after - middle >= 2 * len(PROMPTS) * WINDOW
-
-
-def test_the_dynamic_window_settles_on_the_k_measured_fastest(peaked_model):
-    # The same model and prompts, with drafts that are nearly free and with
-    # drafts that each cost 3 ms of real time (tests/faulty_proposers.py).
-    engine = make_llm(peaked_model, sjd={
-        "num_speculative_tokens": WINDOW, "dynamic_num_speculative_tokens": "all",
-        "proposer": "tests.faulty_proposers.SlowDraftsProposer"})
-    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
-    bucket = len(PROMPTS).bit_length()
-
-    def serve(draft_seconds: float, rounds: int) -> dict[int, int]:
-        measured = engine.collective_rpc("sjd_forward_costs")[0]
-        engine.collective_rpc("sjd_proposer_call", args=("set_forward_costs", measured))  # a new ladder
-        engine.collective_rpc("sjd_proposer_call", args=("set_draft_seconds", draft_seconds))
-        for _ in range(rounds):
-            got = tokens(engine.generate(prompts, fixed_length(100, temperature=0), use_tqdm=False))
-            for prompt, continuation in zip(PROMPTS, got):
-                assert continuation == greedy_continuation(peaked_model, prompt, 100)
-        return engine.collective_rpc("sjd_proposer_call", args=("window_homes",))[0]
-
-    try:
-        cheap = serve(0.0, 2)
-        slow = serve(0.003, 8)
-    finally:
-        shutdown(engine)
-    assert cheap[bucket] >= WINDOW // 2
-    assert slow[bucket] <= 1
 
 
 def test_vllms_per_batch_size_table_sets_each_steps_window(peaked_model):

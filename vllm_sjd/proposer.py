@@ -25,7 +25,6 @@ from vllm_sjd.core.adaptive import ForwardCostCurve, WindowPolicy
 from vllm_sjd.core.cells_above import CellsAbove
 from vllm_sjd.core.columns import Columns, convert, same_columns
 from vllm_sjd.core.rng import key_from_seed
-from vllm_sjd.core.window_ladder import WindowLadder
 from vllm_sjd.core.window import (
     CellsAboveRows,
     PreviousWindow,
@@ -70,8 +69,7 @@ class SJDProposer:
         self._dynamic = self.config.dynamic_num_speculative_tokens
         if getattr(spec, "num_speculative_tokens_per_batch_size", None) is not None:
             self._dynamic = "off"
-        self.policy: WindowPolicy | None = None  # predicts: where a load starts
-        self.ladder: WindowLadder | None = None  # measures: where it settles
+        self.policy: WindowPolicy | None = None
         self._last_plan: float | None = None
 
     @property
@@ -82,7 +80,6 @@ class SJDProposer:
     def set_forward_costs(self, points: Sequence[tuple[int, float]]) -> None:
         """(tokens, seconds) of forward passes measured at start-up."""
         self.policy = WindowPolicy(self.num_slots, ForwardCostCurve(points))
-        self.ladder = WindowLadder(self.num_slots)
 
     def plan_drafts(
         self,
@@ -91,14 +88,11 @@ class SJDProposer:
         seeds: Sequence[int | None],
         max_drafts: int | None,  # vLLM's K for the next step
         mirror: Sequence[tuple[int, int]] = (),  # (twin, conditional): same K
-        num_produced: Sequence[int] | None = None,  # tokens each request committed
     ) -> list[int]:
         """How many drafts each request schedules for the next step.
 
         Fixed at vLLM's K, except under the dynamic window, where the requests
-        that adapt share one K: the cost model's (core/adaptive.py) where a
-        load starts, then the K measured to commit the most tokens per second
-        at this batch size (core/window_ladder.py).
+        that adapt share the K with the most tokens per second for this batch.
         """
         now = time.perf_counter()
         ceiling = self.num_slots if max_drafts is None else min(max_drafts, self.num_slots)
@@ -113,10 +107,6 @@ class SJDProposer:
             adapts[twin] = adapts[cond]
         fixed = [ceiling for a in adapts if not a]
         k = self.policy.choose(sum(adapts), fixed, ceiling)
-        if self.ladder is not None and any(adapts):
-            if num_produced is None:  # every request committed its accepted drafts + 1
-                num_produced = [a + 1 for a in num_accepted]
-            k = min(self.ladder.next_k(len(seeds), sum(num_produced), seconds, k), ceiling)
         return [k if a else ceiling for a in adapts]
 
     @property
@@ -409,10 +399,6 @@ class SJDProposer:
         self._cells_above.evict(req_ids)
         if not self._window_row:
             self._drafts = self._q = self._columns = None
-
-    def window_homes(self) -> dict[int, int]:
-        """The dynamic window's K per batch-size bucket (log2 of the requests), {} when off."""
-        return {} if self.ladder is None else self.ladder.homes()
 
     def window_digest(self) -> dict[str, tuple[list[int], float]]:
         """Each pending window's drafts and a checksum of its q (rank comparisons)."""
