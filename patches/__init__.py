@@ -9,6 +9,7 @@ sentinel so a second install is harmless, and verify that the install took
 | module                  | wraps                                                        | scope      |
 |-------------------------|--------------------------------------------------------------|------------|
 | speculative_config      | EngineArgs.create_speculative_config                         | all        |
+| v1_runner               | VllmConfig.use_v2_model_runner (V1 with the SJD worker)      | all        |
 | verified_logits         | rejection_sampler.rejection_sample (captures processed p)    | all        |
 | recovered_tokens        | rejection_sampler.sample_recovered_tokens (empty residual)   | all        |
 | sjd_runner / sjd_worker | GPUModelRunner/CPUModelRunner subclasses, worker subclasses  | all        |
@@ -32,9 +33,15 @@ def apply_all() -> None:
     if _applied:
         return
     check_vllm_version()
-    from vllm_sjd.patches import recovered_tokens, speculative_config, verified_logits
+    from vllm_sjd.patches import (
+        recovered_tokens,
+        speculative_config,
+        v1_runner,
+        verified_logits,
+    )
 
     speculative_config.install()
+    v1_runner.install()
     verified_logits.install()
     recovered_tokens.install()
     if is_cpu_platform():

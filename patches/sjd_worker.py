@@ -25,9 +25,12 @@ class _SJDWorkerMethods:
 
     def _refuse_v2_runner(self) -> None:
         if self.vllm_config.use_v2_model_runner:
+            # patches/v1_runner.py keeps V1 for this worker; reaching here means
+            # that patch did not load in this process.
             raise RuntimeError(
-                "speculative method 'sjd' runs on vLLM's V1 model runner; "
-                "unset VLLM_USE_V2_MODEL_RUNNER"
+                "vllm-sjd's worker runs on vLLM's V1 model runner, but this process "
+                "chose V2 (is the vllm_sjd plugin loaded here?); unset "
+                "VLLM_USE_V2_MODEL_RUNNER"
             )
 
     def compile_or_warm_up_model(self):

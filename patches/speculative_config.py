@@ -13,7 +13,8 @@ original. Retire when vLLM lets plugins register speculative methods.
 
 It also names the SJD scheduler (guidance pairs, patches/cfg_scheduler.py) for
 SJD engines, and the SJD worker and scheduler for image models served without
-speculation, so plain AR gets the same layouts and guidance.
+speculation, so plain AR gets the same layouts and guidance (on vLLM's V1
+model runner: patches/v1_runner.py).
 """
 
 import os
@@ -104,6 +105,12 @@ def _is_image_model(model_config) -> bool:
 def _install_image_runner(engine_args: EngineArgs, parallel_config) -> None:
     """Plain AR on an image model: the SJD worker and scheduler, if nothing else is named."""
     if parallel_config.worker_cls == "auto" and engine_args.scheduler_cls is None:
+        if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1":
+            raise SJDUnsupportedError(
+                "VLLM_USE_V2_MODEL_RUNNER=1 asks for vLLM's V2 model runner, but vllm-sjd's "
+                "worker (image layouts and guidance) runs on the V1 model runner; unset it, "
+                "or pass --worker-cls to serve the image model without the plugin's worker"
+            )
         parallel_config.worker_cls = SJD_WORKER_CLASS
         engine_args.scheduler_cls = SJD_SCHEDULER_CLASS
         # Guidance pairs need each step's tokens before the next is scheduled.

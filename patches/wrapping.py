@@ -9,16 +9,23 @@ SUPPORTED_VLLM_MINOR = (0, 32)
 SENTINEL = "__vllm_sjd_patched__"
 
 
-def install_wrapper(owner, name: str, wrapper, *, as_classmethod: bool = False) -> None:
+def install_wrapper(
+    owner, name: str, wrapper, *, as_classmethod: bool = False, as_property: bool = False
+) -> None:
     """Set owner.name = wrapper once (sentinel-stamped), and check that it took."""
 
     def stamped(value) -> bool:
-        return getattr(getattr(value, "__func__", value), SENTINEL, False)
+        function = getattr(value, "__func__", None) or getattr(value, "fget", None) or value
+        return getattr(function, SENTINEL, False)
 
     if stamped(getattr(owner, name)):
         return
     setattr(wrapper, SENTINEL, True)
-    setattr(owner, name, classmethod(wrapper) if as_classmethod else wrapper)
+    if as_classmethod:
+        wrapper = classmethod(wrapper)
+    elif as_property:
+        wrapper = property(wrapper)
+    setattr(owner, name, wrapper)
     if not stamped(getattr(owner, name)):
         raise RuntimeError(f"vllm-sjd: patching {getattr(owner, '__name__', owner)}.{name} failed")
 
