@@ -1,4 +1,5 @@
 """`vllm-sjd serve [MODEL] [vLLM options]`: `vllm serve` with the plugin's defaults.
+(`vllm-sjd selfcheck`: checks SJD in vLLM's engine on this machine; vllm_sjd/selfcheck.py.)
 
 - no MODEL: the bundled demo model (vllm_sjd/demo/model), named "vllm-sjd-demo";
 - SJD on (K = 16) unless --speculative-config is given, with vLLM's
@@ -17,7 +18,7 @@ from pathlib import Path
 DEMO_MODEL_PATH = Path(__file__).resolve().parent / "demo" / "model"
 DEFAULT_SPECULATIVE_CONFIG = '{"method": "sjd", "num_speculative_tokens": 16}'
 DEMO_MODEL_NAME = "vllm-sjd-demo"
-USAGE = "usage: vllm-sjd serve [MODEL] [vllm serve options]"
+USAGE = "usage: vllm-sjd serve [MODEL] [vllm serve options]\n       vllm-sjd selfcheck [--help]"
 
 
 def serve_command(argv: list[str], has_gpu: bool) -> tuple[list[str], dict[str, str]]:
@@ -69,6 +70,10 @@ def _has_gpu() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["selfcheck"]:
+        from vllm_sjd.selfcheck import main as selfcheck
+
+        return selfcheck(argv[1:])
     if not argv or argv[0] != "serve" or argv[1:2] in (["-h"], ["--help"]):
         print(USAGE + "\n" + __doc__, file=sys.stderr)
         return 0 if argv[1:2] in (["-h"], ["--help"]) else 2

@@ -39,7 +39,8 @@ def vocabulary_map() -> dict[str, int]:
 
 
 def build_tiny_chameleon(path: Path, *, lumina: bool = True, seed: int = 0,
-                         swin_norm: bool = False, sharpness: float = 1.0) -> Path:
+                         swin_norm: bool = False, sharpness: float = 1.0,
+                         max_position_embeddings: int = 1024) -> Path:
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
     path = Path(path)
@@ -51,7 +52,7 @@ def build_tiny_chameleon(path: Path, *, lumina: bool = True, seed: int = 0,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
+        max_position_embeddings=max_position_embeddings,
         swin_norm=swin_norm,
         vocabulary_map=vocabulary_map(),
         vq_config=dict(embed_dim=8, num_embeddings=8192, latent_channels=8, resolution=32,
