@@ -1,7 +1,7 @@
 """The SJD scheduler: vLLM's V1 scheduler plus classifier-free guidance pairs.
 
 Subclasses vllm.v1.core.sched.scheduler.Scheduler (engine-core process;
-checked on vLLM 0.32.0), named by `scheduler_config.scheduler_cls` for SJD
+checked on vLLM 0.32.0 and 0.33.0), named by `scheduler_config.scheduler_cls` for SJD
 engines and image models (patches/speculative_config.py sets it):
 - `add_request`: a request whose extra_args ask for guidance (s > 1, see
   vllm_sjd/guidance.py) gets an unconditional twin request, built from the

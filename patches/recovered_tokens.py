@@ -1,7 +1,7 @@
 """A rejected draft whose residual is empty is resampled from p, not replaced by token 0.
 
 Wraps vllm.v1.sample.rejection_sampler.sample_recovered_tokens (worker
-process; called by rejection_sample as a module global). Checked on vLLM 0.32.0.
+process; called by rejection_sample as a module global). Checked on vLLM 0.32.0 and 0.33.0.
 
 Bug: after a rejection the recovered token is argmax(max(p - q, 0) / E).
 When q covers p everywhere (p == q up to rounding: a draft rejected because

@@ -2,7 +2,7 @@
 
 Subclasses vllm.v1.worker.gpu_model_runner.GPUModelRunner (GPU) and
 vllm.v1.worker.cpu_model_runner.CPUModelRunner (CPU), overriding (worker
-process; checked on vLLM 0.32.0):
+process; checked on vLLM 0.32.0 and 0.33.0):
 - `_sample`: blends each guided pair's logits (classifier-free guidance, see
   vllm_sjd/guidance.py and patches/cfg_scheduler.py), masks each row to what an
   image request's layout allows at its absolute position, samples, copies the
@@ -225,6 +225,7 @@ class SJDModelRunnerMixin(SJDSamplingMixin):
             self.sampling_steps["vocabulary" if rows.columns is None else "columns"] += 1
             return output
         self.sampling_steps["vllm"] += 1
+        logits = logits.float()  # guidance in float32, as vLLM's samplers would cast anyway
         if pairs.cond:
             self._guide(logits, pairs, counts)
         self._apply_layout(logits, counts)

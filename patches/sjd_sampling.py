@@ -3,7 +3,7 @@
 Part of the SJD model runner (patches/sjd_runner.py), replacing what
 vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample does under speculation
 (vLLM's Sampler, or its RejectionSampler when drafts are verified). Checked on
-vLLM 0.32.0.
+vLLM 0.32.0 and 0.33.0.
 
 Why: vLLM's samplers work on the whole vocabulary: temperature, top-k and two
 softmaxes over [rows, V], q handed in as [drafts, V], the recovered token from
@@ -70,20 +70,23 @@ class SJDSamplingMixin:
         first = torch.from_numpy(self.input_batch.num_tokens_no_spec[:num_reqs].astype("int64"))
         counts_t = torch.from_numpy(counts)
 
+        # float32 before guidance: bf16 logits (a GPU model's) would lose the
+        # difference cond - uncond (a no-op for float32 models).
         if columns is None or _uses_logits_processing(sampling_metadata):
             # Guidance and the layout on the full rows, then vLLM's processors.
+            logits = logits.float()
             if pairs.cond:
                 self._guide(logits, pairs, counts)
             self._apply_layout(logits, counts)
-            logits = self._vllm_logits_processing(logits.float(), spec_decode_metadata)
+            logits = self._vllm_logits_processing(logits, spec_decode_metadata)
             scores = logits if columns is None else columns.select(logits)
         else:
-            scores = columns.select(logits)
+            scores = columns.select(logits).float()
             if pairs.cond:
                 self._guide(scores, pairs, counts)
             mask = self._layouts.row_masks(entries, first, counts_t, vocab_size, device, columns)
             scores.masked_fill_(~mask, float("-inf"))
-        probs = self._processed_probs(scores.float(), counts_t, sampling_metadata, greedy)
+        probs = self._processed_probs(scores, counts_t, sampling_metadata, greedy)
 
         if spec_decode_metadata is None:
             target_rows = torch.zeros(0, dtype=torch.int64, device=device)

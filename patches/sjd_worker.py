@@ -7,7 +7,7 @@ Ray, builds the SJD runner. Subclasses vllm.v1.worker.gpu_worker.Worker
 (whose `init_device` builds CPUModelRunner inline: the module global is
 swapped for the SJD runner around that call), and extending
 `compile_or_warm_up_model`: once the model is warm, the runner times forward
-passes for SJD's dynamic window. Checked on vLLM 0.32.0.
+passes for SJD's dynamic window. Checked on vLLM 0.32.0 and 0.33.0.
 Retire when vLLM can build a plugin's runner without a worker subclass.
 """
 

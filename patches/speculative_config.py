@@ -1,7 +1,7 @@
 """Accept `{"method": "sjd", ...}` in --speculative-config / speculative_config=.
 
 Wraps vllm.engine.arg_utils.EngineArgs.create_speculative_config (front-end
-process: the API server or the LLM's process). Checked on vLLM 0.32.0.
+process: the API server or the LLM's process). Checked on vLLM 0.32.0 and 0.33.0.
 
 Why: SpeculativeConfig.method is a closed Literal and extra keys are
 forbidden, so "sjd" and its settings never reach a plugin otherwise. The

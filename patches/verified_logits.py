@@ -3,7 +3,7 @@
 Wraps vllm.v1.sample.rejection_sampler.rejection_sample (worker process),
 looked up by RejectionSampler.forward as a module global. The probabilities
 reach `record_target_probs` from patches/recovered_tokens.py, which wraps the
-function rejection_sample hands them to. Checked on vLLM 0.32.0.
+function rejection_sample hands them to. Checked on vLLM 0.32.0 and 0.33.0.
 
 Why: SJD re-drafts the unverified tail of each window by sampling this step's
 p rows, and must report q = those rows exactly as the verifier used them

