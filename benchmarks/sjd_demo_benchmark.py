@@ -260,9 +260,12 @@ def main():
                     choices=["independent", "coupled", "gumbel"])
     ap.add_argument("--initial-drafts", nargs="+", default=["uniform"],
                     choices=["uniform", "last_distribution", "above"])
-    ap.add_argument("--dynamic", nargs="+", default=["off"], choices=["off", "all"],
-                    help="SJD's dynamic window per configuration (the requests here are "
-                         "seeded; 'all' lets them adapt as unseeded ones do by default)")
+    ap.add_argument("--dynamic", nargs="+", default=["off"], choices=["off", "unseeded", "all"],
+                    help="SJD's dynamic window per configuration ('unseeded': the default, "
+                         "seeded requests keep the window; 'all': they adapt too)")
+    ap.add_argument("--unseeded", action="store_true",
+                    help="requests without seeds (as most clients send them), so the default "
+                         "dynamic window adapts them")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--baseline-images", type=int, default=8,
                     help="images of the plain PyTorch loop (0: skip it)")
@@ -291,14 +294,14 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     uncond = layout.unconditional_prompt_token_ids(tokenizer, SIZE, SIZE)
     scenes = [s for s in dq.captions_for(args.captions) for _ in range(args.seeds)]
-    seeds = [1000 + i for i in range(len(scenes))]
+    seeds = [None if args.unseeded else 1000 + i for i in range(len(scenes))]
     prompts = [layout.prompt(s.caption, SIZE, SIZE) for s in scenes]
     params = [image_sampling_params(grid, temperature=args.temperature, top_k=top_k, seed=seed,
                                     guidance_scale=scale, unconditional_prompt_token_ids=uncond)
               for seed in seeds]
     results: dict = {
         "settings": {"model": str(args.model), "images": len(prompts), "captions": args.captions,
-                     "seeds_per_caption": args.seeds, "size": SIZE, "tokens_per_image": grid.num_tokens,
+                     "seeds_per_caption": args.seeds, "seeded": not args.unseeded, "size": SIZE, "tokens_per_image": grid.num_tokens,
                      "guidance_scale": scale, "top_k": top_k, "temperature": args.temperature,
                      "torch": torch.__version__, "threads": torch.get_num_threads()},
         "vllm": {},

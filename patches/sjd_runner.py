@@ -311,7 +311,10 @@ class SJDModelRunnerMixin(SJDSamplingMixin):
         accepted = [
             max(len(t) - 1, 0) if t else n for t, n in zip(sampled_token_ids, step.num_draft_tokens)
         ]
-        caps = self.drafter.plan_drafts(step.num_draft_tokens, accepted, seeds, max_drafts, mirror)
+        caps = self.drafter.plan_drafts(
+            step.num_draft_tokens, accepted, seeds, max_drafts, mirror,
+            steady=not scheduler_output.scheduled_new_reqs,
+        )
         if not any(caps):
             return [[] for _ in sampled_token_ids]
         rows = self._verified_rows(step, sampled_token_ids, sampling_metadata)

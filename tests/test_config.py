@@ -13,7 +13,7 @@ from vllm_sjd.config import SJDConfig, SJDConfigError, split_speculative_config
 def test_defaults_and_split():
     vllm_spec, sjd = split_speculative_config({"method": "sjd"})
     assert sjd == SJDConfig(num_speculative_tokens=16, drafting="coupled", initial_drafts="above",
-                            dynamic_num_speculative_tokens="off")
+                            dynamic_num_speculative_tokens="unseeded")
     assert vllm_spec == {
         "method": "custom_class",
         "model": "vllm_sjd.proposer.SJDProposer",

@@ -3,7 +3,14 @@
 import pytest
 
 from tests.test_proposer import WINDOW, proposer
-from vllm_sjd.core.adaptive import ForwardCostCurve, SlotAcceptance, StepOverhead, WindowPolicy
+from vllm_sjd.core.adaptive import (
+    MEASURE_STEPS,
+    ForwardCostCurve,
+    MeasuredSteps,
+    SlotAcceptance,
+    StepOverhead,
+    WindowPolicy,
+)
 
 
 def test_forward_cost_curve_interpolates_and_extrapolates_its_last_segment():
@@ -57,6 +64,73 @@ def test_a_compute_bound_batch_shrinks_the_window_to_zero():
     assert policy.choose(1, [], 16) >= policy.choose(64, [], 16)
 
 
+def test_the_policy_takes_the_whole_window_or_none_and_drafts_only_for_a_clear_gain():
+    # Cost per token grows with the batch: somewhere between 1 and 64
+    # requests the whole window stops paying.
+    policy = well_accepted_policy(ForwardCostCurve([(1, 0.010), (64, 0.012), (4096, 4.0)]))
+    choices = {batch: policy.choose(batch, [], 16) for batch in (1, 2, 4, 8, 16, 32, 64)}
+    assert set(choices.values()) == {0, 16}
+    assert choices[1] == 16 and choices[64] == 0
+
+    def window_over_plain(batch):  # modelled tokens per second, whole window / none
+        rates = [policy.acceptance.expected_tokens(k) * batch
+                 / (policy.forward_cost(batch * (k + 1)) + policy.overhead(batch, batch * k))
+                 for k in (16, 0)]
+        return rates[0] / rates[1]
+
+    # Where drafting is better by less than the margin, plain AR's step is taken.
+    near = next(b for b in range(1, 65) if 1.0 < window_over_plain(b) < 1.1)
+    policy.choose(1, [], 16)
+    assert policy.choose(near, [], 16) == 0
+
+
+def run_policy(policy, batch, window_seconds, plain_seconds, accepted, steps=300):
+    """Steps whose real cost the policy's curve does not know; returns each step's K."""
+    choices = []
+    for _ in range(steps):
+        k = policy.choose(batch, [], 16)
+        choices.append(k)
+        seconds = window_seconds if k else plain_seconds
+        policy.record_step([k] * batch, [accepted if k else 0] * batch, seconds)
+    return choices
+
+
+def test_measured_rates_overrule_a_curve_that_misses_the_cost_under_load():
+    # The curve says drafting is nearly free; measured, a window step costs
+    # 4.6x a plain one for 4 tokens a request: plain AR commits more per second.
+    flat = ForwardCostCurve([(1, 0.010), (4096, 0.012)])
+    choices = run_policy(well_accepted_policy(flat), 32, 0.160, 0.035, accepted=3)
+    assert choices[0] == 16  # the model's first choice
+    assert 0 in choices[: MEASURE_STEPS + 2]  # plain AR timed once the window was
+    assert choices[-100:].count(0) >= 95
+    # Where drafting pays (2.3x the cost for 4x the tokens), the window stays.
+    choices = run_policy(well_accepted_policy(flat), 2, 0.0146, 0.0074, accepted=3)
+    assert choices[-100:].count(16) >= 95 and choices.count(0) < 0.1 * len(choices)
+
+
+def test_a_new_batch_size_starts_from_the_model_corrected_by_the_nearest_timed_one():
+    flat = ForwardCostCurve([(1, 0.010), (4096, 0.012)])  # drafting looks free
+    policy = well_accepted_policy(flat)
+    assert policy.choose(8, [], 16) == 16  # the model alone
+    # At 4 requests a window step measured 5x a plain one (the model said ~1.2x).
+    for drafting, seconds in ((True, 0.005), (False, 0.001)):
+        for _ in range(MEASURE_STEPS):
+            policy.measured.record_time(2, drafting, seconds)
+    assert policy.choose(8, [], 16) == 0  # 8 requests: not timed, the corrected model
+
+
+def test_a_pause_between_requests_is_not_a_slow_step():
+    steps = MeasuredSteps()
+    for _ in range(MEASURE_STEPS - 1):
+        steps.record_time(3, True, 0.010)
+    assert steps.seconds_per_request(3, True) is None  # not trusted before MEASURE_STEPS steps
+    steps.record_time(3, True, 0.010)
+    steps.record_time(3, True, 0.5)  # an idle engine between two requests
+    assert steps.seconds_per_request(3, True) == pytest.approx(0.010)
+    assert steps.seconds_per_request(3, False) is None
+    assert steps.seconds_per_request(4, True) is None
+
+
 def test_fixed_requests_count_in_the_cost():
     policy = well_accepted_policy(ForwardCostCurve([(1, 0.010), (64, 0.012), (4096, 4.0)]))
     alone = policy.choose(2, [], 16)
@@ -70,7 +144,7 @@ def test_proposer_plans_the_chosen_window_for_unseeded_requests_only():
     # Without a measured curve every request schedules the whole window.
     assert p.plan_drafts([0, 0], [0, 0], [None, 7], None) == [WINDOW, WINDOW]
     p.set_forward_costs([(1, 0.001), (4096, 4.096)])  # cost proportional to tokens, drafts rejected
-    for _ in range(5):
+    for _ in range(2):  # before a step is timed: the model decides
         caps = p.plan_drafts([WINDOW] * 64, [0] * 64, [None] * 63 + [7], None)
     assert caps[:63] == [0] * 63 and caps[63] == WINDOW  # the seeded request keeps K
     # A guided pair's twin follows its conditional request.

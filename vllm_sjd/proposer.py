@@ -88,6 +88,7 @@ class SJDProposer:
         seeds: Sequence[int | None],
         max_drafts: int | None,  # vLLM's K for the next step
         mirror: Sequence[tuple[int, int]] = (),  # (twin, conditional): same K
+        steady: bool = True,  # no request started (prefilled) in the step just run
     ) -> list[int]:
         """How many drafts each request schedules for the next step.
 
@@ -101,7 +102,7 @@ class SJDProposer:
             return caps
         seconds = None if self._last_plan is None else now - self._last_plan
         self._last_plan = now
-        self.policy.record_step(num_draft_tokens, num_accepted, seconds)
+        self.policy.record_step(num_draft_tokens, num_accepted, seconds, steady)
         adapts = [self._dynamic == "all" or seed is None for seed in seeds]
         for twin, cond in mirror:
             adapts[twin] = adapts[cond]

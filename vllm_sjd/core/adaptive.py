@@ -14,11 +14,25 @@ second:
   commits, from the running acceptance alpha_i of window slot i (the share of
   steps that reached slot i and kept its draft).
 
+It chooses between the whole window and none (a plain AR step), not the K in
+between: SJD accepts less at a small K (its windows are fresher), so slot
+rates measured at the whole window overrate a small K, and a small K, once
+taken, measures rates that keep it small (benchmarks/RESULTS.md, "The lean
+step"). The model above makes the first choice for a batch size (its cost
+ratio corrected by the nearest batch size timed); then both choices are timed
+there (seconds per request of a step, per batch-size bucket, each tried for a
+few steps; the tokens of a window step measured on settled window steps) and
+the measured rates decide: the curve, timed over an empty context, misses
+attention over long contexts under load. The window is taken only where it
+is SWITCH_MARGIN better than plain AR, and the other choice is timed again
+after the current one has run EXPLORE_EVERY times as long as a try takes.
+
 Which K a step takes never changes what is sampled (every draft is an exact
 sample of its q, a prefix of any length verifies losslessly), only how fast.
 """
 
 import bisect
+import math
 from collections.abc import Sequence
 
 # Untried slots start optimistic, so that the policy tries them when the
@@ -28,6 +42,62 @@ PRIOR_WEIGHT = 2.0
 # Old observations fade: a window slot's acceptance changes with the prompts.
 ACCEPTANCE_DECAY = 0.995
 OVERHEAD_FORGETTING = 0.98
+SWITCH_MARGIN = 1.1
+ACCEPTANCE_WARMUP = 4  # steps after a switch whose acceptance is not recorded
+MEASURE_STEPS = 3  # steps a choice runs before its time is trusted (and an exploration ends)
+# The other choice is timed again once the current one has run this many times
+# as long as the try takes: at most a few percent of the time goes to trying.
+EXPLORE_EVERY = 50
+MEMORY = 0.95
+
+
+def batch_bucket(batch_size: int) -> int:
+    """Batch sizes within a factor of two share their measurements; a power of two
+    sits mid-bucket, so a full batch and one with a request finishing share one."""
+    return round(math.log2(max(batch_size, 1)))
+
+
+class MeasuredSteps:
+    """Seconds per request of a step by (batch-size bucket, drafting or not), and the
+    tokens a request commits in a settled window step (any batch size: SJD's
+    acceptance barely depends on it, and a small bucket may never settle)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[tuple[int, bool], float] = {}
+        self.samples: dict[tuple[int, bool], int] = {}
+        self.window_tokens: float | None = None
+        self.window_samples = 0
+
+    def seconds_per_request(self, bucket: int, drafting: bool) -> float | None:
+        key = (bucket, drafting)
+        return self.seconds[key] if self.samples.get(key, 0) >= MEASURE_STEPS else None
+
+    def buckets(self) -> set[int]:
+        return {bucket for bucket, _ in self.seconds}
+
+    def tokens_per_window_request(self) -> float | None:
+        return self.window_tokens if self.window_samples >= MEASURE_STEPS else None
+
+    def record_time(self, bucket: int, drafting: bool, seconds_per_request: float) -> None:
+        key = (bucket, drafting)
+        old, n = self.seconds.get(key), self.samples.get(key, 0)
+        # A step far slower than usual is a pause between requests, not step time.
+        if old is not None and n >= MEASURE_STEPS and seconds_per_request > 4 * old:
+            return
+        self.seconds[key] = _running(old, n, seconds_per_request)
+        self.samples[key] = n + 1
+
+    def record_window_tokens(self, tokens_per_request: float) -> None:
+        self.window_tokens = _running(self.window_tokens, self.window_samples, tokens_per_request)
+        self.window_samples += 1
+
+
+def _running(old: float | None, samples: int, value: float) -> float:
+    """The mean of the first samples, then an exponential average."""
+    if old is None:
+        return value
+    weight = max(1.0 / (samples + 1), 1.0 - MEMORY)
+    return old + weight * (value - old)
 
 
 class ForwardCostCurve:
@@ -119,15 +189,39 @@ class WindowPolicy:
         self.forward_cost = forward_cost
         self.acceptance = SlotAcceptance(num_slots)
         self.overhead = StepOverhead()
+        self.measured = MeasuredSteps()
+        self.drafting = True  # the latest choice: the whole window (True) or none
+        self.exploring = False  # the latest switch tries a choice not yet timed (or timed long ago)
+        self.episode_steps = 0  # steps since the latest switch
+        self.seconds_since_switch = 0.0
+        self.decided_bucket: int | None = None
 
     def record_step(
-        self, num_drafts: Sequence[int], num_accepted: Sequence[int], seconds: float | None
+        self,
+        num_drafts: Sequence[int],
+        num_accepted: Sequence[int],
+        seconds: float | None,
+        steady: bool = True,
     ) -> None:
-        """A finished step: its drafts, what was accepted, and its measured time (or None)."""
-        self.acceptance.record(num_drafts, num_accepted)
-        if seconds is None:
+        """A finished step: its drafts, what was accepted, its measured time (or None), and
+        whether every request was decoding (a prefill in the step makes it no sample)."""
+        settled = self.episode_steps >= ACCEPTANCE_WARMUP
+        if settled:
+            # Right after a switch every window is fresh: its acceptance is
+            # not the window's (and would keep the policy away from it).
+            self.acceptance.record(num_drafts, num_accepted)
+        if seconds is None or not num_drafts or not steady:
             return
+        self.seconds_since_switch += seconds
         batch_size, drafts = len(num_drafts), sum(num_drafts)
+        bucket = batch_bucket(batch_size)
+        # A drafting step in which a request had no window yet is not a window step.
+        if not self.drafting or min(num_drafts) > 0:
+            self.measured.record_time(bucket, self.drafting, seconds / batch_size)
+            if settled and self.drafting:
+                # Each request commits its accepted drafts and one more token.
+                tokens = sum(min(a, n) for a, n in zip(num_accepted, num_drafts)) + batch_size
+                self.measured.record_window_tokens(tokens / batch_size)
         # Below zero when the curve overestimates this pass: nothing left over.
         rest = max(seconds - self.forward_cost(batch_size + drafts), 0.0)
         predicted = self.overhead(batch_size, drafts)
@@ -144,12 +238,65 @@ class WindowPolicy:
         batch_size = num_adapting + len(fixed_drafts)
         fixed_tokens = sum(self.acceptance.expected_tokens(n) for n in fixed_drafts)
         fixed_drafts_total = sum(fixed_drafts)
-        best, best_rate = 0, -1.0
-        for k in range(ceiling + 1):
+
+        def tokens_per_second(k: int) -> float:
             drafts = fixed_drafts_total + num_adapting * k
             seconds = self.forward_cost(batch_size + drafts) + self.overhead(batch_size, drafts)
             tokens = fixed_tokens + num_adapting * self.acceptance.expected_tokens(k)
-            rate = tokens / max(seconds, 1e-9)
-            if rate > best_rate * (1 + 1e-9):
-                best, best_rate = k, rate
-        return best
+            return tokens / max(seconds, 1e-9)
+
+        bucket = batch_bucket(batch_size)
+        self.episode_steps += 1
+        timed = {d: self.measured.seconds_per_request(bucket, d) for d in (True, False)}
+        if timed[True] is None and timed[False] is None:
+            # Nothing timed at this batch size yet: the model decides, at once,
+            # its cost ratio corrected by what the nearest timed batch size showed.
+            window = tokens_per_second(ceiling) / self._model_correction(bucket, ceiling)
+            plain = tokens_per_second(0)
+            if (window > plain * SWITCH_MARGIN) != self.drafting:
+                self._switch(exploring=False)
+        elif self.episode_steps >= MEASURE_STEPS and timed[self.drafting] is not None:
+            if timed[not self.drafting] is None:
+                self._switch(exploring=True)  # time the other choice for a few steps
+            else:
+                # Tokens per request of a window step as measured, else modelled.
+                window_tokens = self.measured.tokens_per_window_request() or (
+                    (fixed_tokens + num_adapting * self.acceptance.expected_tokens(ceiling))
+                    / batch_size)
+                plain_tokens = (fixed_tokens + num_adapting) / batch_size
+                rate = {True: window_tokens / timed[True], False: plain_tokens / timed[False]}
+                # Drafting must beat plain AR by the margin: when the two are
+                # close, plain AR's steps are the safer bet.
+                wanted = rate[True] > rate[False] * SWITCH_MARGIN
+                # Step time grows with the context (an image's last rows cost more
+                # than its first), so choices are compared when timed close
+                # together: at the end of a try, or when the batch size changes.
+                if self.exploring or bucket != self.decided_bucket:
+                    if wanted != self.drafting:
+                        self._switch(exploring=False)
+                    self.exploring = False
+                    self.decided_bucket = bucket
+                elif self.seconds_since_switch > EXPLORE_EVERY * MEASURE_STEPS * (
+                    timed[not self.drafting] * batch_size
+                ):
+                    self._switch(exploring=True)  # time the other choice again
+        return ceiling if self.drafting else 0
+
+    def _model_correction(self, bucket: int, ceiling: int) -> float:
+        """Measured over modelled (window step / plain step) time at the nearest bucket
+        with both timed; 1 where none is. The curve is timed over an empty context."""
+        timed = [b for b in self.measured.buckets() if all(
+            self.measured.seconds_per_request(b, d) is not None for d in (True, False))]
+        if not timed:
+            return 1.0
+        nearest = min(timed, key=lambda b: (abs(b - bucket), -b))
+        batch = 2**nearest
+        measured = (self.measured.seconds_per_request(nearest, True)
+                    / self.measured.seconds_per_request(nearest, False))
+        window = self.forward_cost(batch * (ceiling + 1)) + self.overhead(batch, batch * ceiling)
+        plain = self.forward_cost(batch) + self.overhead(batch, 0)
+        return max(measured / max(window / max(plain, 1e-9), 1e-9), 1e-3)
+
+    def _switch(self, exploring: bool) -> None:
+        self.drafting, self.exploring = not self.drafting, exploring
+        self.episode_steps, self.seconds_since_switch = 0, 0.0
