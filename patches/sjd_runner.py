@@ -314,6 +314,7 @@ class SJDModelRunnerMixin(SJDSamplingMixin):
         caps = self.drafter.plan_drafts(
             step.num_draft_tokens, accepted, seeds, max_drafts, mirror,
             steady=not scheduler_output.scheduled_new_reqs,
+            committed=[len(t) for t in sampled_token_ids],
         )
         if not any(caps):
             return [[] for _ in sampled_token_ids]

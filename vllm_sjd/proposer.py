@@ -81,6 +81,13 @@ class SJDProposer:
         """(tokens, seconds) of forward passes measured at start-up."""
         self.policy = WindowPolicy(self.num_slots, ForwardCostCurve(points))
 
+    def timed_choices(self) -> list[tuple[int, bool]]:
+        """(batch-size bucket, drafting) pairs the dynamic window has timed (diagnostics)."""
+        if self.policy is None:
+            return []
+        return sorted(key for key in self.policy.measured.samples
+                      if self.policy.measured.seconds_per_request(*key) is not None)
+
     def plan_drafts(
         self,
         num_draft_tokens: Sequence[int],  # this step's drafts per request
@@ -89,6 +96,7 @@ class SJDProposer:
         max_drafts: int | None,  # vLLM's K for the next step
         mirror: Sequence[tuple[int, int]] = (),  # (twin, conditional): same K
         steady: bool = True,  # no request started (prefilled) in the step just run
+        committed: Sequence[int] | None = None,  # tokens each request got in that step
     ) -> list[int]:
         """How many drafts each request schedules for the next step.
 
@@ -102,7 +110,7 @@ class SJDProposer:
             return caps
         seconds = None if self._last_plan is None else now - self._last_plan
         self._last_plan = now
-        self.policy.record_step(num_draft_tokens, num_accepted, seconds, steady)
+        self.policy.record_step(num_draft_tokens, num_accepted, seconds, steady, committed)
         adapts = [self._dynamic == "all" or seed is None for seed in seeds]
         for twin, cond in mirror:
             adapts[twin] = adapts[cond]

@@ -83,7 +83,10 @@ def engine(model: Path, options: Options, sjd: dict | None = None, **kwargs):
     if options.on_gpu:
         settings["kv_cache_memory_bytes"] = GPU_KV_CACHE_BYTES
     if sjd is not None:
-        settings["speculative_config"] = {"method": "sjd", **sjd}
+        # Every step verifies the whole window: the checks are of SJD's steps on
+        # this platform, not of when the dynamic window would skip them.
+        settings["speculative_config"] = {
+            "method": "sjd", "dynamic_num_speculative_tokens": "off", **sjd}
     llm = LLM(**{**settings, **kwargs})
     try:
         yield llm

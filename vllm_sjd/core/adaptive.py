@@ -202,9 +202,11 @@ class WindowPolicy:
         num_accepted: Sequence[int],
         seconds: float | None,
         steady: bool = True,
+        committed: Sequence[int] | None = None,
     ) -> None:
         """A finished step: its drafts, what was accepted, its measured time (or None), and
-        whether every request was decoding (a prefill in the step makes it no sample)."""
+        whether every request was decoding (a prefill in the step makes it no sample), and
+        the tokens each request got (a held guided-pair member gets none)."""
         settled = self.episode_steps >= ACCEPTANCE_WARMUP
         if settled:
             # Right after a switch every window is fresh: its acceptance is
@@ -220,7 +222,8 @@ class WindowPolicy:
             self.measured.record_time(bucket, self.drafting, seconds / batch_size)
             if settled and self.drafting:
                 # Each request commits its accepted drafts and one more token.
-                tokens = sum(min(a, n) for a, n in zip(num_accepted, num_drafts)) + batch_size
+                tokens = (sum(committed) if committed is not None else
+                          sum(min(a, n) for a, n in zip(num_accepted, num_drafts)) + batch_size)
                 self.measured.record_window_tokens(tokens / batch_size)
         # Below zero when the curve overestimates this pass: nothing left over.
         rest = max(seconds - self.forward_cost(batch_size + drafts), 0.0)
