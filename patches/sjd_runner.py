@@ -113,10 +113,8 @@ class SJDModelRunnerMixin(SJDSamplingMixin):
         num_reqs = self.input_batch.num_reqs
         entries = self._layout_entries(self.input_batch.req_ids[:num_reqs])
         # Row j of a request predicts token index num_tokens_no_spec + j.
-        first = torch.from_numpy(self.input_batch.num_tokens_no_spec[:num_reqs].astype("int64"))
-        mask = self._layouts.row_masks(
-            entries, first, torch.from_numpy(counts), logits.shape[-1], logits.device
-        )
+        first = self.input_batch.num_tokens_no_spec[:num_reqs]
+        mask = self._layouts.row_masks(entries, first, counts, logits.shape[-1], logits.device)
         if mask is not None:
             logits.masked_fill_(~mask, float("-inf"))
 
@@ -155,10 +153,8 @@ class SJDModelRunnerMixin(SJDSamplingMixin):
         num_out = self.input_batch.num_tokens_no_spec[:num_reqs].astype(np.int64) - np.array(
             [self.requests[r].num_prompt_tokens for r in req_ids], dtype=np.int64
         )
-        drafts = None
-        if spec_decode_metadata is not None:
-            drafts = spec_decode_metadata.draft_token_ids.cpu().tolist()
-        first_draft = np.cumsum(counts - 1) - (counts - 1)
+        # The drafts each request verifies, as the host scheduled them.
+        drafts = self.input_batch.spec_token_ids if spec_decode_metadata is not None else None
         index = self.input_batch.req_id_to_index
         for i, role in enumerate(roles):
             if role is None or not sampling[i]:
@@ -170,11 +166,7 @@ class SJDModelRunnerMixin(SJDSamplingMixin):
                 and sampling[j]
                 and counts[i] == counts[j]
                 and num_out[i] == num_out[j]
-                and (
-                    drafts is None
-                    or drafts[first_draft[i] : first_draft[i] + counts[i] - 1]
-                    == drafts[first_draft[j] : first_draft[j] + counts[j] - 1]
-                )
+                and (drafts is None or drafts[i] == drafts[j])
             )
             if not aligned:
                 held.append(i)
@@ -217,7 +209,7 @@ class SJDModelRunnerMixin(SJDSamplingMixin):
         sampling_metadata = self.input_batch.sampling_metadata
         if self._proposer is not None and samples_without_logprobs(sampling_metadata):
             # SJD's own step (patches/sjd_sampling.py).
-            greedy = _greedy_mask(sampling_metadata, num_reqs)
+            greedy = self._greedy_mask(num_reqs)
             output, rows = self._sample_on_columns(
                 logits, spec_decode_metadata, counts, pairs, greedy
             )
@@ -319,9 +311,7 @@ class SJDModelRunnerMixin(SJDSamplingMixin):
         if not any(caps):
             return [[] for _ in sampled_token_ids]
         rows = self._verified_rows(step, sampled_token_ids, sampling_metadata)
-        num_tokens = torch.from_numpy(
-            self.input_batch.num_tokens_no_spec[:num_reqs].astype("int64")
-        )
+        num_tokens = self.input_batch.num_tokens_no_spec[:num_reqs].astype(np.int64)
         num_slots = self.drafter.num_slots
         entries = self._layout_entries(req_ids)
         # With every request an image, windows are built on its layout's ids only.
@@ -330,7 +320,7 @@ class SJDModelRunnerMixin(SJDSamplingMixin):
         allowed = self._layouts.row_masks(
             entries,
             num_tokens,
-            torch.full((num_reqs,), num_slots, dtype=torch.int64),
+            np.full(num_reqs, num_slots, dtype=np.int64),
             vocab_size,
             device,
             columns,
@@ -344,10 +334,10 @@ class SJDModelRunnerMixin(SJDSamplingMixin):
             req_ids,
             rows,
             num_tokens=num_tokens,
-            above=None if above is None else above[0].to(device),
+            above=None if above is None else above[0],
             row_strides=() if above is None else above[1],
             seeds=seeds,
-            greedy=_greedy_mask(sampling_metadata, num_reqs),
+            greedy=self._greedy_mask(num_reqs),
             has_output=[len(t) > 0 for t in sampled_token_ids],
             allowed=None if allowed is None else allowed.view(num_reqs, num_slots, -1),
             mirror=mirror,
@@ -358,14 +348,15 @@ class SJDModelRunnerMixin(SJDSamplingMixin):
     def _verified_rows(self, step: _StepLogits, sampled_token_ids, sampling_metadata):
         num_reqs = len(sampled_token_ids)
         device = step.bonus_logits.device if step.rows is None else step.rows.bonus_probs.device
-        n = torch.tensor(step.num_draft_tokens, dtype=torch.int64, device=device)
-        produced = torch.tensor(
-            [len(t) for t in sampled_token_ids], dtype=torch.int64, device=device
-        )
+        n_host = np.asarray(step.num_draft_tokens, dtype=np.int64)
+        produced = np.array([len(t) for t in sampled_token_ids], dtype=np.int64)
         # a = produced - 1; a request that produced nothing keeps no rows.
-        accepted = torch.where(produced > 0, produced - 1, n)
+        a_host = np.where(produced > 0, produced - 1, n_host)
+        n = torch.from_numpy(n_host).to(device)
+        accepted = torch.from_numpy(a_host).to(device)
         if step.rows is not None:
-            return dataclasses.replace(step.rows, num_draft_tokens=n, num_accepted=accepted)
+            return dataclasses.replace(step.rows, num_draft_tokens=n, num_accepted=accepted,
+                                       host_counts=(n_host, a_host))
         cu_one_per_request = torch.arange(1, num_reqs + 1, device=device, dtype=torch.int32)
         bonus = rejection_sampler.apply_sampling_constraints(
             step.bonus_logits.to(torch.float32), cu_one_per_request, sampling_metadata
@@ -382,7 +373,13 @@ class SJDModelRunnerMixin(SJDSamplingMixin):
             bonus_probs=bonus.softmax(dim=-1, dtype=torch.float32),
             num_draft_tokens=n,
             num_accepted=accepted,
+            host_counts=(n_host, a_host),
         )
+
+    def _greedy_mask(self, num_reqs: int) -> np.ndarray:
+        """[B] bool on the host: the temperature-0 requests (vLLM keeps 0.0 for them)."""
+        temperature = self.input_batch.temperature_cpu[:num_reqs]
+        return temperature == rejection_sampler.GREEDY_TEMPERATURE
 
     def measure_forward_costs(self, max_tokens: int, repeats: int = 3) -> list[tuple[int, float]]:
         """(tokens, seconds) of forward passes of 1, 2, 4, ... up to max_tokens tokens.
@@ -424,15 +421,6 @@ class SJDModelRunnerMixin(SJDSamplingMixin):
         if self._proposer is not None:
             tracked |= self._proposer.tracked_requests()
         return tracked
-
-
-def _greedy_mask(sampling_metadata, num_reqs: int) -> torch.Tensor:
-    if sampling_metadata.all_greedy:
-        return torch.ones(num_reqs, dtype=torch.bool)
-    if sampling_metadata.all_random or sampling_metadata.temperature is None:
-        return torch.zeros(num_reqs, dtype=torch.bool)
-    temperature = sampling_metadata.temperature[:num_reqs].cpu()
-    return temperature == rejection_sampler.GREEDY_TEMPERATURE
 
 
 class SJDGPUModelRunner(SJDModelRunnerMixin, GPUModelRunner):

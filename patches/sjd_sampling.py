@@ -67,8 +67,7 @@ class SJDSamplingMixin:
         entries = self._layout_entries(req_ids)
         vocab_size, device = logits.shape[-1], logits.device
         columns = self._layouts.columns(entries, vocab_size, device)
-        first = torch.from_numpy(self.input_batch.num_tokens_no_spec[:num_reqs].astype("int64"))
-        counts_t = torch.from_numpy(counts)
+        first = self.input_batch.num_tokens_no_spec[:num_reqs].astype(np.int64)
 
         # float32 before guidance: bf16 logits (a GPU model's) would lose the
         # difference cond - uncond (a no-op for float32 models).
@@ -84,9 +83,11 @@ class SJDSamplingMixin:
             scores = columns.select(logits).float()
             if pairs.cond:
                 self._guide(scores, pairs, counts)
-            mask = self._layouts.row_masks(entries, first, counts_t, vocab_size, device, columns)
+            mask = self._layouts.row_masks(entries, first, counts, vocab_size, device, columns)
             scores.masked_fill_(~mask, float("-inf"))
-        probs = self._processed_probs(scores, counts_t, sampling_metadata, greedy)
+        top_k = None if sampling_metadata.top_k is None else self.input_batch.top_k_cpu[:num_reqs]
+        greedy_rows = torch.from_numpy(greedy).to(device)
+        probs = self._processed_probs(scores, counts, sampling_metadata, greedy_rows, top_k)
 
         if spec_decode_metadata is None:
             target_rows = torch.zeros(0, dtype=torch.int64, device=device)
@@ -108,9 +109,9 @@ class SJDSamplingMixin:
             max(num_draft, default=0),
             drafts,
             q,
-            greedy.to(device),
+            greedy_rows,
             self.drafter.request_keys(req_ids, seeds).to(device),
-            first.to(device),
+            torch.from_numpy(first).to(device),
         )
         tokens = verdict.tokens
         if columns is not None:
@@ -140,23 +141,40 @@ class SJDSamplingMixin:
         return logits
 
     @staticmethod
-    def _processed_probs(scores, counts: torch.Tensor, sampling_metadata, greedy) -> torch.Tensor:
+    def _processed_probs(
+        scores,
+        counts: np.ndarray,  # [B] rows per request
+        sampling_metadata,
+        greedy: torch.Tensor,  # [B] bool, on the scores' device
+        top_k_host: np.ndarray | None,  # [B] each request's top-k as the host keeps it
+    ) -> torch.Tensor:
         """Temperature, top-k and top-p per row, then the softmax, [rows, W] float32."""
         num_reqs, width = counts.shape[0], scores.shape[-1]
-        device = scores.device
-        per_row = counts.to(device)
+        device, num_rows = scores.device, scores.shape[0]
+        per_row = torch.from_numpy(counts).to(device)
         if sampling_metadata.temperature is not None:
             temperature = sampling_metadata.temperature[:num_reqs].to(torch.float32)
-            temperature = torch.where(greedy.to(device), 1.0, temperature)
-            scores.div_(temperature.repeat_interleave(per_row, output_size=scores.shape[0])[:, None])
+            temperature = torch.where(greedy, 1.0, temperature)
+            scores.div_(temperature.repeat_interleave(per_row, output_size=num_rows)[:, None])
         top_k = top_p = None
         if sampling_metadata.top_k is not None:
             top_k = sampling_metadata.top_k[:num_reqs].clamp(max=width)
-            top_k = top_k.repeat_interleave(per_row, output_size=scores.shape[0])
+            top_k = top_k.repeat_interleave(per_row, output_size=num_rows)
         if sampling_metadata.top_p is not None:
             top_p = sampling_metadata.top_p[:num_reqs]
-            top_p = top_p.repeat_interleave(per_row, output_size=scores.shape[0])
-        scores = apply_top_k_top_p(scores, top_k, top_p)
+            top_p = top_p.repeat_interleave(per_row, output_size=num_rows)
+        if top_k is not None and top_p is None and top_k_host is not None:
+            # Top-k alone, with the largest k known on the host: no read of k
+            # from the device (vLLM's CPU path reads k.max()).
+            limited = top_k_host[top_k_host < width]  # a guided twin may have none
+            if limited.size:
+                largest = int(limited.max())
+                kth = scores.topk(largest, dim=-1).values
+                kth = kth.gather(1, (top_k.clamp(1, largest) - 1)[:, None])
+                kth = kth.masked_fill_((top_k >= width)[:, None], float("-inf"))
+                scores = scores.masked_fill_(scores < kth, float("-inf"))
+        else:
+            scores = apply_top_k_top_p(scores, top_k, top_p)
         return scores.softmax(dim=-1, dtype=torch.float32)
 
     def _draft_distributions(self, req_ids, num_draft, draft_ids, columns: Columns | None, probs):

@@ -63,6 +63,21 @@ class _SJDWorkerMethods:
         """Steps sampled on layout columns, on the whole vocabulary, and by vLLM's samplers."""
         return dict(self.model_runner.sampling_steps)
 
+    def sjd_step_audit(self, action: str) -> list[dict] | None:
+        """"start" counts torch calls and host reads of each SJD step; "stop" returns them."""
+        from vllm_sjd.testing.step_audit import RunnerAudit
+
+        audit = getattr(self, "_step_audit", None)
+        if action == "start":
+            if audit is not None:
+                audit.remove()
+            self._step_audit = RunnerAudit(self.model_runner)
+            return None
+        if action != "stop":
+            raise ValueError(f"sjd_step_audit: unknown action {action!r}")
+        self._step_audit = None
+        return [] if audit is None else audit.remove()
+
     def sjd_proposer_call(self, method: str, *args):
         """Call a method of this worker's proposer (tests, diagnostics)."""
         return getattr(self.model_runner.drafter, method)(*args)

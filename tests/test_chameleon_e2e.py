@@ -100,3 +100,30 @@ def test_plain_ar_with_the_layout_processor_gives_valid_images(lumina, vq):
     for grid, output in zip(grids, outputs):
         image = decode_image(output.outputs[0].token_ids, grid, to_codebook, decoder)
         assert image.size == (grid.width, grid.height)
+
+
+def test_an_sjd_step_reads_one_tensor_back_from_the_device(sjd_llm):
+    """The host waits on the device once a step: for the drafts it hands vLLM.
+
+    Counted in each step's sampling and proposal (vllm_sjd/testing/step_audit.py),
+    as if every tensor lived on a GPU: guided pairs, layout columns, cells
+    above, coupled drafts. Seeded requests: no random key is drawn. The first
+    image of a size builds its layout tables (reads, once): it runs unaudited.
+    """
+    grid = LAYOUT.grid(256, 256)
+    prompts = [{"prompt_token_ids": prompt_ids(256, 256)}] * 2
+    params = [
+        image_sampling_params(grid, temperature=1.0, top_k=100, seed=seed, guidance_scale=3.0,
+                              unconditional_prompt_token_ids=[1, 8710])
+        for seed in (3, 4)
+    ]
+    sjd_llm.generate(prompts[:1], params[:1], use_tqdm=False)
+    sjd_llm.collective_rpc("sjd_step_audit", args=("start",))
+    try:
+        sjd_llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        steps = sjd_llm.collective_rpc("sjd_step_audit", args=("stop",))[0]
+    window_steps = [s for s in steps if s["drafts"] > 0]
+    assert len(window_steps) >= 5
+    too_many = [s["where"] for s in steps if s["host_reads"] > 1]
+    assert not too_many, too_many

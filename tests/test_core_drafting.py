@@ -1,5 +1,6 @@
 """Engine-free tests of the draft samplers and initial drafts "above" (vllm_sjd/core)."""
 
+import numpy as np
 import torch
 from scipy.stats import chisquare
 
@@ -112,10 +113,16 @@ def test_cells_above_hold_the_last_row_of_committed_cells():
     assert cells.tolist() == [-1, -1, -1, -1, 1, 2, -1, 4, 5, -1, -1, -1]
     ring = CellsAbove()
     rows = torch.eye(16)[:5]
-    ring.record("r", grid.row_stride, torch.arange(0, 5), rows)
-    found, got = ring.lookup("r", torch.tensor([1, 2, 4, -1, 0]))
-    assert found.tolist() == [False, True, True, False, False]  # 1 was overwritten by 4
-    assert torch.equal(got[1], rows[2]) and torch.equal(got[2], rows[4])
+    ring.record(["r"] * 5, [grid.row_stride] * 5, np.arange(0, 5), rows)
+    found, got = ring.lookup(["r", "other"], np.array([[1, 2, 4, -1, 0], [0, 1, 2, 3, 4]]))
+    assert found[0].tolist() == [False, True, True, False, False]  # 1 was overwritten by 4
+    assert not found[1].any()  # a request with no ring holds nothing
+    assert torch.equal(got[0, 1], rows[2]) and torch.equal(got[0, 2], rows[4])
+    ring.evict(["r"])
+    assert ring.tracked_requests() == set()
+    ring.record(["s", "s"], [grid.row_stride] * 2, np.array([7, 8]), rows[:2])
+    found, _ = ring.lookup(["s"], np.array([[4, 7, 8]]))
+    assert found[0].tolist() == [False, True, True]  # r's rows went with r
 
 
 def test_above_initial_drafts_draw_from_the_cell_above_and_uniform_elsewhere():

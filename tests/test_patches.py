@@ -113,3 +113,27 @@ def test_an_empty_residual_resamples_from_p_not_token_0():
     seen = {int(rejection_sampler.sample_recovered_tokens(*args)[0]) for _ in range(200)}
     assert seen == {3, 5}  # a sample of p: both of its tokens, nothing else
     assert all(int(rejection_sampler.sample_recovered_tokens(*args)[1]) in (3, 5) for _ in range(20))
+
+
+def test_sjd_top_k_matches_vllms_with_requests_that_have_none():
+    """SJD's top-k reads the largest k from the host; a request without top-k
+    (k = vocabulary size, as a guided twin may have) must not lift the others'."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+    from vllm_sjd.patches.sjd_sampling import SJDSamplingMixin
+
+    width = 40
+    counts = np.array([3, 1, 2, 4], dtype=np.int64)
+    top_k = np.array([5, width + 100, 1, 12], dtype=np.int64)  # one without top-k
+    scores = torch.randn(int(counts.sum()), width, generator=torch.Generator().manual_seed(0))
+    metadata = SimpleNamespace(temperature=None, top_k=torch.from_numpy(top_k), top_p=None)
+    greedy = torch.zeros(len(counts), dtype=torch.bool)
+    got = SJDSamplingMixin._processed_probs(scores.clone(), counts, metadata, greedy, top_k)
+    per_row = torch.from_numpy(np.minimum(top_k, width)).repeat_interleave(torch.from_numpy(counts))
+    expected = apply_top_k_top_p(scores.clone(), per_row, None).softmax(dim=-1)
+    assert torch.allclose(got, expected)
+    kept = (got > 0).sum(dim=-1).tolist()
+    assert kept == [5, 5, 5, width, 1, 1, 12, 12, 12, 12]

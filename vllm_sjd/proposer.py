@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from vllm_sjd.config import SJDConfig
@@ -140,12 +141,12 @@ class SJDProposer:
         req_ids: Sequence[str],
         rows: StepRows,
         *,
-        num_tokens: torch.Tensor,  # [B] int64: tokens so far (prompt + output)
+        num_tokens: np.ndarray,  # [B] int64: tokens so far (prompt + output)
         seeds: Sequence[int | None],
-        greedy: torch.Tensor,  # [B] bool
+        greedy: np.ndarray,  # [B] bool
         has_output: Sequence[bool],
         allowed: torch.Tensor | None = None,  # [B, K, V] bool: tokens each slot may hold
-        above: torch.Tensor | None = None,  # [B, K] int64: absolute position of the cell above, -1 none
+        above: np.ndarray | None = None,  # [B, K] int64: absolute position of the cell above, -1 none
         row_strides: Sequence[int] = (),  # per request: image row stride, 0 without an image
         mirror: Sequence[tuple[int, int]] = (),  # (row, source row): same window as source
         max_drafts: int | Sequence[int] | None = None,  # drafts to schedule, per request or for all
@@ -169,6 +170,8 @@ class SJDProposer:
         if self.builds_nothing_for(max_drafts):
             return [[] for _ in req_ids]
         device = rows.bonus_probs.device
+        num_tokens = np.asarray(num_tokens, dtype=np.int64)
+        greedy = np.asarray(greedy, dtype=bool)
         view = None if columns is None else columns.to(device)
         keys = self.request_keys(req_ids, seeds)
         if not same_columns(rows.columns, view):
@@ -178,6 +181,7 @@ class SJDProposer:
                 rows.num_draft_tokens,
                 rows.num_accepted,
                 view,
+                rows.host_counts,
             )
         cells_above = None
         if self.wants_cells_above and above is not None:
@@ -189,8 +193,9 @@ class SJDProposer:
         built = self._next_window(
             rows,
             keys=keys.to(device),
-            next_positions=num_tokens.to(device),
-            greedy=greedy.to(device),
+            next_positions=torch.from_numpy(num_tokens).to(device),
+            greedy=torch.from_numpy(greedy).to(device),
+            any_greedy=bool(greedy.any()),
             allowed=allowed,
             previous=previous,
             above=cells_above,
@@ -210,12 +215,9 @@ class SJDProposer:
             drafts[rows_to], q[rows_to] = drafts[rows_from], q[rows_from]
         self._store(req_ids, drafts, q, view)
         # A window must end inside the model's context.
-        if max_drafts is None:
-            limit = torch.full_like(num_tokens, self.num_slots)
-        else:
-            limit = torch.as_tensor(max_drafts, dtype=torch.int64).clamp(max=self.num_slots)
-        room = torch.minimum((self.max_model_len - num_tokens).clamp_(min=0), limit)
-        draft_lists = drafts.tolist()
+        limit = np.minimum(self.num_slots if max_drafts is None else max_drafts, self.num_slots)
+        room = np.minimum(np.maximum(self.max_model_len - num_tokens, 0), limit)
+        draft_lists = drafts.tolist()  # the step's one read from the device
         return [
             d[:r] if ok or keep else []
             for d, r, ok, keep in zip(draft_lists, room.tolist(), has_output, kept)
@@ -252,10 +254,11 @@ class SJDProposer:
             return PreviousWindow(self._drafts, convert(self._q, self._columns, columns), present)
         drafts = torch.full((batch_size, self.num_slots), -1, dtype=torch.int64, device=device)
         q = like.new_zeros((batch_size, self.num_slots, like.shape[-1]))
-        present = torch.tensor([row >= 0 for row in rows], dtype=torch.bool)
-        if bool(present.any()):  # one gather for the requests of the latest step
-            source = torch.tensor(rows, dtype=torch.int64)[present].to(self._drafts.device)
-            target = present.to(device)
+        present = np.array([row >= 0 for row in rows], dtype=bool)
+        if present.any():  # one gather for the requests of the latest step
+            target = np.nonzero(present)[0]
+            source = torch.from_numpy(np.asarray(rows)[target]).to(self._drafts.device)
+            target = torch.from_numpy(target).to(device)
             drafts[target] = self._drafts[source].to(device)
             q[target] = convert(self._q[source], self._columns, columns).to(device)
         for i, req_id in enumerate(req_ids):
@@ -263,38 +266,40 @@ class SJDProposer:
             if window is not None:
                 drafts[i], q[i] = window[0].to(device), window[1].to(device)
                 present[i] = True
-        return PreviousWindow(drafts, q, present.to(device))
+        return PreviousWindow(drafts, q, torch.from_numpy(present).to(device))
 
-    def _record_cells(self, req_ids, rows: StepRows, num_tokens, has_output, row_strides) -> None:
+    def _record_cells(self, req_ids, rows: StepRows, num_tokens: np.ndarray, has_output, row_strides) -> None:
         """Keep the verified rows of the image tokens this step committed."""
-        all_rows = torch.cat([rows.target_probs, rows.bonus_probs], dim=0)
-        ends = num_tokens.tolist()
-        for i, sources in enumerate(committed_row_sources(rows)):
+        num_draft, num_accepted = rows.counts_on_host()
+        sources = committed_row_sources(num_draft.tolist(), num_accepted.tolist(),
+                                        rows.target_probs.shape[0])
+        entries, strides, positions, row_index = [], [], [], []
+        for i, rows_i in enumerate(sources):
             if not has_output[i] or not row_strides[i]:
                 continue
-            committed = len(sources)
-            positions = torch.arange(ends[i] - committed, ends[i], dtype=torch.int64)
-            self._cells_above.record(
-                req_ids[i],
-                row_strides[i],
-                positions,
-                all_rows[sources.to(all_rows.device)],
-                rows.columns,
-            )
+            end = int(num_tokens[i])
+            entries += [req_ids[i]] * len(rows_i)
+            strides += [row_strides[i]] * len(rows_i)
+            positions.append(np.arange(end - len(rows_i), end, dtype=np.int64))
+            row_index.append(rows_i)
+        if not entries:
+            return
+        all_rows = torch.cat([rows.target_probs, rows.bonus_probs], dim=0)
+        index = torch.from_numpy(np.concatenate(row_index)).to(all_rows.device)
+        self._cells_above.record(entries, strides, np.concatenate(positions), all_rows[index],
+                                 rows.columns)
 
     def _lookup_cells(
-        self, req_ids, above: torch.Tensor, like: torch.Tensor, columns: Columns | None
+        self, req_ids, above: np.ndarray, like: torch.Tensor, columns: Columns | None
     ) -> CellsAboveRows:
         """Each slot's cell above, and the verified rows of those already committed
         (on `columns`, those of `like`)."""
-        held = torch.zeros(above.shape, dtype=torch.bool, device=like.device)
-        rows = like.new_zeros((*above.shape, like.shape[-1]))
-        for i, req_id in enumerate(req_ids):
-            hit = self._cells_above.lookup(req_id, above[i], columns)
-            if hit is not None:
-                held[i] = hit[0]
-                rows[i] = hit[1]
-        return CellsAboveRows(above.to(like.device), held, rows)
+        positions = torch.from_numpy(np.asarray(above, dtype=np.int64)).to(like.device)
+        hit = self._cells_above.lookup(req_ids, above, columns)
+        if hit is None:
+            held = torch.zeros(positions.shape, dtype=torch.bool, device=like.device)
+            return CellsAboveRows(positions, held, like.new_zeros((*above.shape, like.shape[-1])))
+        return CellsAboveRows(positions, hit[0].to(like.device), hit[1].to(like.device))
 
     def draft_probs(
         self,
@@ -325,13 +330,13 @@ class SJDProposer:
         draft_token_ids = draft_token_ids.to(torch.int64)
         # Requests with no drafts this step need no stored window.
         drafting = [(self._window_row.get(r, -1), n) for r, n in zip(req_ids, num_draft_tokens) if n]
-        counts = torch.tensor([n for _, n in drafting], dtype=torch.int64)
-        first = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(int(draft_token_ids.shape[0])) - first.repeat_interleave(counts)
+        counts = np.array([n for _, n in drafting], dtype=np.int64)
+        first = np.cumsum(counts) - counts
+        slot = np.arange(int(counts.sum())) - np.repeat(first, counts)
         if self._q is not None and all(row >= 0 for row, _ in drafting):
-            rows = [row for row, _ in drafting]
-            row = torch.tensor(rows, dtype=torch.int64).repeat_interleave(counts)
-            row, slot = row.to(self._q.device), slot.to(self._q.device)
+            row = np.repeat(np.array([row for row, _ in drafting], dtype=np.int64), counts)
+            row = torch.from_numpy(row).to(self._q.device)
+            slot = torch.from_numpy(slot).to(self._q.device)
             stored_drafts = self._drafts[row, slot]
             q = convert(self._q[row, slot], self._columns, columns)
         else:

@@ -5,11 +5,15 @@ whose cell above is already committed can draw its initial draft from the
 distribution the verifier computed for that cell. This keeps, per request,
 the verified rows of its last `row_stride` committed tokens in a ring indexed
 by absolute position: exactly the cells above the next `row_stride`
-positions. Plain torch, no vLLM.
+positions. Every request's ring is a row of one tensor, so a step records and
+looks up the whole batch with one scatter and one gather; the indices are
+worked out on the host (numpy), never read back from the device. Plain
+torch, no vLLM.
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from vllm_sjd.core.columns import Columns, convert, same_columns
@@ -17,55 +21,93 @@ from vllm_sjd.core.columns import Columns, convert, same_columns
 
 class CellsAbove:
     def __init__(self) -> None:
-        # req_id -> (rows [S, W] float32, absolute position of each row [S], -1 empty,
-        # the vocabulary columns of the rows, None for all)
-        self._rings: dict[str, tuple[torch.Tensor, torch.Tensor, Columns | None]] = {}
+        self._ring_of: dict[str, int] = {}  # req_id -> row of the tensors below
+        self._stride_of: dict[str, int] = {}
+        self._free: list[int] = []
+        self._rows: torch.Tensor | None = None  # [R, S, W] float32
+        self._positions: torch.Tensor | None = None  # [R, S] int64 absolute position, -1 empty
+        self._columns: Columns | None = None  # of _rows; None: the whole vocabulary
 
     def record(
         self,
-        req_id: str,
-        row_stride: int,
-        positions: torch.Tensor,  # [m] int64: absolute index of each committed token
+        req_ids: Sequence[str],  # one per entry
+        row_strides: Sequence[int],  # per entry: its request's image row stride
+        positions: np.ndarray,  # [m] int64: absolute index of each committed token
         probs: torch.Tensor,  # [m, W] float32: the row that verified it
         columns: Columns | None = None,  # the columns of probs; None: all
     ) -> None:
-        ring = self._rings.get(req_id)
-        if ring is not None and not same_columns(ring[2], columns):
-            ring = (convert(ring[0], ring[2], columns), ring[1], columns)
-            self._rings[req_id] = ring
-        if ring is None or ring[0].shape != (row_stride, probs.shape[-1]):
-            ring = (
-                probs.new_zeros((row_stride, probs.shape[-1])),
-                torch.full((row_stride,), -1, dtype=torch.int64, device=probs.device),
-                columns,
-            )
-            self._rings[req_id] = ring
-        positions = positions.to(probs.device)
-        # More than a row committed at once: only the newest row_stride matter.
-        positions, probs = positions[-row_stride:], probs[-row_stride:]
-        index = positions % row_stride
-        ring[0][index] = probs
-        ring[1][index] = positions
+        """Keep each entry's row at its position in its request's ring.
+
+        Entries of one request come in position order; where a request
+        commits more than a row at once, only its newest row_stride matter.
+        """
+        if not len(req_ids):
+            return
+        self._ensure(req_ids, row_strides, probs, columns)
+        rings = np.array([self._ring_of[r] for r in req_ids], dtype=np.int64)
+        strides = np.asarray(row_strides, dtype=np.int64)
+        positions = np.asarray(positions, dtype=np.int64)
+        newest = np.full(int(rings.max()) + 1, -1, dtype=np.int64)
+        np.maximum.at(newest, rings, positions)
+        newest = newest[rings]  # each entry's request's newest position
+        keep = np.nonzero(positions > newest - strides)[0]
+        device = self._rows.device
+        ring_index = torch.from_numpy(rings[keep]).to(device)
+        slot_index = torch.from_numpy(positions[keep] % strides[keep]).to(device)
+        self._rows[ring_index, slot_index] = probs[torch.from_numpy(keep).to(probs.device)].to(device)
+        self._positions[ring_index, slot_index] = torch.from_numpy(positions[keep]).to(device)
 
     def lookup(
         self,
-        req_id: str,
-        above: torch.Tensor,  # [K] int64: position of each slot's cell above, -1 none
+        req_ids: Sequence[str],
+        above: np.ndarray,  # [B, K] int64: position of each slot's cell above, -1 none
         columns: Columns | None = None,  # the columns wanted; None: all
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(found [K] bool, rows [K, W]) for the slots whose cell above is held."""
-        ring = self._rings.get(req_id)
-        if ring is None:
+        """(found [B, K] bool, rows [B, K, W]) on the rows' device; None if nothing is held."""
+        if self._rows is None:
             return None
-        rows, positions, held_columns = ring
-        above = above.to(rows.device)
-        index = above.clamp(min=0) % rows.shape[0]
-        found = (above >= 0) & (positions[index] == above)
-        return found, convert(rows[index], held_columns, columns)
+        above = np.asarray(above, dtype=np.int64)
+        rings = np.array([self._ring_of.get(r, -1) for r in req_ids], dtype=np.int64)
+        strides = np.array([self._stride_of.get(r, 1) for r in req_ids], dtype=np.int64)
+        wanted = np.where((rings[:, None] >= 0) & (above >= 0), above, -2)  # -2 matches nothing
+        device = self._rows.device
+        ring_index = torch.from_numpy(np.maximum(rings, 0)[:, None]).to(device)
+        slot_index = torch.from_numpy(np.maximum(above, 0) % strides[:, None]).to(device)
+        found = self._positions[ring_index, slot_index] == torch.from_numpy(wanted).to(device)
+        return found, convert(self._rows[ring_index, slot_index], self._columns, columns)
+
+    def _ensure(self, req_ids, row_strides, probs: torch.Tensor, columns: Columns | None) -> None:
+        """A ring for every request, wide enough for its stride, on `columns`."""
+        if self._rows is not None and not same_columns(self._columns, columns):
+            self._rows = convert(self._rows, self._columns, columns)
+        self._columns = columns
+        width, device = probs.shape[-1], probs.device
+        new = [(r, s) for r, s in dict(zip(req_ids, row_strides)).items() if r not in self._ring_of]
+        stride = max([s for _, s in new] + [0 if self._rows is None else self._rows.shape[1]])
+        rings = 0 if self._rows is None else self._rows.shape[0]
+        needed = len(new) - len(self._free)
+        if self._rows is None or needed > 0 or stride > self._rows.shape[1]:
+            grown = max(rings + max(needed, 0), 2 * rings if needed > 0 else rings, 1)
+            rows = torch.zeros((grown, stride, width), dtype=probs.dtype, device=device)
+            positions = torch.full((grown, stride), -1, dtype=torch.int64, device=device)
+            if self._rows is not None:
+                old_stride = self._rows.shape[1]
+                rows[:rings, :old_stride] = self._rows
+                positions[:rings, :old_stride] = self._positions
+            self._free += range(rings, grown)
+            self._rows, self._positions = rows, positions
+        for req_id, row_stride in new:
+            self._ring_of[req_id] = self._free.pop(0)
+            self._stride_of[req_id] = row_stride
 
     def evict(self, req_ids: Iterable[str]) -> None:
+        req_ids = list(req_ids)
+        freed = [self._ring_of.pop(r) for r in req_ids if r in self._ring_of]
         for req_id in req_ids:
-            self._rings.pop(req_id, None)
+            self._stride_of.pop(req_id, None)
+        if freed:
+            self._positions[torch.tensor(freed, device=self._positions.device)] = -1
+            self._free += freed
 
     def tracked_requests(self) -> set[str]:
-        return set(self._rings)
+        return set(self._ring_of)

@@ -30,6 +30,7 @@ import torch
 
 from vllm_sjd.core.rng import (
     COUPLING_STREAM,
+    DRAFT_STREAM,
     RESIDUAL_STREAM,
     token_exponentials,
     window_uniforms,
@@ -103,17 +104,13 @@ def draw(
         positions = next_positions.unsqueeze(1) + torch.arange(num_slots, device=q.device)
         noise = token_exponentials(keys, positions, vocab_size, token_ids)
         return (q / noise).argmax(dim=-1), no_keep
-    uniforms = window_uniforms(keys, next_positions, num_slots)
     if drafting == "independent" or previous_drafts is None:
-        return sample_inverse_cdf(q, uniforms), no_keep
+        return sample_inverse_cdf(q, window_uniforms(keys, next_positions, num_slots)), no_keep
     if drafting != "coupled":
         raise ValueError(f"unknown drafting {drafting!r}")
+    uniforms, keep, residual = window_uniforms(
+        keys, next_positions, num_slots, (DRAFT_STREAM, COUPLING_STREAM, RESIDUAL_STREAM)
+    )
     return maximal_coupling(
-        q,
-        previous_drafts,
-        previous_q,
-        window_uniforms(keys, next_positions, num_slots, COUPLING_STREAM),
-        window_uniforms(keys, next_positions, num_slots, RESIDUAL_STREAM),
-        coupled=has_previous,
-        uniforms=uniforms,
+        q, previous_drafts, previous_q, keep, residual, coupled=has_previous, uniforms=uniforms
     )

@@ -68,19 +68,39 @@ ACCEPT_STREAM = _as_signed64(0xAF251AF3B0F025B5)
 TOKEN_STREAM = _as_signed64(0xE220A8397B1DCDAF)
 
 
+def counter_uniforms(
+    keys: torch.Tensor,  # int64, per-request keys
+    positions: torch.Tensor,  # int64, absolute token index
+    slots: torch.Tensor,  # int64, slot within a window (0 for one number per position)
+    streams: int | torch.Tensor,  # int64, the use (XORed into the key)
+) -> torch.Tensor:
+    """Uniforms in [0, 1), float64, one per element of the broadcast inputs.
+
+    Every number of this module comes from here; broadcasting lets one call
+    hash several streams or a whole step's positions at once.
+    """
+    x = splitmix64((keys ^ streams) ^ splitmix64(positions))
+    x = splitmix64(x + slots)
+    # Top 53 bits -> a double in [0, 1).
+    return _shr(x, 11).to(torch.float64) * (1.0 / (1 << 53))
+
+
 def window_uniforms(
     keys: torch.Tensor,  # [B] int64: one key per request
     positions: torch.Tensor,  # [B] int64: token index of the window's first draft
     num_slots: int,
-    stream: int = DRAFT_STREAM,
+    stream: int | tuple[int, ...] = DRAFT_STREAM,
 ) -> torch.Tensor:
-    """Uniform numbers in [0, 1), [B, num_slots] float64, one per draft slot."""
+    """Uniform numbers in [0, 1), [B, num_slots] float64, one per draft slot.
+
+    With a tuple of streams: [len(streams), B, num_slots], the same numbers
+    as one call per stream.
+    """
     slots = torch.arange(num_slots, dtype=torch.int64, device=keys.device)
-    keys = keys ^ stream
-    x = splitmix64(keys.unsqueeze(1) ^ splitmix64(positions.unsqueeze(1)))
-    x = splitmix64(x + slots.unsqueeze(0))
-    # Top 53 bits -> a double in [0, 1).
-    return _shr(x, 11).to(torch.float64) * (1.0 / (1 << 53))
+    if isinstance(stream, tuple):
+        streams = torch.tensor(stream, dtype=torch.int64, device=keys.device)[:, None, None]
+        return counter_uniforms(keys[None, :, None], positions[None, :, None], slots, streams)
+    return counter_uniforms(keys[:, None], positions[:, None], slots, stream)
 
 
 def token_exponentials(

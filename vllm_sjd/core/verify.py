@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_sjd.core.drafting import sample_inverse_cdf
-from vllm_sjd.core.rng import ACCEPT_STREAM, TOKEN_STREAM, window_uniforms
+from vllm_sjd.core.rng import ACCEPT_STREAM, TOKEN_STREAM, counter_uniforms
 
 PLACEHOLDER = -1  # vLLM's placeholder for the slots after a request's last token
 
@@ -36,11 +36,6 @@ PLACEHOLDER = -1  # vLLM's placeholder for the slots after a request's last toke
 class Verdict:
     tokens: torch.Tensor  # [B, max_n + 1] int64 column indices, PLACEHOLDER after the last
     num_accepted: torch.Tensor  # [B] int64: drafts accepted (a <= n)
-
-
-def position_uniforms(keys: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
-    """One uniform in [0, 1) per (key, absolute position), float64, for `stream`."""
-    return window_uniforms(keys, positions, 1, stream)[:, 0]
 
 
 def verify(
@@ -64,11 +59,19 @@ def verify(
     )
     slot = torch.arange(total, device=device) - first_row[request_of_row]
 
+    # Every number the step may use, in one hash: the acceptance uniform of
+    # each draft's position, and the token uniform of every position a step
+    # may close at (a draft's, where it is rejected; the bonus position).
+    row_keys = torch.cat([keys[request_of_row], keys])
+    row_positions = torch.cat([first_positions[request_of_row] + slot, first_positions + n])
+    streams = torch.tensor([ACCEPT_STREAM, TOKEN_STREAM], dtype=torch.int64, device=device)
+    numbers = counter_uniforms(row_keys, row_positions, 0, streams[:, None])
+    u, token_uniforms = numbers[0, :total], numbers[1]
+
     # The acceptance test, row by row.
     index = drafts.clamp(min=0)[:, None]
     p_d = target_probs.gather(1, index)[:, 0].to(torch.float64)
     q_d = draft_q.gather(1, index)[:, 0].to(torch.float64)
-    u = position_uniforms(keys[request_of_row], first_positions[request_of_row] + slot, ACCEPT_STREAM)
     accepted = (drafts >= 0) & (q_d > 0) & (p_d >= u * q_d)
     greedy_rows = greedy[request_of_row]
     if total:
@@ -92,15 +95,19 @@ def verify(
         closing = torch.where(rejected[:, None], p_rejected, bonus_probs)
     else:
         source = closing = bonus_probs
-    u_token = position_uniforms(keys, first_positions + num_accepted, TOKEN_STREAM)
-    token = sample_inverse_cdf(source, u_token)
+    closing_row = torch.where(
+        rejected, first_row + num_accepted, total + torch.arange(batch_size, device=device)
+    )
+    token = sample_inverse_cdf(source, token_uniforms[closing_row])
     token = torch.where(greedy, closing.argmax(dim=-1), token)
 
+    # Accepted drafts in place, PLACEHOLDER after; a scatter, no boolean
+    # indexing (that would read the mask back to the host).
     tokens = torch.full(
         (batch_size, max_num_drafts + 1), PLACEHOLDER, dtype=torch.int64, device=device
     )
     keep = slot < num_accepted[request_of_row]
-    tokens[request_of_row[keep], slot[keep]] = drafts[keep]
+    tokens[request_of_row, slot] = torch.where(keep, drafts, PLACEHOLDER)
     tokens[torch.arange(batch_size, device=device), num_accepted] = token
     return Verdict(tokens, num_accepted)
 

@@ -23,9 +23,11 @@ min(1, p/q) test keeps the output distribution equal to the AR distribution
 (SJD is lossless) whatever q is; a good q only makes acceptance likelier.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from vllm_sjd.core.columns import Columns
@@ -54,6 +56,15 @@ class StepRows:
     num_accepted: torch.Tensor
     # The vocabulary columns the rows hold (core/columns.py); None: all of them.
     columns: Columns | None = None
+    # n and a as the host knows them ([B] int64 numpy), so that nothing reads
+    # them back from the device; None: read num_draft_tokens / num_accepted.
+    host_counts: tuple[np.ndarray, np.ndarray] | None = None
+
+    def counts_on_host(self) -> tuple[np.ndarray, np.ndarray]:
+        """(n, a) per request, [B] int64 numpy."""
+        if self.host_counts is not None:
+            return self.host_counts
+        return self.num_draft_tokens.cpu().numpy(), self.num_accepted.cpu().numpy()
 
 
 @dataclass
@@ -105,22 +116,22 @@ def _row_sources(rows: StepRows, num_rows: int) -> tuple[torch.Tensor, torch.Ten
     return torch.where(computed, source, bonus_row), computed
 
 
-def committed_row_sources(rows: StepRows) -> list[torch.Tensor]:
+def committed_row_sources(
+    num_draft_tokens: Sequence[int], num_accepted: Sequence[int], num_target_rows: int
+) -> list[np.ndarray]:
     """Per request, the index of the verified row of each token committed this step.
 
-    Index into cat(target_probs, bonus_probs). Row j (j <= a) verified the
-    token at offset j of the window; row a is the resampled or bonus token's.
-    Meaningless for a request that produced nothing (the caller knows which).
+    Index into cat(target_probs, bonus_probs), from n and a on the host. Row j
+    (j <= a) verified the token at offset j of the window; row a is the
+    resampled or bonus token's. Meaningless for a request that produced
+    nothing (the caller knows which).
     """
-    n = rows.num_draft_tokens.tolist()
-    a = rows.num_accepted.tolist()
-    num_target_rows = rows.target_probs.shape[0]
     sources, first = [], 0
-    for i, (n_i, a_i) in enumerate(zip(n, a)):
+    for i, (n_i, a_i) in enumerate(zip(num_draft_tokens, num_accepted)):
         rows_i = list(range(first, first + min(a_i + 1, n_i)))
         if a_i == n_i:
             rows_i.append(num_target_rows + i)
-        sources.append(torch.tensor(rows_i, dtype=torch.int64))
+        sources.append(np.array(rows_i, dtype=np.int64))
         first += n_i
     return sources
 
@@ -138,6 +149,7 @@ def next_window(
     previous: PreviousWindow | None = None,  # needed by coupled drafting
     above: CellsAboveRows | None = None,
     token_ids: torch.Tensor | None = None,  # [V'] the id of each column; None: all V
+    any_greedy: bool | None = None,  # whether greedy has a True, known on the host
 ) -> Window:
     """The next window of every request.
 
@@ -196,7 +208,7 @@ def next_window(
         has_previous=None if old is None else old[2],
         token_ids=token_ids,
     )
-    if bool(greedy.any()):
+    if bool(greedy.any()) if any_greedy is None else any_greedy:
         jacobi = greedy[:, None] & (recycled | fresh_from_model)
         drafts = torch.where(jacobi, q.argmax(dim=-1), drafts)
         one_hot = torch.zeros_like(q).scatter_(-1, drafts[:, :, None], 1.0)

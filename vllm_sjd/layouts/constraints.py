@@ -10,6 +10,7 @@ image starts right after the prompt. Requests without a grid are unconstrained.
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from vllm_sjd.contract import IMAGE_GRID_ARG
@@ -73,8 +74,8 @@ class LayoutConstraints:
     def row_masks(
         self,
         entries: Sequence[tuple[ImageGrid | None, int]],
-        first_positions: torch.Tensor,  # [B] int64: absolute token index of each request's first row
-        counts: torch.Tensor,  # [B] int64: rows per request
+        first_positions: np.ndarray,  # [B] int64: absolute token index of each request's first row
+        counts: np.ndarray,  # [B] int64: rows per request
         vocab_size: int,
         device: torch.device,
         columns: Columns | None = None,  # only these ids: [sum(counts), U]
@@ -83,28 +84,30 @@ class LayoutConstraints:
 
         Rows are looked up in a per-grid table of every position's mask, built
         once: a gather instead of comparisons over the vocabulary per step.
+        Positions are worked out on the host (numpy), then sent once.
         """
         grids = [grid for grid, _ in entries]
         if all(grid is None for grid in grids):
             return None
-        counts = counts.to(torch.int64).cpu()
-        request_of_row = torch.repeat_interleave(torch.arange(len(entries)), counts)
-        first_row = torch.cumsum(counts, 0) - counts
-        offset = torch.arange(int(counts.sum())) - first_row[request_of_row]
-        prompt_lens = torch.tensor([prompt_len for _, prompt_len in entries], dtype=torch.int64)
-        relative = (first_positions.cpu().to(torch.int64) - prompt_lens)[request_of_row] + offset
+        counts = np.asarray(counts, dtype=np.int64)
+        request_of_row = np.repeat(np.arange(len(entries)), counts)
+        first_row = np.cumsum(counts) - counts
+        offset = np.arange(int(counts.sum())) - first_row[request_of_row]
+        prompt_lens = np.array([prompt_len for _, prompt_len in entries], dtype=np.int64)
+        first = np.asarray(first_positions, dtype=np.int64)
+        relative = (first - prompt_lens)[request_of_row] + offset
         distinct = {g for g in grids if g is not None}
         if len(distinct) == 1 and None not in grids:
             (grid,) = distinct
             table = self._mask_table(grid, vocab_size, device, columns)
-            return table[relative.clamp(0, grid.num_tokens).to(device)]
+            return table[torch.from_numpy(relative.clip(0, grid.num_tokens)).to(device)]
         width = vocab_size if columns is None else columns.ids.numel()
         mask = torch.ones(len(relative), width, dtype=torch.bool, device=device)
         for grid in distinct:
-            members = torch.tensor([g == grid for g in grids])[request_of_row]
+            members = np.nonzero(np.array([g == grid for g in grids])[request_of_row])[0]
             table = self._mask_table(grid, vocab_size, device, columns)
-            rows = relative[members].clamp(0, grid.num_tokens)
-            mask[members.to(device)] = table[rows.to(device)]
+            rows = torch.from_numpy(relative[members].clip(0, grid.num_tokens)).to(device)
+            mask[torch.from_numpy(members).to(device)] = table[rows]
         return mask
 
     def _mask_table(self, grid: ImageGrid, vocab_size: int, device, columns) -> torch.Tensor:
@@ -128,22 +131,23 @@ class LayoutConstraints:
     @staticmethod
     def cells_above(
         entries: Sequence[tuple[ImageGrid | None, int]],
-        first_positions: torch.Tensor,  # [B] int64: absolute index of each request's first slot
+        first_positions: np.ndarray,  # [B] int64: absolute index of each request's first slot
         num_slots: int,
-    ) -> tuple[torch.Tensor, list[int]] | None:
+    ) -> tuple[np.ndarray, list[int]] | None:
         """([B, K] absolute position of each slot's cell one image row up, -1 none;
-        each request's row stride, 0 without an image), or None if no request has a grid."""
+        each request's row stride, 0 without an image), or None if no request has a grid.
+        Host-side (numpy): positions are known there."""
         if all(grid is None for grid, _ in entries):
             return None
-        slots = torch.arange(num_slots, dtype=torch.int64)
-        above = torch.full((len(entries), num_slots), -1, dtype=torch.int64)
+        first = np.asarray(first_positions, dtype=np.int64)
+        slots = np.arange(num_slots, dtype=np.int64)
+        above = np.full((len(entries), num_slots), -1, dtype=np.int64)
         strides = []
         for i, (grid, prompt_len) in enumerate(entries):
             strides.append(0 if grid is None else grid.row_stride)
             if grid is not None:
-                relative = int(first_positions[i]) - prompt_len + slots
-                cell = grid.cell_above(relative)
-                above[i] = torch.where(cell >= 0, cell + prompt_len, cell)
+                cell = grid.cell_above(int(first[i]) - prompt_len + slots)
+                above[i] = np.where(cell >= 0, cell + prompt_len, cell)
         return above, strides
 
     def evict(self, req_ids) -> None:

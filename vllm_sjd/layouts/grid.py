@@ -14,6 +14,7 @@ to the verified distribution p and to fresh drafts. Plain torch, no vLLM.
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 FREE = -1
@@ -74,16 +75,17 @@ class ImageGrid:
         high = torch.full_like(p, self.code_high)
         return forced, low, high
 
-    def cell_above(self, positions: torch.Tensor) -> torch.Tensor:
+    def cell_above(self, positions) -> np.ndarray:
         """The position of the code one image row up, or -1 (relative positions, like constraints).
 
-        Only code cells from the second image row on have one.
+        Only code cells from the second image row on have one. Host-side: numpy
+        in, numpy out.
         """
-        p = positions.to(torch.int64)
+        p = np.asarray(positions, dtype=np.int64)
         body = p - len(self.header)
         is_code = (body >= self.row_stride) & (body < self.rows * self.row_stride)
         is_code &= body % self.row_stride < self.cols
-        return torch.where(is_code, p - self.row_stride, torch.full_like(p, -1))
+        return np.where(is_code, p - self.row_stride, -1)
 
     def allowed_mask(
         self, positions: torch.Tensor, vocab_size: int, token_ids: torch.Tensor | None = None
