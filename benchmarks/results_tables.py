@@ -54,6 +54,9 @@ def demo_tables(results: dict) -> str:
     out.append(table(["config", "passes/image"] + [f"{k} ms/pass" for k in parts] + ["rest ms/pass", "total ms/pass"],
                      rows))
 
+    if "AR" in configs and all("step_parts_ms" in cfg for cfg in configs.values()):
+        out.append(step_parts_table(configs))
+
     gt = results.get("ground_truth", {})
     base = results.get("torch_baseline")
     sources = [("renderer (ground truth)", gt.get("renders"), None),
@@ -82,6 +85,27 @@ def demo_tables(results: dict) -> str:
                f"mean {e['mean']:.2f} nats, median {e['median']:.2f}, p90 {e['p90']:.2f}; "
                f"AR at 1 in flight: {ar1['latency_median_s']:.2f} s per image.")
     return "\n\n".join(out)
+
+
+def step_parts_table(configs: dict) -> str:
+    """One in flight, ms per forward pass by perf_counter, and the lean-step ratios:
+    the rest of the step against AR's, and the speed-up against its limit
+    (tokens per pass x AR's forward ms / this forward ms)."""
+    ar = configs["AR"]["step_parts_ms"]
+    ar_image = ar["wall"] * configs["AR"]["by_concurrency"]["1"]["passes_per_image"]
+    parts = ["forward", "sampling + verification", "proposer", "runner other",
+             "engine outside the runner", "rest"]
+    rows = []
+    for name, cfg in configs.items():
+        timed, one = cfg["step_parts_ms"], cfg["by_concurrency"]["1"]
+        limit = one["tokens_per_pass"] * ar["forward"] / timed["forward"]
+        speed_up = ar_image / (timed["wall"] * one["passes_per_image"])
+        rows.append([name, fmt(one["tokens_per_pass"]), fmt(timed["wall"])]
+                    + [fmt(timed[k]) for k in parts]
+                    + [f"{timed['rest'] / ar['rest']:.2f}x", f"{limit:.2f}x", f"{speed_up:.2f}x",
+                       fmt(speed_up / limit)])
+    return table(["config", "tokens/pass", "wall ms/pass"] + [f"{k} ms/pass" for k in parts]
+                 + ["rest vs AR", "limit", "speed-up", "of the limit"], rows)
 
 
 def drafting_table(results: dict) -> str:

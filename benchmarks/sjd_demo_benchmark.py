@@ -124,6 +124,26 @@ def profile_one(llm, prompt, param, tag: str) -> dict:
     return parts
 
 
+def step_parts(timed: dict, wall: float, passes: float) -> dict:
+    """ms per forward pass: the wall time, the model's forward (with its head over
+    the verified rows), SJD's sampling and proposal, and the rest (vLLM's input
+    preparation, bookkeeping, scheduler)."""
+    per_pass = {part: 1000 * seconds / passes for part, seconds in timed.items() if part != "steps"}
+    parts = {
+        "wall": 1000 * wall / passes,
+        "forward": per_pass["_model_forward"] + per_pass["compute_logits"],
+        "sampling + verification": per_pass["_sample"],
+        "proposer": per_pass["propose_draft_token_ids"],
+    }
+    parts["rest"] = parts["wall"] - parts["forward"]
+    parts["runner other"] = (per_pass["execute_model"] + per_pass["sample_tokens"]
+                             - parts["forward"] - parts["sampling + verification"]
+                             - parts["proposer"])
+    parts["engine outside the runner"] = (parts["wall"] - per_pass["execute_model"]
+                                          - per_pass["sample_tokens"])
+    return {k: round(v, 3) for k, v in parts.items()}
+
+
 def config_name(window: int, drafting: str, initial: str, dynamic: str = "off") -> str:
     if not window:
         return "AR"
@@ -153,8 +173,14 @@ def run_engine(model_path, config, prompts, params, concurrencies, profile_promp
         for c in concurrencies:
             drafts = spec_draft_tokens(llm)
             n = latency_images if c == 1 else len(prompts)  # one at a time is slow
+            if c == 1:  # where each pass's time goes, by perf_counter (no profiler)
+                llm.collective_rpc("sjd_step_timing", args=("start",))
             tokens, latencies, wall, steps = closed_loop(
                 llm, prompts[:n], params[:n], c, f"{tag}-c{c}")
+            if c == 1:
+                timed = llm.collective_rpc("sjd_step_timing", args=("stop",))[0]
+                result["step_parts_ms"] = step_parts(timed, wall, sum(steps))
+                print(tag, "step parts ms/pass", json.dumps(result["step_parts_ms"]), flush=True)
             per_image = sum(len(t) for t in tokens) / n
             passes = sum(steps) / n
             result["by_concurrency"][c] = {

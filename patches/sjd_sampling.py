@@ -105,13 +105,13 @@ class SJDSamplingMixin:
         verdict = verify(
             target_probs,
             bonus_probs,
-            torch.tensor(num_draft, dtype=torch.int64, device=device),
+            np.asarray(num_draft, dtype=np.int64),
             max(num_draft, default=0),
             drafts,
             q,
             greedy_rows,
-            self.drafter.request_keys(req_ids, seeds).to(device),
-            torch.from_numpy(first).to(device),
+            self.drafter.request_keys(req_ids, seeds),
+            first,
         )
         tokens = verdict.tokens
         if columns is not None:

@@ -78,6 +78,19 @@ class _SJDWorkerMethods:
         self._step_audit = None
         return [] if audit is None else audit.remove()
 
+    def sjd_step_timing(self, action: str) -> dict | None:
+        """"start" times the runner's step parts; "stop" returns {"steps", part: seconds}."""
+        from vllm_sjd.testing.step_audit import RunnerTimer
+
+        timer, self._step_timer = getattr(self, "_step_timer", None), None
+        timed = None if timer is None else timer.remove()
+        if action == "start":
+            self._step_timer = RunnerTimer(self.model_runner)
+            return None
+        if action != "stop":
+            raise ValueError(f"sjd_step_timing: unknown action {action!r}")
+        return timed
+
     def sjd_proposer_call(self, method: str, *args):
         """Call a method of this worker's proposer (tests, diagnostics)."""
         return getattr(self.model_runner.drafter, method)(*args)

@@ -2,10 +2,13 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from vllm_sjd.core.rng import (
+    COUPLING_STREAM,
+    _splitmix64_host,
     key_from_seed,
     splitmix64,
     splitmix64_reference,
@@ -19,6 +22,16 @@ def test_splitmix64_matches_reference_with_wraparound():
     got = splitmix64(torch.tensor(values, dtype=torch.int64)).tolist()
     for value, out in zip(values, got):
         assert out & ((1 << 64) - 1) == splitmix64_reference(value & ((1 << 64) - 1))
+    host = _splitmix64_host(np.array(values, dtype=np.int64).view(np.uint64)).tolist()
+    assert host == [splitmix64_reference(v & ((1 << 64) - 1)) for v in values]
+
+
+def test_window_uniforms_of_several_streams_are_those_of_one_call_each():
+    keys, positions = np.array([3, -(2**62), 77]), np.array([0, 10, 2**40])
+    both = window_uniforms(keys, positions, 5, (0, COUPLING_STREAM))
+    assert np.array_equal(both[0], window_uniforms(keys, positions, 5))
+    assert np.array_equal(both[1], window_uniforms(keys, positions, 5, COUPLING_STREAM))
+    assert not np.array_equal(both[0], both[1])
 
 
 def test_window_uniforms_are_uniform_and_depend_on_every_input():

@@ -192,8 +192,8 @@ class SJDProposer:
             previous = PreviousWindow(view.indices(previous.drafts), previous.q, previous.present)
         built = self._next_window(
             rows,
-            keys=keys.to(device),
-            next_positions=torch.from_numpy(num_tokens).to(device),
+            keys=keys,
+            next_positions=num_tokens,
             greedy=torch.from_numpy(greedy).to(device),
             any_greedy=bool(greedy.any()),
             allowed=allowed,
@@ -375,8 +375,8 @@ class SJDProposer:
         return carried[0], convert(carried[1], carried[2], columns)
 
     # State ----------------------------------------------------------------
-    def request_keys(self, req_ids: Sequence[str], seeds: Sequence[int | None]) -> torch.Tensor:
-        """[B] int64: each request's random key (drafting and verification), made on first sight."""
+    def request_keys(self, req_ids: Sequence[str], seeds: Sequence[int | None]) -> np.ndarray:
+        """[B] int64 numpy: each request's random key (drafting and verification), made on first sight."""
         keys = [self._keys.get(r) for r in req_ids]
         for i, key in enumerate(keys):
             if key is None:  # first step of this request
@@ -389,7 +389,7 @@ class SJDProposer:
                     else int(torch.randint(-(2**62), 2**62, ()).item())
                 )
                 self._keys[req_ids[i]] = keys[i] = key
-        return torch.tensor(keys, dtype=torch.int64)
+        return np.array(keys, dtype=np.int64)
 
     def _store(self, req_ids: Sequence[str], drafts, q, columns: Columns | None) -> None:
         batch = set(req_ids)

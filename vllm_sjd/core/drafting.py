@@ -26,6 +26,7 @@ is still independent of everything the verifier conditions on.
 
 from typing import Literal
 
+import numpy as np
 import torch
 
 from vllm_sjd.core.rng import (
@@ -86,8 +87,8 @@ def draw(
     drafting: Drafting,
     q: torch.Tensor,  # [B, K, V]
     *,
-    keys: torch.Tensor,  # [B] int64
-    next_positions: torch.Tensor,  # [B] int64: absolute index of slot 0
+    keys: np.ndarray,  # [B] int64, on the host (numpy or a CPU tensor)
+    next_positions: np.ndarray,  # [B] int64: absolute index of slot 0, on the host
     previous_drafts: torch.Tensor | None = None,  # [B, K] this position's last draft
     previous_q: torch.Tensor | None = None,  # [B, K, V] the q it was drawn from
     has_previous: torch.Tensor | None = None,  # [B, K] bool
@@ -99,18 +100,23 @@ def draw(
     kept by the coupling.
     """
     batch_size, num_slots, vocab_size = q.shape
-    no_keep = torch.zeros(batch_size, num_slots, dtype=torch.bool, device=q.device)
+    device = q.device
+    keys, next_positions = np.asarray(keys, dtype=np.int64), np.asarray(next_positions, dtype=np.int64)
+    no_keep = torch.zeros(batch_size, num_slots, dtype=torch.bool, device=device)
     if drafting == "gumbel":
-        positions = next_positions.unsqueeze(1) + torch.arange(num_slots, device=q.device)
-        noise = token_exponentials(keys, positions, vocab_size, token_ids)
+        positions = next_positions[:, None] + np.arange(num_slots)
+        noise = token_exponentials(torch.from_numpy(keys).to(device),
+                                   torch.from_numpy(positions).to(device), vocab_size, token_ids)
         return (q / noise).argmax(dim=-1), no_keep
     if drafting == "independent" or previous_drafts is None:
-        return sample_inverse_cdf(q, window_uniforms(keys, next_positions, num_slots)), no_keep
+        uniforms = window_uniforms(keys, next_positions, num_slots)
+        return sample_inverse_cdf(q, torch.from_numpy(uniforms).to(device)), no_keep
     if drafting != "coupled":
         raise ValueError(f"unknown drafting {drafting!r}")
-    uniforms, keep, residual = window_uniforms(
-        keys, next_positions, num_slots, (DRAFT_STREAM, COUPLING_STREAM, RESIDUAL_STREAM)
-    )
+    streams = (DRAFT_STREAM, COUPLING_STREAM, RESIDUAL_STREAM)
+    uniforms, keep, residual = torch.from_numpy(
+        window_uniforms(keys, next_positions, num_slots, streams)
+    ).to(device)
     return maximal_coupling(
         q, previous_drafts, previous_q, keep, residual, coupled=has_previous, uniforms=uniforms
     )

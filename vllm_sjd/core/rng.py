@@ -16,6 +16,7 @@ position and token, so a position sees the same noise on every pass until it
 is verified (core/drafting.py says why that stays exact).
 """
 
+import numpy as np
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -68,39 +69,59 @@ ACCEPT_STREAM = _as_signed64(0xAF251AF3B0F025B5)
 TOKEN_STREAM = _as_signed64(0xE220A8397B1DCDAF)
 
 
-def counter_uniforms(
-    keys: torch.Tensor,  # int64, per-request keys
-    positions: torch.Tensor,  # int64, absolute token index
-    slots: torch.Tensor,  # int64, slot within a window (0 for one number per position)
-    streams: int | torch.Tensor,  # int64, the use (XORed into the key)
-) -> torch.Tensor:
-    """Uniforms in [0, 1), float64, one per element of the broadcast inputs.
+def _splitmix64_host(x: np.ndarray) -> np.ndarray:
+    """splitmix64 on uint64 numpy (wrapping arithmetic): the same bits as `splitmix64`."""
+    x = x + np.uint64(_GOLDEN & _MASK64)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(_MUL1 & _MASK64)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(_MUL2 & _MASK64)
+    return x ^ (x >> np.uint64(31))
 
-    Every number of this module comes from here; broadcasting lets one call
-    hash several streams or a whole step's positions at once.
+
+def _host_uint64(values) -> np.ndarray:
+    """int64 numbers (numpy, lists, CPU tensors or ints) as their uint64 bit patterns."""
+    if isinstance(values, torch.Tensor):
+        values = values.numpy()
+    return np.asarray(values, dtype=np.int64).view(np.uint64)
+
+
+def counter_uniforms(keys, positions, slots, streams) -> np.ndarray:
+    """Uniforms in [0, 1), float64 numpy, one per element of the broadcast int64 inputs.
+
+    keys: per-request keys; positions: absolute token indices; slots: the
+    slot within a window (0 for one number per position); streams: the use
+    (XORed into the key). Every uniform of this module comes from here, on
+    the host: keys and positions are known there, so a step computes its
+    numbers without waiting for the device and sends them in one copy.
+    Broadcasting lets one call hash several streams or a step's positions.
     """
-    x = splitmix64((keys ^ streams) ^ splitmix64(positions))
-    x = splitmix64(x + slots)
+    keys, positions = _host_uint64(keys), _host_uint64(positions)
+    slots, streams = _host_uint64(slots), _host_uint64(streams)
+    x = _splitmix64_host((keys ^ streams) ^ _splitmix64_host(positions))
+    x = _splitmix64_host(x + slots)
     # Top 53 bits -> a double in [0, 1).
-    return _shr(x, 11).to(torch.float64) * (1.0 / (1 << 53))
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 def window_uniforms(
-    keys: torch.Tensor,  # [B] int64: one key per request
-    positions: torch.Tensor,  # [B] int64: token index of the window's first draft
+    keys,  # [B] int64: one key per request (numpy, or a CPU tensor)
+    positions,  # [B] int64: token index of the window's first draft
     num_slots: int,
     stream: int | tuple[int, ...] = DRAFT_STREAM,
-) -> torch.Tensor:
+):
     """Uniform numbers in [0, 1), [B, num_slots] float64, one per draft slot.
 
     With a tuple of streams: [len(streams), B, num_slots], the same numbers
-    as one call per stream.
+    as one call per stream. numpy in, numpy out; tensors in, a CPU tensor out.
     """
-    slots = torch.arange(num_slots, dtype=torch.int64, device=keys.device)
+    as_tensor = isinstance(keys, torch.Tensor)
+    keys, positions = _host_uint64(keys), _host_uint64(positions)
+    slots = np.arange(num_slots, dtype=np.int64)
     if isinstance(stream, tuple):
-        streams = torch.tensor(stream, dtype=torch.int64, device=keys.device)[:, None, None]
-        return counter_uniforms(keys[None, :, None], positions[None, :, None], slots, streams)
-    return counter_uniforms(keys[:, None], positions[:, None], slots, stream)
+        streams = np.asarray(stream, dtype=np.int64)[:, None, None]
+        u = counter_uniforms(keys[None, :, None], positions[None, :, None], slots, streams)
+    else:
+        u = counter_uniforms(keys[:, None], positions[:, None], slots, stream)
+    return torch.from_numpy(u) if as_tensor else u
 
 
 def token_exponentials(

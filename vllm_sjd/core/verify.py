@@ -24,6 +24,7 @@ with zero probability on the others, every test and draw gives the same token.
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vllm_sjd.core.drafting import sample_inverse_cdf
@@ -41,17 +42,20 @@ class Verdict:
 def verify(
     target_probs: torch.Tensor,  # [T, W] float32: rows 0..n-1 of every request, in batch order
     bonus_probs: torch.Tensor,  # [B, W] float32: each request's row n
-    num_draft_tokens: torch.Tensor,  # [B] int64 (n), on the rows' device
-    max_num_drafts: int,  # max(n), known on the host
+    num_draft_tokens: np.ndarray,  # [B] int64 (n), on the host
+    max_num_drafts: int,  # max(n)
     drafts: torch.Tensor,  # [T] int64 column index of each draft; -1: none (rejected)
     draft_q: torch.Tensor,  # [T, W] float32: the q each draft was drawn from
     greedy: torch.Tensor,  # [B] bool
-    keys: torch.Tensor,  # [B] int64: per-request random keys
-    first_positions: torch.Tensor,  # [B] int64: absolute index of the token row 0 decides
+    keys: np.ndarray,  # [B] int64: per-request random keys, on the host
+    first_positions: np.ndarray,  # [B] int64: absolute index of the token row 0 decides, on the host
 ) -> Verdict:
+    """Host inputs are numpy (CPU tensors also do): the random numbers are hashed
+    there (core/rng.py) and sent with the counts in one copy each."""
     batch_size = bonus_probs.shape[0]
     device = bonus_probs.device
-    n = num_draft_tokens
+    n_host = np.asarray(num_draft_tokens, dtype=np.int64)
+    n = torch.from_numpy(n_host).to(device)
     total = target_probs.shape[0]
     first_row = torch.cumsum(n, 0) - n
     request_of_row = torch.repeat_interleave(
@@ -62,10 +66,13 @@ def verify(
     # Every number the step may use, in one hash: the acceptance uniform of
     # each draft's position, and the token uniform of every position a step
     # may close at (a draft's, where it is rejected; the bonus position).
-    row_keys = torch.cat([keys[request_of_row], keys])
-    row_positions = torch.cat([first_positions[request_of_row] + slot, first_positions + n])
-    streams = torch.tensor([ACCEPT_STREAM, TOKEN_STREAM], dtype=torch.int64, device=device)
-    numbers = counter_uniforms(row_keys, row_positions, 0, streams[:, None])
+    keys, first = np.asarray(keys, dtype=np.int64), np.asarray(first_positions, dtype=np.int64)
+    host_request = np.repeat(np.arange(batch_size), n_host)
+    host_slot = np.arange(total) - (np.cumsum(n_host) - n_host)[host_request]
+    row_keys = np.concatenate([keys[host_request], keys])
+    row_positions = np.concatenate([first[host_request] + host_slot, first + n_host])
+    streams = np.array([[ACCEPT_STREAM], [TOKEN_STREAM]], dtype=np.int64)
+    numbers = torch.from_numpy(counter_uniforms(row_keys, row_positions, 0, streams)).to(device)
     u, token_uniforms = numbers[0, :total], numbers[1]
 
     # The acceptance test, row by row.

@@ -140,8 +140,8 @@ def next_window(
     rows: StepRows,
     *,
     num_slots: int,
-    keys: torch.Tensor,  # [B] int64: per-request drafting keys
-    next_positions: torch.Tensor,  # [B] int64: token index of the first new draft
+    keys: np.ndarray,  # [B] int64: per-request drafting keys, on the host
+    next_positions: np.ndarray,  # [B] int64: token index of the first new draft, on the host
     greedy: torch.Tensor,  # [B] bool: temperature-0 requests
     initial_drafts: InitialDrafts,
     drafting: Drafting = "independent",
@@ -187,7 +187,8 @@ def next_window(
         fresh = uniform
         if above is not None:
             # The cell above as a slot of the next window, where it is one.
-            slot_above = above.positions - next_positions[:, None]
+            first_slot = torch.as_tensor(np.asarray(next_positions, dtype=np.int64))
+            slot_above = above.positions - first_slot.to(device)[:, None]
             index = slot_above.clamp(0, num_slots - 1)
             in_window = (above.positions >= 0) & (slot_above >= 0) & recycled.gather(1, index)
             window_rows = q.gather(1, index[:, :, None].expand(-1, -1, vocab_size))

@@ -8,10 +8,13 @@ tensor lived on a GPU: host-side data belongs in numpy arrays and lists.
 
 `StepAudit` is a TorchFunctionMode; the SJD worker wraps the runner's
 `_sample` and `propose_draft_token_ids` in it (`sjd_step_audit`), one record
-per step. Plain torch, no vLLM.
+per step. `RunnerTimer` times a runner's step parts with perf_counter
+(`sjd_step_timing`), for benchmarks: no profiler inflating Python-heavy
+parts. Plain torch, no vLLM.
 """
 
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,3 +152,42 @@ class RunnerAudit:
              "where": dict(r.where)}
             for drafts, r in self.steps
         ]
+
+
+class RunnerTimer:
+    """Wall time of a runner's step parts (perf_counter), without a profiler's inflation.
+
+    Wraps the methods in PARTS with instance attributes; on a GPU the times
+    are host times (a part that does not synchronise returns before its
+    kernels finish), so use it on CPU or read it as launch time.
+    """
+
+    PARTS = ("execute_model", "_model_forward", "sample_tokens", "_sample",
+             "propose_draft_token_ids", "_bookkeeping_sync")  # methods of the runner
+
+    def __init__(self, runner) -> None:
+        self.seconds = dict.fromkeys((*self.PARTS, "compute_logits"), 0.0)
+        self.steps = 0
+        self._runner = runner
+        for name in self.PARTS:
+            setattr(runner, name, self._timed(name, getattr(runner, name)))
+        # The language-model head runs outside _model_forward, on every verified row.
+        runner.model.compute_logits = self._timed("compute_logits", runner.model.compute_logits)
+
+    def _timed(self, name: str, method):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - started
+                self.steps += name == "execute_model"
+
+        return timed
+
+    def remove(self) -> dict:
+        """Stops timing; {"steps": n, part: seconds}."""
+        for name in self.PARTS:
+            self._runner.__dict__.pop(name, None)
+        self._runner.model.__dict__.pop("compute_logits", None)
+        return {"steps": self.steps, **{k: round(v, 4) for k, v in self.seconds.items()}}
