@@ -146,7 +146,7 @@ def step_parts(timed: dict, wall: float, passes: float) -> dict:
 
 def config_name(window: int, drafting: str, initial: str, dynamic: str = "off") -> str:
     if not window:
-        return "AR"
+        return "AR again" if dynamic == "again" else "AR"
     return f"K{window} {drafting}/{initial}" + (" dynamic" if dynamic != "off" else "")
 
 
@@ -166,7 +166,7 @@ def run_engine(model_path, config, prompts, params, concurrencies, profile_promp
     tag = config_name(*config).replace(" ", "-").replace("/", "-")
     try:
         closed_loop(llm, prompts[:2], params[:2], 2, f"{tag}-warmup")
-        if dynamic != "off":
+        if window and dynamic != "off":
             result["forward_cost_ms"] = [
                 (t, round(1000 * s, 2)) for t, s in llm.collective_rpc("sjd_forward_costs")[0]
             ]
@@ -239,7 +239,7 @@ def plot(results: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     modes: dict[str, list[tuple[int, float]]] = {}
     for name, cfg in configs.items():
-        if name != "AR":
+        if not name.startswith("AR"):
             window, mode = name.split(" ", 1) if " " in name else (name, "independent/uniform")
             if mode.endswith(" dynamic"):
                 continue  # its K varies: not a point of this curve
@@ -293,6 +293,9 @@ def main():
                     help="requests without seeds (as most clients send them), so the default "
                          "dynamic window adapts them")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--ar-again", action="store_true",
+                    help="run AR once more after the others: how far two runs of one "
+                         "configuration differ on this machine")
     ap.add_argument("--baseline-images", type=int, default=8,
                     help="images of the plain PyTorch loop (0: skip it)")
     ap.add_argument("--latency-images", type=int, default=8,
@@ -353,6 +356,8 @@ def main():
     vocab_size = json.loads((args.model / "config.json").read_text())["vocab_size"]
     configs = [(0, "", "", "off")] + [(k, d, i, m) for k in args.windows for d in args.drafting
                                       for i in args.initial_drafts for m in args.dynamic]
+    if args.ar_again:
+        configs.append((0, "", "", "again"))
     for config in configs:
         name = config_name(*config)
         res = run_engine(args.model, config, prompts, params, args.concurrency,
