@@ -10,6 +10,7 @@ from vllm_sjd.core.adaptive import (
     SlotAcceptance,
     StepOverhead,
     WindowPolicy,
+    batch_bucket,
 )
 
 
@@ -106,6 +107,25 @@ def test_measured_rates_overrule_a_curve_that_misses_the_cost_under_load():
     # Where drafting pays (2.3x the cost for 4x the tokens), the window stays.
     choices = run_policy(well_accepted_policy(flat), 2, 0.0146, 0.0074, accepted=3)
     assert choices[-100:].count(16) >= 95 and choices.count(0) < 0.1 * len(choices)
+
+
+def test_a_try_times_its_choice_afresh_when_the_cost_has_changed_since():
+    # A hundred window steps timed at 5 ms a request long ago; plain AR (1 ms)
+    # has run since. Now window steps cost 1 ms a request (for 4 tokens): the
+    # window's next try must measure that, not move a running average of the
+    # old steps a little (which would keep plain AR).
+    policy = well_accepted_policy(ForwardCostCurve([(1, 0.010), (4096, 0.012)]))
+    bucket = batch_bucket(32)
+    for drafting, seconds, count in ((True, 0.005, 100), (False, 0.001, 10)):
+        for _ in range(count):
+            policy.measured.record_time(bucket, drafting, seconds)
+    policy.drafting, policy.decided_bucket, policy.episode_steps = False, bucket, 10
+    policy.seconds_since_switch = 1e9  # plain AR has run long enough: try the window again
+    for _ in range(MEASURE_STEPS):
+        assert policy.choose(32, [], 16) == 16
+        policy.record_step([16] * 32, [3] * 32, 32 * 0.001)
+    assert policy.measured.seconds_per_request(bucket, True) == pytest.approx(0.001)
+    assert policy.choose(32, [], 16) == 16  # the try decided: the window stays
 
 
 def test_a_new_batch_size_starts_from_the_model_corrected_by_the_nearest_timed_one():

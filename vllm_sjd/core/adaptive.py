@@ -21,9 +21,9 @@ taken, measures rates that keep it small (benchmarks/RESULTS.md, "The lean
 step"). The model above makes the first choice for a batch size (its cost
 ratio corrected by the nearest batch size timed); then both choices are timed
 there (seconds per request of a step, per batch-size bucket, each tried for a
-few steps; the tokens of a window step measured on settled window steps) and
-the measured rates decide: the curve, timed over an empty context, misses
-attention over long contexts under load. The window is taken only where it
+few steps and timed afresh by every try; the tokens of a window step measured
+on settled window steps) and the measured rates decide: the curve, timed over
+an empty context, misses attention over long contexts under load. The window is taken only where it
 is SWITCH_MARGIN better than plain AR, and the other choice is timed again
 after the current one has run EXPLORE_EVERY times as long as a try takes.
 
@@ -86,6 +86,11 @@ class MeasuredSteps:
             return
         self.seconds[key] = _running(old, n, seconds_per_request)
         self.samples[key] = n + 1
+
+    def restart(self, bucket: int, drafting: bool) -> None:
+        """Time this choice afresh: a new try replaces what it measured long ago
+        (a running average would let the try move a stale time only a little)."""
+        self.samples[(bucket, drafting)] = 0
 
     def record_window_tokens(self, tokens_per_request: float) -> None:
         self.window_tokens = _running(self.window_tokens, self.window_samples, tokens_per_request)
@@ -260,7 +265,7 @@ class WindowPolicy:
                 self._switch(exploring=False)
         elif self.episode_steps >= MEASURE_STEPS and timed[self.drafting] is not None:
             if timed[not self.drafting] is None:
-                self._switch(exploring=True)  # time the other choice for a few steps
+                self._explore(bucket)  # time the other choice for a few steps
             else:
                 # Tokens per request of a window step as measured, else modelled.
                 window_tokens = self.measured.tokens_per_window_request() or (
@@ -273,16 +278,22 @@ class WindowPolicy:
                 wanted = rate[True] > rate[False] * SWITCH_MARGIN
                 # Step time grows with the context (an image's last rows cost more
                 # than its first), so choices are compared when timed close
-                # together: at the end of a try, or when the batch size changes.
-                if self.exploring or bucket != self.decided_bucket:
+                # together: at the end of a try (the tried one timed afresh).
+                # A batch size that changes compares what was timed before:
+                # the other choice is tried before it is taken.
+                if self.exploring:
                     if wanted != self.drafting:
                         self._switch(exploring=False)
                     self.exploring = False
                     self.decided_bucket = bucket
+                elif bucket != self.decided_bucket:
+                    self.decided_bucket = bucket
+                    if wanted != self.drafting:
+                        self._explore(bucket)
                 elif self.seconds_since_switch > EXPLORE_EVERY * MEASURE_STEPS * (
                     timed[not self.drafting] * batch_size
                 ):
-                    self._switch(exploring=True)  # time the other choice again
+                    self._explore(bucket)  # time the other choice again
         return ceiling if self.drafting else 0
 
     def _model_correction(self, bucket: int, ceiling: int) -> float:
@@ -299,6 +310,11 @@ class WindowPolicy:
         window = self.forward_cost(batch * (ceiling + 1)) + self.overhead(batch, batch * ceiling)
         plain = self.forward_cost(batch) + self.overhead(batch, 0)
         return max(measured / max(window / max(plain, 1e-9), 1e-9), 1e-3)
+
+    def _explore(self, bucket: int) -> None:
+        """Try the other choice, timed from scratch at this batch size."""
+        self.measured.restart(bucket, not self.drafting)
+        self._switch(exploring=True)
 
     def _switch(self, exploring: bool) -> None:
         self.drafting, self.exploring = not self.drafting, exploring
