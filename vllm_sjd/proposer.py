@@ -268,7 +268,9 @@ class SJDProposer:
                 present[i] = True
         return PreviousWindow(drafts, q, torch.from_numpy(present).to(device))
 
-    def _record_cells(self, req_ids, rows: StepRows, num_tokens: np.ndarray, has_output, row_strides) -> None:
+    def _record_cells(
+        self, req_ids, rows: StepRows, num_tokens: np.ndarray, has_output, row_strides
+    ) -> None:
         """Keep the verified rows of the image tokens this step committed."""
         num_draft, num_accepted = rows.counts_on_host()
         sources = committed_row_sources(num_draft.tolist(), num_accepted.tolist(),
@@ -376,7 +378,8 @@ class SJDProposer:
 
     # State ----------------------------------------------------------------
     def request_keys(self, req_ids: Sequence[str], seeds: Sequence[int | None]) -> np.ndarray:
-        """[B] int64 numpy: each request's random key (drafting and verification), made on first sight."""
+        """[B] int64 numpy: each request's random key (drafting and verification),
+        made on first sight."""
         keys = [self._keys.get(r) for r in req_ids]
         for i, key in enumerate(keys):
             if key is None:  # first step of this request

@@ -54,7 +54,8 @@ class CellsAbove:
         device = self._rows.device
         ring_index = torch.from_numpy(rings[keep]).to(device)
         slot_index = torch.from_numpy(positions[keep] % strides[keep]).to(device)
-        self._rows[ring_index, slot_index] = probs[torch.from_numpy(keep).to(probs.device)].to(device)
+        kept = probs[torch.from_numpy(keep).to(probs.device)]
+        self._rows[ring_index, slot_index] = kept.to(device)
         self._positions[ring_index, slot_index] = torch.from_numpy(positions[keep]).to(device)
 
     def lookup(

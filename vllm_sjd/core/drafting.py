@@ -101,7 +101,8 @@ def draw(
     """
     batch_size, num_slots, vocab_size = q.shape
     device = q.device
-    keys, next_positions = np.asarray(keys, dtype=np.int64), np.asarray(next_positions, dtype=np.int64)
+    keys = np.asarray(keys, dtype=np.int64)
+    next_positions = np.asarray(next_positions, dtype=np.int64)
     no_keep = torch.zeros(batch_size, num_slots, dtype=torch.bool, device=device)
     if drafting == "gumbel":
         positions = next_positions[:, None] + np.arange(num_slots)

@@ -48,7 +48,7 @@ def verify(
     draft_q: torch.Tensor,  # [T, W] float32: the q each draft was drawn from
     greedy: torch.Tensor,  # [B] bool
     keys: np.ndarray,  # [B] int64: per-request random keys, on the host
-    first_positions: np.ndarray,  # [B] int64: absolute index of the token row 0 decides, on the host
+    first_positions: np.ndarray,  # [B] int64 on the host: absolute index of the token row 0 decides
 ) -> Verdict:
     """Host inputs are numpy (CPU tensors also do): the random numbers are hashed
     there (core/rng.py) and sent with the counts in one copy each."""

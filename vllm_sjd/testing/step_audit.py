@@ -82,7 +82,7 @@ class StepAudit(TorchFunctionMode):
             repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
             if isinstance(repeats, torch.Tensor) and repeats.numel() > 1:
                 kind = "repeat_interleave"
-        if kind is None and func is torch.Tensor.to and args and _to_host(args[0], args[1:], kwargs):
+        if kind is None and func is torch.Tensor.to and _to_host(args, kwargs):
             kind = "to_host"
         if kind is not None:
             self.record.reads[kind] += 1
@@ -101,8 +101,9 @@ def _caller() -> str:
     return "?"
 
 
-def _to_host(tensor, args, kwargs) -> bool:
+def _to_host(args, kwargs) -> bool:
     """`.to(...)` that moves a tensor off a non-CPU device to the CPU."""
+    tensor, args = (args[0], args[1:]) if args else (None, ())
     if not isinstance(tensor, torch.Tensor) or tensor.device.type == "cpu":
         return False
     target = kwargs.get("device", args[0] if args else None)
