@@ -124,8 +124,12 @@ def test_a_request_without_temperature_takes_the_models_default(server):
         ({"prompt": PROMPT, "frame_count": 4}, "frame_count", "still images"),
         ({"prompt": PROMPT, "svg": {"model": "x"}}, "svg", "not SVG"),
         ({"prompt": PROMPT, "complexity": "low"}, "complexity", "planning"),
-        ({"prompt": PROMPT, "stream": True}, "stream", "not served yet"),
-        ({"prompt": PROMPT, "partial_images": 2}, "partial_images", "streaming"),
+        ({"prompt": PROMPT, "partial_images": 2}, "partial_images", "stream: true"),
+        ({"prompt": PROMPT, "stream": True, "partial_images": 4}, "partial_images",
+         "less than or equal to 3"),
+        ({"prompt": PROMPT, "stream": True, "partial_images": -1}, "partial_images",
+         "greater than or equal to 0"),
+        ({"prompt": PROMPT, "stream": True, "size": "100x100"}, "size", "supported sizes"),
         ({"prompt": PROMPT, "quality": "ultra"}, "quality", "Input should be"),
         ({"prompt": PROMPT, "guidance_scale": 0.5}, "guidance_scale", "greater than or equal to 1"),
         ({"prompt": PROMPT, "model": "dall-e-3"}, "model", "not 'dall-e-3'"),
@@ -270,3 +274,75 @@ def test_sixty_four_clients_at_once_some_hanging_up_and_some_malformed(server):
     for i in seeded:
         alone = post(server, bodies[i])
         assert alone.json()["data"][0]["b64_json"] == answers[i].json()["data"][0]["b64_json"]
+
+
+def sse_events(response) -> list[dict]:
+    """The JSON of each server-sent event of a streamed response, checked against its name."""
+    events = []
+    for block in response.text.split("\n\n"):
+        if not block.strip():
+            continue
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        event = json.loads(fields["data"])
+        assert fields["event"] == event["type"]
+        events.append(event)
+    return events
+
+
+def picture(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
+
+
+def test_streamed_images_grow_row_by_row_through_the_openai_client(client):
+    body = dict(model="tiny-lumina", prompt=PROMPT, size="128x128",
+                extra_body={"seed": 5, "temperature": 1.0})
+    events = list(client.images.generate(stream=True, partial_images=2, **body))
+    *partials, completed = events
+    assert [e.type for e in partials] == ["image_generation.partial_image"] * len(partials)
+    assert completed.type == "image_generation.completed"
+    # Two marks (a third and two thirds of the tokens); a step that passes both sends one.
+    assert 1 <= len(partials) <= 2
+    assert [e.partial_image_index for e in partials] == list(range(len(partials)))
+    grid = LAYOUT.grid(128, 128)
+    assert completed.usage.output_tokens == grid.num_tokens and completed.size == "128x128"
+    assert completed.sjd["index"] == 0 and completed.sjd["forward_passes"] > 0
+    first = picture(partials[0].b64_json)
+    assert first.size == (128, 128)
+    # Rows not drawn yet are neutral grey; the finished image has none left.
+    assert first.getpixel((64, 127)) == (128, 128, 128)
+    final = picture(completed.b64_json)
+    assert final.size == (128, 128)
+    # The stream's image is the image: the same seed without streaming.
+    plain = client.images.generate(**body)
+    assert plain.data[0].b64_json == completed.b64_json
+    # partial_images 0: the image in one event.
+    only = list(client.images.generate(stream=True, partial_images=0, **body))
+    assert [e.type for e in only] == ["image_generation.completed"]
+
+
+def test_n_streamed_images_each_send_their_events(server):
+    response = post(server, {"prompt": PROMPT, "size": "256x64", "n": 3, "stream": True,
+                             "partial_images": 1, "temperature": 1.0})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response)
+    completed = [e for e in events if e["type"] == "image_generation.completed"]
+    assert sorted(e["sjd"]["index"] for e in completed) == [0, 1, 2]
+    for index in range(3):
+        mine = [e["type"] for e in events if e["sjd"]["index"] == index]
+        assert mine[-1] == "image_generation.completed" and len(mine) <= 2
+    assert all(picture(e["b64_json"]).size == (256, 64) for e in events)
+
+
+def test_a_streaming_client_that_hangs_up_stops_costing_the_engine(server):
+    hung_up_before = server[1].read_text().count("streamed image request hung up")
+    body = {"prompt": PROMPT, "n": 10, "size": "256x64", "temperature": 1.0, "stream": True,
+            "partial_images": 3}
+    connection = send_unread(server, body)
+    deadline = time.monotonic() + 30
+    while sum(engine_counts(server)) < 20:  # 10 images and their 10 twins
+        assert time.monotonic() < deadline, engine_counts(server)
+        time.sleep(0.05)
+    connection.close()
+    assert wait_until_idle(server) < 10
+    assert server[1].read_text().count("streamed image request hung up") - hung_up_before == 1

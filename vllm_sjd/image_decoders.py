@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 from vllm_sjd.families import family_of
-from vllm_sjd.image_generation import decode_image
+from vllm_sjd.image_generation import decode_image, decode_partial_image
 from vllm_sjd.layouts.grid import ImageGrid
 
 
@@ -37,6 +37,10 @@ class ImageDecoder:
 
     def __call__(self, tokens: Sequence[int], grid: ImageGrid) -> Image.Image:
         return decode_image(tokens, grid, self.to_codebook, self.decoder)
+
+    def partial(self, tokens: Sequence[int], grid: ImageGrid) -> Image.Image:
+        """The rows complete in an image's first tokens, the rest neutral grey."""
+        return decode_partial_image(tokens, grid, self.to_codebook, self.decoder)
 
 
 def image_decoder_for(model_path: str | Path, hf_config, vq_path: str | Path | None = None) -> ImageDecoder:

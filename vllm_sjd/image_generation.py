@@ -60,13 +60,44 @@ def decode_image(
     decoder,
 ) -> Image.Image:
     """Generated tokens -> the [rows, cols] codes -> pixels (grid.width x grid.height)."""
-    codes = to_codebook(grid.codes(tokens))
+    return decode_codes(grid.codes(tokens), grid, to_codebook, decoder)
+
+
+def decode_codes(codes: torch.Tensor, grid: ImageGrid, to_codebook, decoder) -> Image.Image:
+    """[rows, cols] image token ids -> pixels (grid.width x grid.height)."""
     with torch.no_grad():
-        pixels = decoder.decode(codes.unsqueeze(0))
+        pixels = decoder.decode(to_codebook(codes).unsqueeze(0))
     image = decoder.to_pil(pixels)[0]
     if image.size != (grid.width, grid.height):
         raise ValueError(
             f"the VQ decoder made a {image.size[0]}x{image.size[1]} image for a "
             f"{grid.width}x{grid.height} grid; its downsampling does not match the layout"
         )
+    return image
+
+
+# What a partial image shows where rows are not drawn yet.
+NEUTRAL_GREY = (128, 128, 128)
+
+
+def decode_partial_image(
+    tokens: Sequence[int], grid: ImageGrid, to_codebook, decoder
+) -> Image.Image:
+    """The image rows complete in `tokens` (the first tokens of an image), the rest grey.
+
+    The missing rows are decoded from a copy of the last complete row (the
+    VQ decoder sees a plausible neighbour at the border) and then painted over.
+    """
+    body = max(len(tokens) - len(grid.header), 0)
+    done = min(body // grid.row_stride, grid.rows)
+    image = Image.new("RGB", (grid.width, grid.height), NEUTRAL_GREY)
+    if done == 0:
+        return image
+    start = len(grid.header)
+    rows = torch.as_tensor(list(tokens[start : start + done * grid.row_stride]), dtype=torch.int64)
+    rows = rows.view(done, grid.row_stride)[:, : grid.cols]
+    codes = torch.cat([rows, rows[-1:].expand(grid.rows - done, -1)])
+    drawn = decode_codes(codes, grid, to_codebook, decoder)
+    height = done * grid.height // grid.rows
+    image.paste(drawn.crop((0, 0, grid.width, height)), (0, 0))
     return image

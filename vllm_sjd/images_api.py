@@ -9,7 +9,8 @@ last two come from the model's generation config as on vLLM's other routes
 OpenAI's ImagesResponse (created, data[].b64_json, output_format, size,
 quality, background, usage) and, per image, the request's SJD figures:
 forward passes (engine steps that produced its tokens), tokens and tokens
-per pass.
+per pass. With `stream: true` the route sends OpenAI's image events instead
+(vllm_sjd/images_stream.py), from the same ImageJob.
 
 The service runs on the API server's EngineClient (public API only): it
 builds the prompt and sampling parameters from the model's image layout,
@@ -31,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vllm_sjd.contract import RESPONSE_FIGURES_FIELD
 from vllm_sjd.image_generation import image_sampling_params
-from vllm_sjd.layouts.grid import UnsupportedImageSize
+from vllm_sjd.layouts.grid import ImageGrid, UnsupportedImageSize
 
 # Under the "vllm" logger, so that vLLM's log configuration shows it.
 logger = logging.getLogger("vllm.sjd.images")
@@ -54,8 +55,8 @@ UNSERVED_FIELDS = {
     "frame_count": "this model makes still images, not animations",
     "frame_duration_ms": "this model makes still images, not animations",
     "svg": "this model makes raster images, not SVG",
-    "partial_images": "partial images need streaming, which this server does not serve yet",
 }
+MAX_PARTIAL_IMAGES = 3  # OpenAI's limit
 # Formats Pillow writes for us, and those that take a compression level.
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 COMPRESSED_FORMATS = ("jpeg", "webp")
@@ -86,7 +87,7 @@ class ImageGenerationRequest(BaseModel):
     frame_count: int | None = None
     frame_duration_ms: int | None = None
     svg: dict | None = None
-    partial_images: int | None = None
+    partial_images: int | None = Field(default=None, ge=0, le=MAX_PARTIAL_IMAGES)
     # Our extensions.
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     guidance_scale: float | None = Field(default=None, ge=1.0, le=100.0)
@@ -110,9 +111,9 @@ class ImageGenerationRequest(BaseModel):
         for name, reason in UNSERVED_FIELDS.items():
             if getattr(self, name) is not None:
                 return ImageRequestError(f"{name}: {reason}", name)
-        if self.stream:
+        if self.partial_images is not None and not self.stream:
             return ImageRequestError(
-                "stream: streamed images are not served yet; leave stream unset or false", "stream"
+                "partial_images: partial images are sent only with stream: true", "partial_images"
             )
         if self.response_format == "url":
             return ImageRequestError(
@@ -165,6 +166,57 @@ class ImageStats:
         }
 
 
+@dataclass
+class ImageJob:
+    """A validated request and the inputs of its engine requests (one per image)."""
+
+    request: ImageGenerationRequest
+    request_id: str
+    prompt_ids: list[int]
+    params: list  # SamplingParams, one per image
+    grid: ImageGrid
+    guidance_scale: float
+    temperature: float
+    top_k: int
+
+    @property
+    def prompt(self) -> dict:
+        return {"prompt_token_ids": self.prompt_ids}
+
+    @property
+    def size(self) -> str:
+        return f"{self.grid.width}x{self.grid.height}"
+
+    @property
+    def output_format(self) -> str:
+        return self.request.output_format or "png"
+
+    def engine_request_id(self, index: int) -> str:
+        return f"{self.request_id}-{index}"
+
+    def encode(self, image) -> bytes:
+        return encode_image(image, self.output_format, self.request.output_compression)
+
+    def image_fields(self) -> dict:
+        """The fields OpenAI's response and stream events share."""
+        return {"background": "opaque", "output_format": self.output_format,
+                "quality": self.request.quality or "auto", "size": self.size}
+
+    def usage(self, output_tokens: int) -> dict:
+        inputs = len(self.prompt_ids)
+        return {
+            "input_tokens": inputs,
+            "input_tokens_details": {"text_tokens": inputs, "image_tokens": 0},
+            "output_tokens": output_tokens,
+            "output_tokens_details": {"text_tokens": 0, "image_tokens": output_tokens},
+            "total_tokens": inputs + output_tokens,
+        }
+
+    def figures(self, speculative: bool) -> dict:
+        return {"speculative": speculative, "guidance_scale": self.guidance_scale,
+                "temperature": self.temperature, "top_k": self.top_k}
+
+
 class ImageService:
     """Generates images for one served model."""
 
@@ -188,7 +240,8 @@ class ImageService:
         width, height = (int(v) for v in size.split("x"))
         return width, height
 
-    async def generate(self, request: ImageGenerationRequest) -> dict:
+    def plan(self, request: ImageGenerationRequest) -> ImageJob:
+        """Validate a request and make its engine requests' inputs; ImageRequestError if bad."""
         refusal = request.refusal()
         if refusal is not None:
             raise refusal
@@ -219,7 +272,6 @@ class ImageService:
             else None
         )
         base_seed = request.seed
-        num_images = request.n or 1
         temperature = self.default_temperature if request.temperature is None else request.temperature
         top_k = request.top_k or self.default_top_k
         params = [
@@ -231,27 +283,27 @@ class ImageService:
                 guidance_scale=scale,
                 unconditional_prompt_token_ids=unconditional,
             )
-            for i in range(num_images)
+            for i in range(request.n or 1)
         ]
-        request_id = f"img-{uuid.uuid4().hex[:16]}"
+        job = ImageJob(request, f"img-{uuid.uuid4().hex[:16]}", prompt_ids, params, grid,
+                       scale, temperature, top_k)
         end_user = request.safety_identifier or request.user
         logger.info(
-            "%s: %d image(s) of %dx%d (%d tokens each), guidance %.2g, %s%s",
-            request_id, num_images, width, height, grid.num_tokens, scale,
+            "%s: %d image(s) of %s (%d tokens each), guidance %.2g, %s%s%s",
+            job.request_id, len(params), job.size, grid.num_tokens, scale,
             "SJD" if self.speculative else "autoregressive",
-            f", for {end_user}" if end_user else "",
+            ", streamed" if request.stream else "", f", for {end_user}" if end_user else "",
         )
+        return job
+
+    async def generate(self, request: ImageGenerationRequest) -> dict:
+        job = self.plan(request)
         started = time.monotonic()
         results = await asyncio.gather(
-            *(
-                self._one_image(f"{request_id}-{i}", {"prompt_token_ids": prompt_ids}, p, grid)
-                for i, p in enumerate(params)
-            )
+            *(self.one_image(job.engine_request_id(i), job.prompt, p, job.grid)
+              for i, p in enumerate(job.params))
         )
-        output_format = request.output_format or "png"
-        encoded = await asyncio.to_thread(
-            lambda: [encode_image(image, output_format, request.output_compression) for image, _ in results]
-        )
+        encoded = await asyncio.to_thread(lambda: [job.encode(image) for image, _ in results])
         data = [
             {"b64_json": base64.b64encode(image).decode(), RESPONSE_FIGURES_FIELD: stats.as_dict()}
             for image, (_, stats) in zip(encoded, results)
@@ -261,44 +313,42 @@ class ImageService:
         tokens = sum(s.tokens for _, s in results)
         logger.info(
             "%s: done in %.1f s, %d tokens in %d forward passes (%.2f tokens/pass)",
-            request_id, elapsed, tokens, passes, tokens / max(passes, 1),
+            job.request_id, elapsed, tokens, passes, tokens / max(passes, 1),
         )
         return {
             "created": int(time.time()),
             "data": data,
-            "background": "opaque",
-            "output_format": output_format,
-            "quality": request.quality or "auto",
-            "size": f"{width}x{height}",
+            **job.image_fields(),
             **({"safety_identifier": request.safety_identifier} if request.safety_identifier else {}),
-            "usage": {
-                "input_tokens": len(prompt_ids),
-                "input_tokens_details": {"text_tokens": len(prompt_ids), "image_tokens": 0},
-                "output_tokens": tokens,
-                "output_tokens_details": {"text_tokens": 0, "image_tokens": tokens},
-                "total_tokens": len(prompt_ids) + tokens,
-            },
-            RESPONSE_FIGURES_FIELD: {
-                "speculative": self.speculative,
-                "guidance_scale": scale,
-                "temperature": temperature,
-                "top_k": top_k,
-                "seconds": round(elapsed, 3),
-            },
+            "usage": job.usage(tokens),
+            RESPONSE_FIGURES_FIELD: {**job.figures(self.speculative), "seconds": round(elapsed, 3)},
         }
 
-    async def _one_image(self, request_id, prompt, params, grid):
+    async def one_image(self, request_id, prompt, params, grid, partials: int = 0, on_partial=None):
+        """(image, stats) of one engine request. With `partials`, `on_partial(index,
+        image)` is awaited as the image passes each of `partials` evenly spaced
+        fractions (at most that many decodes, off the event loop; a fraction
+        passed in the same step as the next is skipped)."""
         from vllm.sampling_params import RequestOutputKind
 
         params.output_kind = RequestOutputKind.DELTA
         tokens: list[int] = []
         passes = 0
         next_report = 0.25
+        # Token counts at which a partial image is due (ascending).
+        marks = [(k + 1) * grid.num_tokens // (partials + 1) for k in range(partials)]
+        sent = 0
         async for output in self.engine_client.generate(prompt, params, request_id):
             new = output.outputs[0].token_ids
             if new:
                 passes += 1
                 tokens.extend(new)
+            due = sum(mark <= len(tokens) for mark in marks)
+            if due and not output.finished and on_partial is not None:
+                marks = marks[due:]
+                image = await asyncio.to_thread(self.decoder.partial, list(tokens), grid)
+                await on_partial(sent, image)
+                sent += 1
             if len(tokens) >= next_report * grid.num_tokens and not output.finished:
                 logger.info(
                     "%s: %d%% (%d/%d tokens, %d passes)", request_id,

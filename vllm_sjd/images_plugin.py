@@ -11,7 +11,9 @@ decoder's folder (default: the checkpoint folder) and, for Lumina-mGPT, the
 resolution its checkpoint was trained at. The route sits under /v1, so
 --api-key guards it like vLLM's own routes. As on vLLM's own routes, a client
 that hangs up has its engine requests aborted, and vLLM's errors reach vLLM's
-handlers (500, and a server whose engine died stops).
+handlers (500, and a server whose engine died stops). `stream: true` answers
+with server-sent events (vllm_sjd/images_stream.py); a failure there ends the
+stream with an `error` event.
 """
 
 import asyncio
@@ -21,12 +23,19 @@ import logging
 from collections.abc import Awaitable
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from vllm.exceptions import VLLMError
 
 from vllm_sjd.contract import IMAGE_OPTIONS_CONFIG_KEY
-from vllm_sjd.images_api import ImageGenerationRequest, ImageRequestError, ImageService, openai_error
+from vllm_sjd.images_api import (
+    ImageGenerationRequest,
+    ImageJob,
+    ImageRequestError,
+    ImageService,
+    openai_error,
+)
+from vllm_sjd.images_stream import server_sent, stream_events
 
 # Under the "vllm" logger, so that vLLM's log configuration shows it.
 logger = logging.getLogger("vllm.sjd.images")
@@ -55,6 +64,12 @@ async def generate_images(raw: Request) -> JSONResponse:
         first = e.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
         return _bad_request(f"{param}: {first['msg']}" if param else first["msg"], param)
+    if request.stream:
+        try:
+            job = service.plan(request)  # bad input: 400 before the stream starts
+        except ImageRequestError as e:
+            return _bad_request(str(e), e.param)
+        return StreamingResponse(_streamed(service, job), media_type="text/event-stream")
     try:
         response = await _unless_client_leaves(raw, service.generate(request))
     except ImageRequestError as e:
@@ -70,6 +85,28 @@ async def generate_images(raw: Request) -> JSONResponse:
     if response is None:  # the client hung up; nobody reads this
         return Response(status_code=499)
     return JSONResponse(response)
+
+
+async def _streamed(service: ImageService, job: ImageJob):
+    """The job's events as server-sent events; a failure ends the stream with an error event.
+
+    A client that disconnects makes Starlette cancel this iteration, which
+    cancels the images' tasks and so aborts their engine requests.
+    """
+    try:
+        async for event in stream_events(service, job):
+            yield server_sent(event)
+    except asyncio.CancelledError:
+        logger.info("vllm-sjd: the client of a streamed image request hung up; "
+                    "its requests were aborted")
+        raise
+    except VLLMError as e:
+        yield server_sent({"type": "error", **openai_error(str(e), error_type="server_error")})
+        raise  # vLLM's handlers stop a server whose engine died
+    except Exception:
+        logger.exception("vllm-sjd: a streamed image request failed")
+        message = "the server failed to make the image; see its log"
+        yield server_sent({"type": "error", **openai_error(message, error_type="server_error")})
 
 
 async def _unless_client_leaves(raw: Request, work: Awaitable):
