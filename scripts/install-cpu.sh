@@ -26,4 +26,14 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check)
 "${pip[@]}" install --quiet -e ".[${extras}]"
 "${pip[@]}" uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 "${pip[@]}" install --quiet ./scripts/vllm-cpu-dist
+# The playground's test drives a real browser: Debian's Chromium and ChromeDriver.
+if [[ ",$extras," == *",test,"* ]] && ! command -v chromedriver >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "installing Debian's chromium and chromium-driver for tests/test_playground.py"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+    else
+        echo "no chromedriver: tests/test_playground.py will skip (run this as root on Debian to install it)" >&2
+    fi
+fi
 .venv/bin/python -c "import vllm, vllm_sjd; print('vllm', vllm.__version__, '+ vllm-sjd ready in .venv')"

@@ -46,3 +46,15 @@ def test_no_model_means_the_demo_model():
     command, _ = serve_command(["--port", "1"], has_gpu=False)
     assert command[2] == str(DEMO_MODEL_PATH)
     assert command[command.index("--served-model-name") + 1] == "vllm-sjd-demo"
+
+
+def test_a_llamagen_folder_gets_prompt_embeddings_and_no_tokenizer(tmp_path):
+    from vllm_sjd.testing.tiny_llamagen import tiny_config
+
+    tiny_config().save_pretrained(tmp_path)
+    command, _ = serve_command([str(tmp_path)], has_gpu=True)
+    assert "--skip-tokenizer-init" in command and "--enable-prompt-embeds" in command
+    given, _ = serve_command([str(tmp_path), "--enable-prompt-embeds"], has_gpu=True)
+    assert given.count("--enable-prompt-embeds") == 1
+    demo, _ = serve_command([str(DEMO_MODEL_PATH)], has_gpu=True)
+    assert "--skip-tokenizer-init" not in demo and "--enable-prompt-embeds" not in demo

@@ -1,18 +1,14 @@
 """vllm_sjd/families.py: one row per architecture, read by the registry, the decoder choice and the patch."""
 
-import dataclasses
 import importlib
-import json
 from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from vllm_sjd.families import FAMILIES, NotAnImageModel, family_of, image_layout_for, is_image_architecture
 from vllm_sjd.image_decoders import NoImageDecoder, image_decoder_for
-from vllm_sjd.testing.tiny_llamagen import CODEBOOK, IMAGE_SIZE, tiny_config
-from vllm_sjd.vq.llamagen_vq import LlamaGenVQConfig, LlamaGenVQDecoder
+from vllm_sjd.testing.tiny_llamagen import CODEBOOK, IMAGE_SIZE, tiny_config, write_tiny_vq16
 
 
 @pytest.mark.parametrize("architecture", sorted(FAMILIES))
@@ -37,13 +33,7 @@ def test_the_registry_and_the_patch_see_exactly_the_table():
 
 def test_llamagen_decoder_is_found_in_its_folder(tmp_path):
     """The family the decoder list used to lack: VQ-16 weights plus an optional vq_config.json."""
-    vq_config = LlamaGenVQConfig(codebook_size=CODEBOOK, z_channels=32, ch=32,
-                                 ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1)
-    torch.manual_seed(0)
-    source = LlamaGenVQDecoder(vq_config)
-    save_file({k: v.contiguous() for k, v in source.state_dict().items()},
-              str(tmp_path / "vq_ds16_t2i.safetensors"))
-    (tmp_path / "vq_config.json").write_text(json.dumps(dataclasses.asdict(vq_config)))
+    source = write_tiny_vq16(tmp_path)
 
     hf_config = tiny_config()
     grid = image_layout_for(hf_config).grid(IMAGE_SIZE, IMAGE_SIZE)

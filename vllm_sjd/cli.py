@@ -6,10 +6,13 @@
   per-request speculative metrics on (the image endpoint's pass counts);
   `--speculative-config null` serves plain AR;
 - the image endpoint on (VLLM_PLUGINS gains sjd and sjd_images);
-- on a machine without a GPU, float32 unless --dtype is given.
+- on a machine without a GPU, float32 unless --dtype is given;
+- a LlamaGen-T2I folder (its captions are prompt embeddings, it has no
+  tokenizer): --skip-tokenizer-init and --enable-prompt-embeds.
 Everything else passes through to `vllm serve` unchanged.
 """
 
+import json
 import os
 import shutil
 import sys
@@ -39,9 +42,22 @@ def serve_command(argv: list[str], has_gpu: bool) -> tuple[list[str], dict[str, 
         options += ["--per-request-spec-decode-metrics", "summary"]
     if not has_gpu and "--dtype" not in options:
         options += ["--dtype", "float32"]
+    if _takes_caption_embeddings(model):
+        options += [f for f in ("--skip-tokenizer-init", "--enable-prompt-embeds") if not _given(options, f)]
     plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]
     plugins += [p for p in ("sjd", "sjd_images") if p not in plugins]
     return ["vllm", "serve", model, *options], {"VLLM_PLUGINS": ",".join(plugins)}
+
+
+def _takes_caption_embeddings(model: str) -> bool:
+    """A local LlamaGen-T2I folder (config.json of model_type "llamagen_t2i")."""
+    try:
+        model_type = json.loads((Path(model) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return False
+    from vllm_sjd.models.llamagen_config import MODEL_TYPE
+
+    return model_type == MODEL_TYPE
 
 
 def _given(options: list[str], flag: str) -> bool:

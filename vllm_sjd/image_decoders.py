@@ -91,8 +91,9 @@ def llamagen_decoder(folder: Path, hf_config) -> ImageDecoder:
     weights = _first_file(folder, ("vq_ds16_t2i.safetensors", "vq_ds16_t2i.pt"))
     if weights is None:
         raise NoImageDecoder(
-            "LlamaGen-T2I decodes with LlamaGen's VQ-16: put vq_ds16_t2i.pt (or "
-            f"vq_ds16_t2i.safetensors) in {folder}, or name its folder with the image option 'vq'"
+            f"LlamaGen-T2I decodes with LlamaGen's VQ-16: put vq_ds16_t2i.pt in {folder}, or "
+            "name the folder of vq_ds16_t2i.pt or .safetensors with the image option 'vq' (a "
+            ".safetensors beside the model's own weights would be read as model weights)"
         )
     fields = {}
     if (folder / "vq_config.json").is_file():

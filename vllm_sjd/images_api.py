@@ -13,7 +13,8 @@ per pass. With `stream: true` the route sends OpenAI's image events instead
 (vllm_sjd/images_stream.py), from the same ImageJob.
 
 The service runs on the API server's EngineClient (public API only): it
-builds the prompt and sampling parameters from the model's image layout,
+builds the prompts (vllm_sjd/image_prompts.py: text, or LlamaGen's T5 caption
+embeddings) and sampling parameters from the model's image layout,
 generates the n images concurrently, and decodes them with the model's VQ
 decoder (vllm_sjd/image_decoders.py). Bad input is answered with HTTP 400 in
 OpenAI's error shape by the route (vllm_sjd/images_plugin.py).
@@ -172,16 +173,13 @@ class ImageJob:
 
     request: ImageGenerationRequest
     request_id: str
-    prompt_ids: list[int]
+    prompt: dict  # the engine prompt of the caption
+    prompt_tokens: int
     params: list  # SamplingParams, one per image
     grid: ImageGrid
     guidance_scale: float
     temperature: float
     top_k: int
-
-    @property
-    def prompt(self) -> dict:
-        return {"prompt_token_ids": self.prompt_ids}
 
     @property
     def size(self) -> str:
@@ -203,7 +201,7 @@ class ImageJob:
                 "quality": self.request.quality or "auto", "size": self.size}
 
     def usage(self, output_tokens: int) -> dict:
-        inputs = len(self.prompt_ids)
+        inputs = self.prompt_tokens
         return {
             "input_tokens": inputs,
             "input_tokens_details": {"text_tokens": inputs, "image_tokens": 0},
@@ -220,12 +218,12 @@ class ImageJob:
 class ImageService:
     """Generates images for one served model."""
 
-    def __init__(self, engine_client, layout, decoder, model_name: str, tokenizer) -> None:
+    def __init__(self, engine_client, layout, decoder, model_name: str, prompts) -> None:
         self.engine_client = engine_client
         self.layout = layout
         self.decoder = decoder
         self.model_name = model_name
-        self.tokenizer = tokenizer
+        self.prompts = prompts  # vllm_sjd/image_prompts.py
         speculative = engine_client.vllm_config.speculative_config
         self.speculative = speculative is not None
         # The model's sampling defaults as vLLM's other routes see them
@@ -240,7 +238,7 @@ class ImageService:
         width, height = (int(v) for v in size.split("x"))
         return width, height
 
-    def plan(self, request: ImageGenerationRequest) -> ImageJob:
+    async def plan(self, request: ImageGenerationRequest) -> ImageJob:
         """Validate a request and make its engine requests' inputs; ImageRequestError if bad."""
         refusal = request.refusal()
         if refusal is not None:
@@ -254,23 +252,17 @@ class ImageService:
             grid = self.layout.grid(width, height)
         except UnsupportedImageSize as e:
             raise ImageRequestError(str(e), "size") from None
-        prompt = self.layout.prompt(request.prompt, width, height)
-        prompt_ids = self.tokenizer(prompt)["input_ids"]
-        max_len = self.engine_client.model_config.max_model_len
-        if len(prompt_ids) + grid.num_tokens > max_len:
-            raise ImageRequestError(
-                f"prompt of {len(prompt_ids)} tokens plus the {grid.num_tokens} image tokens "
-                f"exceed the model's context of {max_len} tokens",
-                "prompt",
-            )
         scale = request.guidance_scale
         if scale is None:
             scale = self.layout.default_guidance_scale
-        unconditional = (
-            self.layout.unconditional_prompt_token_ids(self.tokenizer, width, height)
-            if scale != 1.0
-            else None
-        )
+        prompts = await self.prompts.make(request.prompt, width, height, guided=scale != 1.0)
+        max_len = self.engine_client.model_config.max_model_len
+        if prompts.num_tokens + grid.num_tokens > max_len:
+            raise ImageRequestError(
+                f"prompt of {prompts.num_tokens} tokens plus the {grid.num_tokens} image tokens "
+                f"exceed the model's context of {max_len} tokens",
+                "prompt",
+            )
         base_seed = request.seed
         temperature = self.default_temperature if request.temperature is None else request.temperature
         top_k = request.top_k or self.default_top_k
@@ -281,12 +273,12 @@ class ImageService:
                 top_k=top_k,
                 seed=None if base_seed is None else base_seed + i,
                 guidance_scale=scale,
-                unconditional_prompt_token_ids=unconditional,
+                unconditional_prompt_token_ids=prompts.unconditional_token_ids,
             )
             for i in range(request.n or 1)
         ]
-        job = ImageJob(request, f"img-{uuid.uuid4().hex[:16]}", prompt_ids, params, grid,
-                       scale, temperature, top_k)
+        job = ImageJob(request, f"img-{uuid.uuid4().hex[:16]}", prompts.conditional,
+                       prompts.num_tokens, params, grid, scale, temperature, top_k)
         end_user = request.safety_identifier or request.user
         logger.info(
             "%s: %d image(s) of %s (%d tokens each), guidance %.2g, %s%s%s",
@@ -297,7 +289,7 @@ class ImageService:
         return job
 
     async def generate(self, request: ImageGenerationRequest) -> dict:
-        job = self.plan(request)
+        job = await self.plan(request)
         started = time.monotonic()
         results = await asyncio.gather(
             *(self.one_image(job.engine_request_id(i), job.prompt, p, job.grid)

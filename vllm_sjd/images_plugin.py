@@ -13,7 +13,8 @@ resolution its checkpoint was trained at. The route sits under /v1, so
 that hangs up has its engine requests aborted, and vLLM's errors reach vLLM's
 handlers (500, and a server whose engine died stops). `stream: true` answers
 with server-sent events (vllm_sjd/images_stream.py); a failure there ends the
-stream with an `error` event.
+stream with an `error` event. GET /sjd is a playground page that uses the
+route (vllm_sjd/playground/).
 """
 
 import asyncio
@@ -36,6 +37,7 @@ from vllm_sjd.images_api import (
     openai_error,
 )
 from vllm_sjd.images_stream import server_sent, stream_events
+from vllm_sjd.playground import PAGE_ROUTE, page_config, playground_page
 
 # Under the "vllm" logger, so that vLLM's log configuration shows it.
 logger = logging.getLogger("vllm.sjd.images")
@@ -66,7 +68,7 @@ async def generate_images(raw: Request) -> JSONResponse:
         return _bad_request(f"{param}: {first['msg']}" if param else first["msg"], param)
     if request.stream:
         try:
-            job = service.plan(request)  # bad input: 400 before the stream starts
+            job = await service.plan(request)  # bad input: 400 before the stream starts
         except ImageRequestError as e:
             return _bad_request(str(e), e.param)
         return StreamingResponse(_streamed(service, job), media_type="text/event-stream")
@@ -149,6 +151,7 @@ class ImagesEndpoint:
     def attach_router(self, app: FastAPI) -> None:
         router = APIRouter()
         router.add_api_route(ROUTE, generate_images, methods=["POST"])
+        router.add_api_route(PAGE_ROUTE, playground_page, methods=["GET"], include_in_schema=False)
         app.include_router(router)
 
     async def init_state(self, engine_client, state, args) -> None:
@@ -161,12 +164,15 @@ class ImagesEndpoint:
             state.sjd_images_unavailable = str(e)
             logger.warning("vllm-sjd: %s disabled: %s", ROUTE, e)
             return
-        logger.info("vllm-sjd: %s serves %s", ROUTE, state.sjd_images.model_name)
+        state.sjd_playground = page_config(state.sjd_images, args)
+        logger.info("vllm-sjd: %s serves %s; the playground page is at %s",
+                    ROUTE, state.sjd_images.model_name, PAGE_ROUTE)
 
 
 def build_service(engine_client, args) -> ImageService:
     from vllm_sjd.image_decoders import image_decoder_for
     from vllm_sjd.families import image_layout_for
+    from vllm_sjd.image_prompts import prompts_for
 
     model_config = engine_client.model_config
     options = (engine_client.vllm_config.additional_config or {}).get(IMAGE_OPTIONS_CONFIG_KEY, {})
@@ -174,8 +180,8 @@ def build_service(engine_client, args) -> ImageService:
     logger.info("vllm-sjd: loading the VQ decoder of %s", model_config.model)
     decoder = image_decoder_for(model_config.model, model_config.hf_config, options.get("vq"))
     names = getattr(args, "served_model_name", None) or [model_config.model]
-    tokenizer = engine_client.renderer.get_tokenizer()
-    return ImageService(engine_client, layout, decoder, names[0], tokenizer)
+    prompts = prompts_for(engine_client, layout, options)
+    return ImageService(engine_client, layout, decoder, names[0], prompts)
 
 
 def make_plugin() -> ImagesEndpoint:

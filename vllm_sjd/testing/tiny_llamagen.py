@@ -97,6 +97,26 @@ def build_tiny_t5(path: Path, *, seed: int = 0) -> Path:
     return path
 
 
+def write_tiny_vq16(path: Path, *, seed: int = 0):
+    """VQ-16's shape (five levels: 16x) with few channels and the tiny model's
+    512 codes, written as the image endpoint finds it: vq_ds16_t2i.safetensors
+    and vq_config.json. Returns the decoder written."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    from vllm_sjd.vq.llamagen_vq import LlamaGenVQConfig, LlamaGenVQDecoder
+
+    config = LlamaGenVQConfig(codebook_size=CODEBOOK, z_channels=32, ch=32,
+                              ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1)
+    torch.manual_seed(seed)
+    decoder = LlamaGenVQDecoder(config)
+    save_file({k: v.contiguous() for k, v in decoder.state_dict().items()},
+              str(Path(path) / "vq_ds16_t2i.safetensors"))
+    (Path(path) / "vq_config.json").write_text(json.dumps(asdict(config)))
+    return decoder
+
+
 def load_state(path: Path) -> dict[str, torch.Tensor]:
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(Path(path) / CHECKPOINT_NAME, weights_only=True)["model"]
