@@ -10,6 +10,7 @@ sentinel so a second install is harmless, and verify that the install took
 |-------------------------|--------------------------------------------------------------|------------|
 | speculative_config      | EngineArgs.create_speculative_config                         | all        |
 | v1_runner               | VllmConfig.use_v2_model_runner (V1 with the SJD worker)      | all        |
+| janus_vocab             | EngineArgs.create_model_config (Janus's codes get their ids) | all        |
 | verified_logits         | rejection_sampler.rejection_sample (captures processed p)    | all        |
 | recovered_tokens        | rejection_sampler.sample_recovered_tokens (empty residual)   | all        |
 | sjd_runner / sjd_worker | GPUModelRunner/CPUModelRunner subclasses, worker subclasses  | all        |
@@ -34,6 +35,7 @@ def apply_all() -> None:
         return
     check_vllm_version()
     from vllm_sjd.patches import (
+        janus_vocab,
         recovered_tokens,
         speculative_config,
         v1_runner,
@@ -42,6 +44,7 @@ def apply_all() -> None:
 
     speculative_config.install()
     v1_runner.install()
+    janus_vocab.install()
     verified_logits.install()
     recovered_tokens.install()
     if is_cpu_platform():

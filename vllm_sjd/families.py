@@ -66,6 +66,12 @@ def _llamagen_layout(hf_config, target_size: int | None = None):
     return LlamaGenImageLayout.from_config(hf_config)
 
 
+def _janus_layout(hf_config, target_size: int | None = None):
+    from vllm_sjd.layouts.janus import JanusImageLayout
+
+    return JanusImageLayout.from_config(hf_config)
+
+
 def _chameleon_decoder(folder: Path, hf_config):
     from vllm_sjd.image_decoders import chameleon_decoder
 
@@ -82,6 +88,12 @@ def _llamagen_decoder(folder: Path, hf_config):
     from vllm_sjd.image_decoders import llamagen_decoder
 
     return llamagen_decoder(folder, hf_config)
+
+
+def _janus_decoder(folder: Path, hf_config):
+    from vllm_sjd.image_decoders import janus_decoder
+
+    return janus_decoder(folder, hf_config)
 
 
 CHAMELEON_VQ_FILES = "vqgan.yaml with vqgan.ckpt or vqgan.safetensors (or the demo's vq/decoder.safetensors)"
@@ -107,6 +119,11 @@ FAMILIES: dict[str, Family] = {
         "LlamaGen-T2I", "vllm_sjd.models.llamagen:LlamaGenT2IForCausalLM",
         _llamagen_layout, _llamagen_decoder,
         "vq_ds16_t2i.pt or vq_ds16_t2i.safetensors (optional vq_config.json)",
+    ),
+    # Janus-Pro 1B/7B in transformers' layout: the generation path only.
+    "JanusForConditionalGeneration": Family(
+        "Janus-Pro", "vllm_sjd.models.janus:JanusImageGenerator",
+        _janus_layout, _janus_decoder, "the checkpoint's own model.vqmodel.* weights",
     ),
 }
 

@@ -10,7 +10,9 @@
   model_type "emu3_vqgan" and its safetensors);
 - LlamaGen-T2I: LlamaGen's VQ-16, `vq_ds16_t2i.pt` or `vq_ds16_t2i.safetensors`,
   shaped by an optional `vq_config.json` (LlamaGenVQConfig's fields; VQ-16's
-  own when absent). Image token ids are the codes.
+  own when absent). Image token ids are the codes;
+- Janus-Pro: transformers' JanusVQVAE from the checkpoint's own safetensors
+  (model.vqmodel.*). Image token ids are the codes after the text vocabulary.
 """
 
 import json
@@ -102,6 +104,17 @@ def llamagen_decoder(folder: Path, hf_config) -> ImageDecoder:
     config = LlamaGenVQConfig(**{"codebook_size": hf_config.codebook_size, **fields})
     decoder = LlamaGenVQDecoder.from_checkpoint(weights, config)
     return ImageDecoder(lambda codes: codes, decoder)
+
+
+def janus_decoder(folder: Path, hf_config) -> ImageDecoder:
+    from vllm_sjd.checkpoints import CheckpointError
+    from vllm_sjd.vq.janus import JanusImageDecoder
+
+    try:
+        decoder = JanusImageDecoder.from_checkpoint(folder, hf_config)
+    except CheckpointError as e:
+        raise NoImageDecoder(f"{e}; or name the Janus checkpoint's folder with the image option 'vq'") from None
+    return ImageDecoder(decoder.codes_from_tokens, decoder)
 
 
 def _first_file(folder: Path, names: Sequence[str]) -> Path | None:

@@ -43,10 +43,12 @@ class TextPrompts:
 
     async def make(self, caption: str, width: int, height: int, guided: bool) -> ImagePrompts:
         ids = self.tokenizer(self.layout.prompt(caption, width, height))["input_ids"]
-        unconditional = (
-            self.layout.unconditional_prompt_token_ids(self.tokenizer, width, height)
-            if guided else None
-        )
+        if not guided:
+            unconditional = None
+        elif hasattr(self.layout, "unconditional_of"):  # made from the caption's tokens (Janus)
+            unconditional = self.layout.unconditional_of(ids, self.tokenizer)
+        else:
+            unconditional = self.layout.unconditional_prompt_token_ids(self.tokenizer, width, height)
         return ImagePrompts({"prompt_token_ids": ids}, len(ids), unconditional)
 
 
