@@ -44,6 +44,11 @@ SEAMS = [
     # speculative_config: the wrapper hands both configs to the original positionally.
     ("vllm.engine.arg_utils", "EngineArgs.create_speculative_config",
      ours("patches/speculative_config.py", "_create_speculative_config"), {}),
+    # janus_vocab: widens Janus's text vocabulary, renews the architecture summary.
+    ("vllm.engine.arg_utils", "EngineArgs.create_model_config",
+     ours("patches/janus_vocab.py", "_create_model_config"), {}),
+    ("vllm.config.model", "ModelConfig.get_model_arch_config", named(),
+     {"called_by": [calls("ModelConfig.__post_init__", "self.get_model_arch_config")]}),
     # v1_runner: wraps the property's fget, installs a property.
     ("vllm.config.vllm", "VllmConfig.use_v2_model_runner",
      ours("patches/v1_runner.py", "_use_v2_model_runner"), {"decorator": "property"}),
@@ -96,6 +101,10 @@ SEAMS = [
     ("vllm.model_executor.model_loader.weight_utils", "default_weight_loader",
      named("param", "loaded_weight"), {}),
     ("vllm.model_executor.models.llama", "LlamaForCausalLM.__init__", named("vllm_config", "prefix"), {}),
+    # models/janus.py builds vLLM's Llama body and feeds it embeddings.
+    ("vllm.model_executor.models.llama", "LlamaModel.__init__", named("vllm_config", "prefix"), {}),
+    ("vllm.model_executor.models.llama", "LlamaModel.forward",
+     named("input_ids", "positions", "intermediate_tensors", "inputs_embeds"), {}),
     *overrides("vllm.model_executor.models.llama", "LlamaForCausalLM", "vllm_sjd/models/emu3.py",
                "Emu3ImageGenerator", "load_weights"),
     # layouts/logits_processor.py (plain AR) and the images endpoint plugin.
@@ -152,6 +161,9 @@ patches/sjd_worker.py
 patches/speculative_config.py
     self engine_args                        vllm.engine.arg_utils.EngineArgs
     parallel_config                         vllm.config.parallel.ParallelConfig
+patches/janus_vocab.py
+    self                                    vllm.engine.arg_utils.EngineArgs
+    model_config                            vllm.config.model.ModelConfig
 patches/v1_runner.py
     self vllm_config                        vllm.config.vllm.VllmConfig
     self.parallel_config                    vllm.config.parallel.ParallelConfig
@@ -172,7 +184,7 @@ vllm_sjd/images_api.py
 vllm_sjd/layouts/logits_processor.py
     params                                  vllm.sampling_params.SamplingParams
     batch_update                            vllm.v1.sample.logits_processor.BatchUpdate
-vllm_sjd/models/emu3.py vllm_sjd/models/llamagen.py vllm_sjd/models/chameleon.py
+vllm_sjd/models/emu3.py vllm_sjd/models/llamagen.py vllm_sjd/models/chameleon.py vllm_sjd/models/janus.py
     vllm_config                             vllm.config.vllm.VllmConfig
 vllm_sjd/models/__init__.py
     ModelRegistry                           vllm.model_executor.models.registry._ModelRegistry

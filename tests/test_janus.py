@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import assert_vllm_logits_match, make_llm, shutdown, spec_counters
+from tests.stats import chi_square_pvalue
 from vllm_sjd.families import image_layout_for
 from vllm_sjd.image_decoders import image_decoder_for
 from vllm_sjd.image_generation import image_sampling_params
@@ -20,6 +21,7 @@ from vllm_sjd.testing.tiny_janus import (
     NUM_CODES,
     TEXT_VOCAB,
     build_tiny_janus,
+    exact_guided_code_probs,
     load_reference,
     reference_guided_greedy,
 )
@@ -29,6 +31,8 @@ pytestmark = pytest.mark.engine
 CAPTIONS = ["a red circle", "a blue square on black background"]
 SJD = {"num_speculative_tokens": 8}
 SIDE = IMAGE_SIZE // 16
+NUM_CHI_SQUARE_SAMPLES = 6000
+ALPHA = 1e-4  # as tests/test_lossless.py
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +166,35 @@ def test_tensor_parallel_2_gives_the_guided_greedy_tokens(janus_dir, layout, tok
         assert guided_greedy(llm, layout, tokenizer) == expected_greedy
     finally:
         shutdown(llm)
+
+
+def test_guided_sjd_on_janus_samples_the_exact_guided_distribution(tmp_path, tokenizer):
+    """A 2x2-code Janus: SJD (coupled drafts, initial drafts from the cell above,
+    a window of 2) with Janus's guidance against the exact guided distribution
+    over the generation head; the unguided distribution fails the same test."""
+    from transformers import AutoConfig
+
+    path = build_tiny_janus(tmp_path / "janus-2x2", image_size=32, sharpness=1.0)
+    layout = JanusImageLayout.from_config(AutoConfig.from_pretrained(path))
+    grid = layout.grid(32, 32)
+    cond = tokenizer(layout.prompt("a red circle", 32, 32))["input_ids"]
+    uncond = layout.unconditional_of(cond, tokenizer)
+    reference = load_reference(path)
+    options = dict(temperature=0.6, top_k=3)
+    exact = exact_guided_code_probs(reference, cond, uncond, 5.0, grid.num_tokens, **options)
+    unguided = exact_guided_code_probs(reference, cond, cond, 1.0, grid.num_tokens, **options)
+    llm = make_llm(path, sjd={"num_speculative_tokens": 2, "dynamic_num_speculative_tokens": "off"},
+                   max_num_seqs=256)
+    try:
+        params = image_sampling_params(grid, guidance_scale=5.0, unconditional_prompt_token_ids=uncond,
+                                       **options)
+        outputs = llm.generate([{"prompt_token_ids": cond}] * NUM_CHI_SQUARE_SAMPLES, params,
+                               use_tqdm=False)
+        counters = spec_counters(llm)
+    finally:
+        shutdown(llm)
+    samples = [tuple(t - TEXT_VOCAB for t in o.outputs[0].token_ids) for o in outputs]
+    assert grid.num_tokens == 4 and len(exact) == 3**4
+    assert counters["num_accepted_tokens"] > 0.1 * NUM_CHI_SQUARE_SAMPLES
+    assert chi_square_pvalue(samples, exact) > ALPHA
+    assert chi_square_pvalue(samples, unguided) < ALPHA

@@ -29,7 +29,7 @@ def tokenizer_vocab() -> dict[str, int]:
     return {w: i for i, w in enumerate(words)}
 
 
-def tiny_janus_config(**text_overrides):
+def tiny_janus_config(image_size: int = IMAGE_SIZE, **text_overrides):
     from transformers import JanusConfig, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
 
     vocab = tokenizer_vocab()
@@ -39,8 +39,8 @@ def tiny_janus_config(**text_overrides):
                        bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[PAD],
                        **text_overrides)
     vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               image_size=IMAGE_SIZE, patch_size=16, projection_dim=64,
-                               num_image_tokens=(IMAGE_SIZE // 16) ** 2)
+                               image_size=image_size, patch_size=16, projection_dim=64,
+                               num_image_tokens=(image_size // 16) ** 2)
     vq = JanusVQVAEConfig(embed_dim=8, num_embeddings=NUM_CODES, latent_channels=32,
                           base_channels=32, channel_multiplier=[1, 1, 2, 2, 4], num_res_blocks=1,
                           projection_dim=64, image_token_embed_dim=64, num_hidden_layers=2)
@@ -48,14 +48,15 @@ def tiny_janus_config(**text_overrides):
                        image_token_id=vocab["<image_placeholder>"], tie_word_embeddings=False)
 
 
-def build_tiny_janus(path: Path, *, seed: int = 0, sharpness: float = 8.0) -> Path:
+def build_tiny_janus(path: Path, *, seed: int = 0, sharpness: float = 8.0,
+                     image_size: int = IMAGE_SIZE) -> Path:
     """Save the tiny checkpoint and tokenizer to `path`. `sharpness` scales the
     generation head, so that the image codes' logits are far from uniform."""
     from transformers import JanusForConditionalGeneration
 
     path = Path(path)
     torch.manual_seed(seed)
-    model = JanusForConditionalGeneration(tiny_janus_config()).eval()
+    model = JanusForConditionalGeneration(tiny_janus_config(image_size)).eval()
     with torch.no_grad():
         model.model.generation_head.vision_head.weight.mul_(sharpness)
         model.model.generation_embeddings.weight.normal_(0.0, 1.0)
@@ -92,3 +93,32 @@ def reference_guided_greedy(model, cond_ids: list[int], uncond_ids: list[int], s
         step = model.prepare_embeddings_for_image_generation(torch.tensor([[code]]))
         streams = [torch.cat([s, step], dim=1) for s in streams]
     return codes
+
+
+@torch.no_grad()
+def exact_guided_code_probs(model, cond_ids: list[int], uncond_ids: list[int], scale: float,
+                            length: int, *, temperature: float, top_k: int) -> dict[tuple, float]:
+    """Exact probabilities of every `length`-code image under Janus's guidance
+    (uncond + s (cond - uncond) of the generation head), temperature, then top-k,
+    by teacher forcing transformers' modules over every prefix."""
+    embed = model.get_input_embeddings()
+    probs: dict[tuple, float] = {(): 1.0}
+    for step in range(length):
+        prefixes = list(probs)
+        heads = []
+        for ids in (cond_ids, uncond_ids):
+            inputs = embed(torch.tensor([ids] * len(prefixes)))
+            if step:
+                codes = model.prepare_embeddings_for_image_generation(torch.tensor(prefixes))
+                inputs = torch.cat([inputs, codes], dim=1)
+            hidden = model.model.language_model(inputs_embeds=inputs).last_hidden_state[:, -1]
+            heads.append(model.model.generation_head(hidden).double())
+        logits = (heads[1] + scale * (heads[0] - heads[1])) / temperature
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        rows = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
+        grown: dict[tuple, float] = {}
+        for prefix, row in zip(prefixes, rows):
+            for code in torch.nonzero(row > 0).flatten().tolist():
+                grown[prefix + (code,)] = probs[prefix] * float(row[code])
+        probs = grown
+    return probs
