@@ -5,6 +5,7 @@ aligner and head, the codes' ids past the text vocabulary; compared with
 transformers' JanusForConditionalGeneration of the same weights.
 """
 
+import functools
 import json
 
 import pytest
@@ -24,6 +25,7 @@ from vllm_sjd.testing.tiny_janus import (
     exact_guided_code_probs,
     load_reference,
     reference_guided_greedy,
+    served_heads,
 )
 
 pytestmark = pytest.mark.engine
@@ -94,9 +96,11 @@ def sampled_images(llm, janus_dir, layout, tokenizer):
 
 @pytest.fixture(scope="module")
 def sjd_llm(janus_dir):
-    llm = make_llm(janus_dir, sjd=SJD)
-    yield llm
-    shutdown(llm)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model sends a function
+        llm = make_llm(janus_dir, sjd=SJD)
+        yield llm
+        shutdown(llm)
 
 
 def test_the_checkpoint_is_transformers_janus(janus_dir):
@@ -114,19 +118,37 @@ def test_the_checkpoint_is_transformers_janus(janus_dir):
     assert any(k.startswith("model.vision_model.") for k in keys)
 
 
-def test_logits_of_both_heads_match_transformers(janus_dir, layout, tokenizer):
-    """Text positions scored by lm_head and code positions by the generation
-    head, after text and code inputs: vLLM's prompt logprobs equal transformers'."""
-    text = tokenizer(layout.prompt("a red circle", IMAGE_SIZE, IMAGE_SIZE))["input_ids"]
-    codes = [5, 17, 63, 0, 40, 40, 9]
+def reference_hidden(janus_dir, text: list[int], codes: list[int]):
+    """transformers' model, and its last hidden states after text then code inputs."""
     reference = load_reference(janus_dir)
     with torch.no_grad():
         embeds = torch.cat([reference.get_input_embeddings()(torch.tensor([text])),
                             reference.prepare_embeddings_for_image_generation(torch.tensor([codes]))], 1)
-        hidden = reference.model.language_model(inputs_embeds=embeds).last_hidden_state[0]
-        logits = torch.cat([reference.lm_head(hidden), reference.model.generation_head(hidden)], -1)
-    assert logits.shape[-1] == TEXT_VOCAB + NUM_CODES
+        return reference, reference.model.language_model(inputs_embeds=embeds).last_hidden_state[0]
+
+
+def test_code_logits_match_transformers(janus_dir, layout, tokenizer):
+    """Every position scored by the generation head after text and code inputs
+    (text ids -inf: the model makes images only): vLLM's prompt logprobs equal
+    transformers'."""
+    text = tokenizer(layout.prompt("a red circle", IMAGE_SIZE, IMAGE_SIZE))["input_ids"]
+    codes = [5, 17, 63, 0, 40, 40, 9]
+    reference, hidden = reference_hidden(janus_dir, text, codes)
+    with torch.no_grad():
+        code_logits = reference.model.generation_head(hidden)
+    logits = torch.cat([torch.full((len(hidden), TEXT_VOCAB), float("-inf")), code_logits], -1)
     assert_vllm_logits_match(janus_dir, text + [TEXT_VOCAB + c for c in codes], logits)
+
+
+def test_both_heads_of_the_served_model_equal_transformers(sjd_llm, janus_dir):
+    """The heads as the engine loaded them, on transformers' hidden states
+    (lm_head is loaded though image generation never runs it)."""
+    reference, hidden = reference_hidden(janus_dir, [1, 4, 9, 10, 6], [3, 60])
+    text, codes = map(torch.tensor, sjd_llm.apply_model(functools.partial(served_heads, hidden))[0])
+    with torch.no_grad():
+        assert torch.allclose(text, reference.lm_head(hidden), atol=1e-5)
+        assert torch.allclose(codes[:, TEXT_VOCAB:], reference.model.generation_head(hidden), atol=1e-5)
+    assert torch.isinf(codes[:, :TEXT_VOCAB]).all()
 
 
 def test_guided_greedy_sjd_is_transformers_guided_greedy(sjd_llm, layout, tokenizer, expected_greedy):

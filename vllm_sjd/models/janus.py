@@ -14,11 +14,10 @@ Token ids. vLLM keeps one vocabulary per model, so image codes get ids of
 their own past the text vocabulary: code c is id text_vocab_size + c. The
 engine's vocabulary is widened to hold them (patches/janus_vocab.py), the
 text vocabulary's size is kept in the text config as `sjd_text_vocab_size`.
-The logits are [lm_head's text logits | the generation head's code logits],
-each head's own; an image request's layout masks the text columns. (So this
-is not a text model: a text request would sample codes too. The text head
-costs a step about 3% of a 7B forward, kept so that both heads are served
-and checked as they are.)
+The logits are [-inf for the text ids | the generation head's code logits]:
+the model makes images only, and the 102400-wide lm_head (as many FLOPs a
+token as 6% of Janus-Pro-7B's forward, 14% of 1B's) is not run for them. It is
+loaded all the same (`text_logits`), so that tests can compare it.
 """
 
 import copy
@@ -107,9 +106,13 @@ class JanusImageGenerator(nn.Module):
         return self.model(None, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        text = self.logits_processor(self.lm_head, hidden_states)
-        codes = self.generation_head(hidden_states).to(text.dtype)
+        codes = self.generation_head(hidden_states).float()
+        text = codes.new_full((codes.shape[0], self.text_vocab_size), float("-inf"))
         return torch.cat([text, codes], dim=-1)
+
+    def text_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """lm_head's logits over the text vocabulary: understanding's head, not served."""
+        return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         own = dict(self.named_parameters())

@@ -122,3 +122,11 @@ def exact_guided_code_probs(model, cond_ids: list[int], uncond_ids: list[int], s
                 grown[prefix + (code,)] = probs[prefix] * float(row[code])
         probs = grown
     return probs
+
+
+def served_heads(hidden: torch.Tensor, model) -> tuple[list, list]:
+    """For LLM.apply_model: the served model's lm_head logits and its logits of
+    `hidden`, as lists (what comes back from a worker)."""
+    with torch.no_grad():
+        hidden = hidden.to(next(model.parameters()).device)
+        return model.text_logits(hidden).tolist(), model.compute_logits(hidden).tolist()
