@@ -150,6 +150,20 @@ def _llamagen_requests(llm, model: Path) -> Requests:
     return Requests(encoder.prompts([CAPTION]), [_greedy(grid)], [grid])
 
 
+def _build_janus(folder: Path) -> Path:
+    from vllm_sjd.testing.tiny_janus import build_tiny_janus
+
+    return build_tiny_janus(folder, sharpness=3.0)
+
+
+def _janus_requests(llm, model: Path) -> Requests:
+    from vllm_sjd.families import image_layout_for
+
+    layout = image_layout_for(llm.llm_engine.model_config.hf_config)  # 8x8 codes, 128 px
+    grid = layout.grid(*layout.default_size)
+    return Requests([layout.prompt(CAPTION, *layout.default_size)], [_greedy(grid)], [grid])
+
+
 FAMILY_CASES = [
     FamilyCase("Lumina-mGPT", "lumina", _build_lumina, _lumina_requests,
                engine_kwargs={"max_model_len": 1024},
@@ -159,6 +173,7 @@ FAMILY_CASES = [
     FamilyCase("Emu3-Gen", "emu3", _build_emu3, _emu3_requests),
     FamilyCase("LlamaGen-T2I", "llamagen", _build_llamagen, _llamagen_requests,
                engine_kwargs={"skip_tokenizer_init": True, "enable_prompt_embeds": True}),
+    FamilyCase("Janus-Pro", "janus", _build_janus, _janus_requests),
 ]
 
 
