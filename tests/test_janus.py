@@ -220,3 +220,17 @@ def test_guided_sjd_on_janus_samples_the_exact_guided_distribution(tmp_path, tok
     assert counters["num_accepted_tokens"] > 0.1 * NUM_CHI_SQUARE_SAMPLES
     assert chi_square_pvalue(samples, exact) > ALPHA
     assert chi_square_pvalue(samples, unguided) < ALPHA
+
+
+def test_a_checkpoint_without_the_generation_head_stops_the_engine_naming_it(tmp_path, capfd):
+    """Left random, the head would make noise images without a word."""
+    from safetensors.torch import load_file, save_file
+
+    path = build_tiny_janus(tmp_path / "headless")
+    weights = load_file(str(path / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if not k.startswith("model.generation_head.")},
+              str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(Exception):
+        make_llm(path, sjd=SJD)
+    logs = capfd.readouterr()
+    assert "lacks Janus's generation weights: generation_head.proj_out.bias" in logs.out + logs.err

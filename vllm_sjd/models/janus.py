@@ -142,6 +142,9 @@ class JanusImageGenerator(nn.Module):
         loaded |= {f"model.{n}" for n in self.model.load_weights(language_model_weights())}
         if unknown:
             raise CheckpointError(f"weights that are not part of Janus: {listing(unknown)}")
+        missing = sorted(n for n in own if n.startswith("generation_") and n not in loaded)
+        if missing:  # would stay random: the images would be noise
+            raise CheckpointError(f"the checkpoint lacks Janus's generation weights: {listing(missing)}")
         if "lm_head.weight" not in loaded:  # tied to the text embedding
             self.lm_head.weight = self.model.embed_tokens.weight
             loaded.add("lm_head.weight")
