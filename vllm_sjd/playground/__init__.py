@@ -7,6 +7,8 @@ VLLM_API_KEY) the page asks for the key and sends it as vLLM's routes want it.
 What the page needs to know of the server is written into it here.
 """
 
+import functools
+import html
 import json
 import os
 from importlib.resources import files
@@ -37,11 +39,13 @@ async def playground_page(raw: Request) -> HTMLResponse:
     config = getattr(raw.app.state, "sjd_playground", None)
     if config is None:
         reason = getattr(raw.app.state, "sjd_images_unavailable", "no image model is loaded")
-        return HTMLResponse(f"<p>This server cannot make images: {_escape(reason)}</p>", 404)
-    page = files(__package__).joinpath("index.html").read_text(encoding="utf-8")
+        return HTMLResponse(f"<p>This server cannot make images: {html.escape(reason)}</p>", 404)
     # "</" could close the script element that holds the JSON.
-    return HTMLResponse(page.replace(_CONFIG_SLOT, json.dumps(config).replace("</", "<\\/")))
+    return HTMLResponse(_page().replace(_CONFIG_SLOT, json.dumps(config).replace("</", "<\\/")))
 
 
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+@functools.cache
+def _page() -> str:
+    """The page's HTML, read once per server."""
+    return files(__package__).joinpath("index.html").read_text(encoding="utf-8")
+
