@@ -48,7 +48,9 @@ from vllm_sjd.guidance import (
 from vllm_sjd.layouts.constraints import LayoutConstraints
 from vllm_sjd.patches.sjd_sampling import SJDSamplingMixin, samples_without_logprobs
 from vllm_sjd.patches.verified_logits import capture_verified_logits
+from vllm_sjd.patches.zipar_runner import ZipARRunnerMixin
 from vllm_sjd.proposer import SJDProposer
+from vllm_sjd.zipar import ZipARProposer
 
 
 @dataclass
@@ -72,18 +74,20 @@ class _GuidedPairs:
     scale: list[float]
 
 
-class SJDModelRunnerMixin(SJDSamplingMixin):
+class SJDModelRunnerMixin(ZipARRunnerMixin, SJDSamplingMixin):
     """Overrides shared by the GPU and CPU SJD runners."""
 
     drafter: SJDProposer  # only under speculation
 
     def _init_sjd(self) -> None:
         # Plain AR has no proposer: layouts and guidance only.
-        self._proposer: SJDProposer | None = getattr(self, "drafter", None)
-        if self.speculative_config is not None and not isinstance(self._proposer, SJDProposer):
+        self._proposer: SJDProposer | ZipARProposer | None = getattr(self, "drafter", None)
+        if self.speculative_config is not None and not isinstance(
+            self._proposer, (SJDProposer, ZipARProposer)
+        ):
             raise RuntimeError(
-                "the SJD model runner needs the SJD proposer; start the engine with "
-                'speculative_config={"method": "sjd", ...}'
+                "the SJD model runner needs the SJD or ZipAR proposer; start the engine with "
+                'speculative_config={"method": "sjd" | "zipar", ...}'
             )
         self._sjd_step: _StepLogits | None = None
         self._sjd_pairs = _GuidedPairs([], [], [])
@@ -207,6 +211,12 @@ class SJDModelRunnerMixin(SJDSamplingMixin):
             self._hold(held)
         self._sjd_pairs = pairs
         sampling_metadata = self.input_batch.sampling_metadata
+        if self._zipar is not None:
+            # ZipAR's own step (patches/zipar_runner.py); no logprobs.
+            self.sampling_steps["columns"] += 1
+            return self._sample_zipar(
+                logits, spec_decode_metadata, counts, pairs, self._greedy_mask(num_reqs)
+            )
         if self._proposer is not None and samples_without_logprobs(sampling_metadata):
             # SJD's own step (patches/sjd_sampling.py).
             greedy = self._greedy_mask(num_reqs)
@@ -287,6 +297,9 @@ class SJDModelRunnerMixin(SJDSamplingMixin):
         common_attn_metadata,
         slot_mappings,
     ):
+        if self._zipar is not None:
+            self._sjd_pairs = _GuidedPairs([], [], [])
+            return self._propose_zipar(sampled_token_ids)
         step, self._sjd_step = self._sjd_step, None
         assert step is not None and isinstance(sampled_token_ids, list)
         pairs, self._sjd_pairs = self._sjd_pairs, _GuidedPairs([], [], [])
@@ -406,7 +419,13 @@ class SJDModelRunnerMixin(SJDSamplingMixin):
     def _update_states(self, scheduler_output):
         result = super()._update_states(scheduler_output)
         gone = set(scheduler_output.finished_req_ids)
-        gone.update(scheduler_output.preempted_req_ids or ())
+        preempted = set(scheduler_output.preempted_req_ids or ()) - gone
+        if self._zipar is not None and preempted:
+            # A ZipAR stream resumes as it was: only its pending drafts go.
+            self._zipar.evict(preempted, finished=False)
+            self._layouts.evict(preempted)
+            preempted = set()
+        gone |= preempted
         if gone:
             self._layouts.evict(gone)
             for req_id in gone:

@@ -21,8 +21,13 @@ import os
 
 from vllm.engine.arg_utils import EngineArgs
 
-from vllm_sjd.config import split_speculative_config
-from vllm_sjd.contract import SJD_SETTINGS_CONFIG_KEY, SPECULATIVE_METHOD
+from vllm_sjd.config import SJDConfigError, split_speculative_config, split_zipar_config
+from vllm_sjd.contract import (
+    SJD_SETTINGS_CONFIG_KEY,
+    SPECULATIVE_METHOD,
+    ZIPAR_METHOD,
+    ZIPAR_SETTINGS_CONFIG_KEY,
+)
 from vllm_sjd.patches.wrapping import install_wrapper
 
 SJD_WORKER_CLASS = "vllm_sjd.patches.sjd_worker.SJDWorker"
@@ -34,7 +39,7 @@ class SJDUnsupportedError(ValueError):
     """SJD was asked for on a configuration it cannot serve."""
 
 
-def _refuse_unsupported(engine_args: EngineArgs, parallel_config) -> None:
+def _refuse_unsupported(engine_args: EngineArgs, parallel_config, method: str = SPECULATIVE_METHOD) -> None:
     from vllm.platforms import current_platform
 
     problems = []
@@ -62,13 +67,15 @@ def _refuse_unsupported(engine_args: EngineArgs, parallel_config) -> None:
         )
     if problems:
         raise SJDUnsupportedError(
-            "speculative method 'sjd' cannot serve this configuration: "
+            f"speculative method {method!r} cannot serve this configuration: "
             + "; ".join(problems)
         )
 
 
 def _create_speculative_config(self: EngineArgs, target_model_config, target_parallel_config):
     spec = self.speculative_config
+    if spec and spec.get("method") == ZIPAR_METHOD:
+        return _create_zipar_config(self, target_model_config, target_parallel_config)
     if not spec or spec.get("method") != SPECULATIVE_METHOD:
         if not spec and _is_image_model(target_model_config):
             _install_image_runner(self, target_parallel_config)
@@ -94,6 +101,46 @@ def _create_speculative_config(self: EngineArgs, target_model_config, target_par
         # Leave the user's dict as it was, so a second engine from the same
         # EngineArgs sees "sjd" again.
         self.speculative_config = spec
+
+
+def _create_zipar_config(self: EngineArgs, target_model_config, target_parallel_config):
+    """ZipAR: the SJD worker and scheduler, our ZipAR proposer, its settings checked
+    against the model's image layout."""
+    spec = self.speculative_config
+    vllm_spec, zipar = split_zipar_config({k.replace("-", "_"): v for k, v in spec.items()})
+    _check_zipar_window(zipar, target_model_config)
+    _refuse_unsupported(self, target_parallel_config, ZIPAR_METHOD)
+    target_parallel_config.worker_cls = SJD_WORKER_CLASS
+    self.scheduler_cls = SJD_SCHEDULER_CLASS
+    self.async_scheduling = False  # each step's tokens plan the next step's feeds
+    self.additional_config = {
+        **(self.additional_config or {}),
+        ZIPAR_SETTINGS_CONFIG_KEY: zipar.model_dump(),
+    }
+    self.speculative_config = vllm_spec
+    try:
+        return _original_create_speculative_config(
+            self, target_model_config, target_parallel_config
+        )
+    finally:
+        self.speculative_config = spec
+
+
+def _check_zipar_window(zipar, model_config) -> None:
+    """ZipAR needs an image layout; W must fit in the widest row the model makes."""
+    from vllm_sjd.families import NotAnImageModel, image_layout_for
+
+    try:
+        layout = image_layout_for(model_config.hf_config)
+    except NotAnImageModel as err:
+        raise SJDConfigError(f"speculative method 'zipar' decodes image rows: {err}") from None
+    widest = max(layout.grid(w, h).cols for w, h in layout.sizes)
+    if zipar.window is not None and zipar.window > widest:
+        raise SJDConfigError(
+            f"speculative_config['window'] = {zipar.window} is beyond the row: this model's "
+            f"widest image row has {widest} codes (ZipAR's W is at most that; W equal to "
+            "the row is plain AR)"
+        )
 
 
 def _is_image_model(model_config) -> bool:

@@ -1,4 +1,4 @@
-"""SJD settings: what `--speculative-config '{"method": "sjd", ...}'` accepts.
+"""SJD and ZipAR settings: what `--speculative-config '{"method": "sjd" | "zipar", ...}'` accepts.
 
 vLLM's SpeculativeConfig knows no "sjd" method and forbids unknown keys, so the
 settings are split at start-up (patches/speculative_config.py): vLLM gets a
@@ -10,7 +10,12 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from vllm_sjd.contract import SJD_SETTINGS_CONFIG_KEY, SPECULATIVE_METHOD
+from vllm_sjd.contract import (
+    SJD_SETTINGS_CONFIG_KEY,
+    SPECULATIVE_METHOD,
+    ZIPAR_METHOD,
+    ZIPAR_SETTINGS_CONFIG_KEY,
+)
 from vllm_sjd.core.drafting import Drafting
 from vllm_sjd.core.window import InitialDrafts
 
@@ -134,3 +139,87 @@ def split_speculative_config(
         num_speculative_tokens=sjd.num_speculative_tokens,
     )
     return vllm_spec, sjd
+
+
+# ZipAR ----------------------------------------------------------------------
+ZIPAR_PROPOSER_CLASS = "vllm_sjd.zipar.ZipARProposer"
+# The most tokens one request feeds in a pass is num_speculative_tokens + 1
+# (vLLM's meaning: tokens a step runs beyond the first).
+DEFAULT_ZIPAR_DRAFTS = 63
+ZIPAR_VLLM_KEYS = frozenset({"method", "num_speculative_tokens", "max_model_len"})
+
+
+class ZipARConfig(BaseModel):
+    """Validated ZipAR settings (`{"method": "zipar", ...}`). Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # W: row r+1 starts once row r has W codes. None: a third of each image's
+    # row, rounded up (ZipAR's own choices: 16 of Lumina-mGPT's 48 codes at
+    # 768 px, 8 of LlamaGen's 24 at 384 px). W at least the row is plain AR.
+    window: int | None = None
+    # Cap on the tokens one request feeds in a pass, minus one (rows waiting
+    # past it start later). Sized for a handful of active rows and more.
+    num_speculative_tokens: int = DEFAULT_ZIPAR_DRAFTS
+
+    @field_validator("window")
+    @classmethod
+    def _window_positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("num_speculative_tokens")
+    @classmethod
+    def _cap_positive(cls, value: int) -> int:
+        if not 1 <= value <= 255:
+            raise ValueError("must be between 1 and 255")
+        return value
+
+    def window_for(self, cols: int) -> int:
+        """W for a grid of `cols` codes a row."""
+        return min(cols, self.window if self.window is not None else -(-cols // 3))
+
+    def order_for(self, grid):
+        """The ZipAR stream order of an image of `grid` (core/zipar.py), cached per grid."""
+        from vllm_sjd.core.zipar import stream_order
+
+        return stream_order(grid, self.window_for(grid.cols), self.num_speculative_tokens + 1)
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Any) -> "ZipARConfig":
+        settings = (additional_config or {}).get(ZIPAR_SETTINGS_CONFIG_KEY)
+        if settings is None:
+            raise SJDConfigError(
+                "ZipAR settings are missing from additional_config; start the engine with "
+                'speculative_config={"method": "zipar", ...} and the vllm-sjd plugin installed'
+            )
+        return cls(**settings)
+
+
+def split_zipar_config(spec: dict[str, Any]) -> tuple[dict[str, Any], ZipARConfig]:
+    """Split a user speculative config with method "zipar" (see split_speculative_config)."""
+    assert spec.get("method") == ZIPAR_METHOD
+    settings = {k: v for k, v in spec.items() if k not in ZIPAR_VLLM_KEYS - {"num_speculative_tokens"}}
+    try:
+        zipar = ZipARConfig(**settings)
+    except ValidationError as err:
+        problems = []
+        for item in err.errors():
+            field = ".".join(str(part) for part in item["loc"]) or "?"
+            allowed = {
+                "window": "an integer of at least 1 (at most the image's row of codes)",
+                "num_speculative_tokens": "an integer from 1 to 255",
+            }.get(field, "not a setting; ZipAR accepts " + ", ".join(
+                sorted(set(ZipARConfig.model_fields) | {"max_model_len"})))
+            problems.append(
+                f"speculative_config[{field!r}] = {item.get('input')!r} is invalid: allowed: {allowed}"
+            )
+        raise SJDConfigError("Invalid ZipAR setting. " + "; ".join(problems)) from None
+    vllm_spec = {k: v for k, v in spec.items() if k in ZIPAR_VLLM_KEYS}
+    vllm_spec.update(
+        method="custom_class",
+        model=ZIPAR_PROPOSER_CLASS,
+        num_speculative_tokens=zipar.num_speculative_tokens,
+    )
+    return vllm_spec, zipar

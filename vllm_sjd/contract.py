@@ -6,9 +6,11 @@ carries what SJD needs in vLLM's own open fields; these are the keys.
 
 # --speculative-config '{"method": "sjd", ...}'
 SPECULATIVE_METHOD = "sjd"
+ZIPAR_METHOD = "zipar"  # ZipAR's row-parallel decoding (vllm_sjd/zipar.py)
 
 # VllmConfig.additional_config: engine-wide, the same in every process.
 SJD_SETTINGS_CONFIG_KEY = "sjd"  # validated SJD settings, written by patches/speculative_config.py
+ZIPAR_SETTINGS_CONFIG_KEY = "zipar"  # validated ZipAR settings, likewise
 IMAGE_OPTIONS_CONFIG_KEY = "sjd_image"  # the user's image options (--additional-config)
 
 # SamplingParams.extra_args: per request.

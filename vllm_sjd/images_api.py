@@ -31,7 +31,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from vllm_sjd.contract import RESPONSE_FIGURES_FIELD
+from vllm_sjd.config import ZipARConfig
+from vllm_sjd.contract import RESPONSE_FIGURES_FIELD, ZIPAR_SETTINGS_CONFIG_KEY
+from vllm_sjd.core.zipar import raster_tokens
 from vllm_sjd.image_generation import image_sampling_params
 from vllm_sjd.layouts.grid import ImageGrid, UnsupportedImageSize
 
@@ -226,6 +228,10 @@ class ImageService:
         self.prompts = prompts  # vllm_sjd/image_prompts.py
         speculative = engine_client.vllm_config.speculative_config
         self.speculative = speculative is not None
+        zipar = (engine_client.vllm_config.additional_config or {}).get(ZIPAR_SETTINGS_CONFIG_KEY)
+        # ZipAR's images come out in its stream order (core/zipar.py).
+        self.zipar = None if zipar is None else ZipARConfig(**zipar)
+        self.method = "zipar" if self.zipar else "sjd" if self.speculative else "autoregressive"
         # The model's sampling defaults as vLLM's other routes see them
         # (generation_config.json, or --generation-config / --override-generation-config).
         model_defaults = engine_client.model_config.get_diff_sampling_param()
@@ -257,9 +263,10 @@ class ImageService:
             scale = self.layout.default_guidance_scale
         prompts = await self.prompts.make(request.prompt, width, height, guided=scale != 1.0)
         max_len = self.engine_client.model_config.max_model_len
-        if prompts.num_tokens + grid.num_tokens > max_len:
+        image_tokens = self.engine_tokens(grid)
+        if prompts.num_tokens + image_tokens > max_len:
             raise ImageRequestError(
-                f"prompt of {prompts.num_tokens} tokens plus the {grid.num_tokens} image tokens "
+                f"prompt of {prompts.num_tokens} tokens plus the {image_tokens} image tokens "
                 f"exceed the model's context of {max_len} tokens",
                 "prompt",
             )
@@ -267,14 +274,14 @@ class ImageService:
         temperature = self.default_temperature if request.temperature is None else request.temperature
         top_k = request.top_k or self.default_top_k
         params = [
-            image_sampling_params(
+            self._with_length(image_sampling_params(
                 grid,
                 temperature=temperature,
                 top_k=top_k,
                 seed=None if base_seed is None else base_seed + i,
                 guidance_scale=scale,
                 unconditional_prompt_token_ids=prompts.unconditional_token_ids,
-            )
+            ), grid)
             for i in range(request.n or 1)
         ]
         job = ImageJob(request, f"img-{uuid.uuid4().hex[:16]}", prompts.conditional,
@@ -283,7 +290,7 @@ class ImageService:
         logger.info(
             "%s: %d image(s) of %s (%d tokens each), guidance %.2g, %s%s%s",
             job.request_id, len(params), job.size, grid.num_tokens, scale,
-            "SJD" if self.speculative else "autoregressive",
+            {"sjd": "SJD", "zipar": "ZipAR"}.get(self.method, self.method),
             ", streamed" if request.stream else "", f", for {end_user}" if end_user else "",
         )
         return job
@@ -313,8 +320,33 @@ class ImageService:
             **job.image_fields(),
             **({"safety_identifier": request.safety_identifier} if request.safety_identifier else {}),
             "usage": job.usage(tokens),
-            RESPONSE_FIGURES_FIELD: {**job.figures(self.speculative), "seconds": round(elapsed, 3)},
+            RESPONSE_FIGURES_FIELD: {**job.figures(self.speculative), **self.method_figures(job.grid),
+                                     "seconds": round(elapsed, 3)},
         }
+
+    def engine_tokens(self, grid: ImageGrid) -> int:
+        """Tokens the engine generates for one image (ZipAR's stand-ins included)."""
+        return self.zipar.order_for(grid).num_tokens if self.zipar else grid.num_tokens
+
+    def _with_length(self, params, grid: ImageGrid):
+        params.max_tokens = self.engine_tokens(grid)
+        return params
+
+    def method_figures(self, grid: ImageGrid) -> dict:
+        """Which method made the images (and ZipAR's W for this size)."""
+        figures = {"method": self.method}
+        if self.zipar:
+            figures["window"] = self.zipar.window_for(grid.cols)
+        return figures
+
+    def raster(self, tokens: list[int], grid: ImageGrid) -> list[int]:
+        """The engine's tokens in raster order: ZipAR's stream put back; as they are otherwise.
+
+        A ZipAR prefix gives the raster prefix whose tokens are all drawn."""
+        if not self.zipar:
+            return tokens
+        raster = raster_tokens(tokens, self.zipar.order_for(grid), grid)
+        return raster[: raster.index(-1)] if -1 in raster else raster
 
     async def one_image(self, request_id, prompt, params, grid, partials: int = 0, on_partial=None):
         """(image, stats) of one engine request. With `partials`, `on_partial(index,
@@ -338,7 +370,9 @@ class ImageService:
             due = sum(mark <= len(tokens) for mark in marks)
             if due and not output.finished and on_partial is not None:
                 marks = marks[due:]
-                image = await asyncio.to_thread(self.decoder.partial, list(tokens), grid)
+                image = await asyncio.to_thread(
+                    self.decoder.partial, self.raster(list(tokens), grid), grid
+                )
                 await on_partial(sent, image)
                 sent += 1
             if len(tokens) >= next_report * grid.num_tokens and not output.finished:
@@ -358,5 +392,5 @@ class ImageService:
             verify_passes = sum(metrics.histogram)
             verified_tokens = sum((j + 1) * count for j, count in enumerate(metrics.histogram))
             passes = 1 + verify_passes + max(0, len(tokens) - 1 - verified_tokens)
-        image = await asyncio.to_thread(self.decoder, tokens, grid)
+        image = await asyncio.to_thread(self.decoder, self.raster(tokens, grid), grid)
         return image, ImageStats(tokens=len(tokens), forward_passes=passes)

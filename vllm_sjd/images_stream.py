@@ -43,7 +43,8 @@ async def stream_events(service: ImageService, job: ImageJob) -> AsyncIterator[d
             job.engine_request_id(index), job.prompt, params, job.grid, partials, on_partial
         )
         data = await asyncio.to_thread(job.encode, image)
-        figures = {**job.figures(service.speculative), **stats.as_dict(),
+        figures = {**job.figures(service.speculative), **service.method_figures(job.grid),
+                   **stats.as_dict(),
                    "seconds": round(time.monotonic() - started, 3)}
         events.put_nowait(_event(COMPLETED, job, data, index, usage=job.usage(stats.tokens),
                                  figures=figures))

@@ -86,8 +86,7 @@ class LayoutConstraints:
         once: a gather instead of comparisons over the vocabulary per step.
         Positions are worked out on the host (numpy), then sent once.
         """
-        grids = [grid for grid, _ in entries]
-        if all(grid is None for grid in grids):
+        if all(grid is None for grid, _ in entries):
             return None
         counts = np.asarray(counts, dtype=np.int64)
         request_of_row = np.repeat(np.arange(len(entries)), counts)
@@ -96,6 +95,22 @@ class LayoutConstraints:
         prompt_lens = np.array([prompt_len for _, prompt_len in entries], dtype=np.int64)
         first = np.asarray(first_positions, dtype=np.int64)
         relative = (first - prompt_lens)[request_of_row] + offset
+        return self.masks_at(entries, request_of_row, relative, vocab_size, device, columns)
+
+    def masks_at(
+        self,
+        entries: Sequence[tuple[ImageGrid | None, int]],
+        request_of_row: np.ndarray,  # [R] int64: the request of each row
+        relative: np.ndarray,  # [R] int64: position from the request's first generated token
+        vocab_size: int,
+        device: torch.device,
+        columns: Columns | None = None,
+    ) -> torch.Tensor | None:
+        """[R, V] bool (or [R, U] on `columns`): tokens each row's position may hold;
+        None if no request has a grid."""
+        grids = [grid for grid, _ in entries]
+        if all(grid is None for grid in grids):
+            return None
         distinct = {g for g in grids if g is not None}
         if len(distinct) == 1 and None not in grids:
             (grid,) = distinct
