@@ -192,6 +192,8 @@ class StreamOrder:
     """A grid's whole ZipAR stream: what the endpoint needs to read an image back."""
 
     positions: tuple[int, ...]  # raster index of each output token, up to the image's last
+    targets: tuple[int, ...]  # raster index each output token's logits sample, or NO_TARGET
+    first_target: int  # what the prompt's last token samples (0, or NO_TARGET when forced)
     forward_passes: int  # of one image, the prefill included
 
     @property
@@ -220,7 +222,13 @@ def stream_order(grid: ImageGrid, window: int, max_feeds: int) -> StreamOrder:
             if feed.target != NO_TARGET:
                 stream.record(feed.target, grid.code_low)
     end = next(k for k, f in enumerate(stream.stream) if f.position == last and f.source == last)
-    return StreamOrder(tuple(f.position for f in stream.stream[: end + 1]), passes)
+    feeds = stream.stream[: end + 1]
+    return StreamOrder(
+        tuple(f.position for f in feeds),
+        tuple(f.target if f.target < grid.num_tokens else NO_TARGET for f in feeds),
+        NO_TARGET if grid.constraints(torch.tensor([0]))[0].item() >= 0 else 0,
+        passes,
+    )
 
 
 def raster_tokens(output_tokens, order: StreamOrder, grid: ImageGrid) -> list[int]:
