@@ -74,11 +74,15 @@ def build_tiny_emu3(path: Path, *, seed: int = 0) -> Path:
     return path
 
 
-def reference_logits(path: Path, token_ids: list[int]) -> torch.Tensor:
-    """[len, V] logits of transformers' Emu3 text model on the same weights."""
+def reference_logits(path: Path, token_ids: list[int], positions: list[int] | None = None) -> torch.Tensor:
+    """[len, V] logits of transformers' Emu3 text model on the same weights
+    (token i at `positions[i]`, by default i)."""
     from transformers import Emu3ForConditionalGeneration
 
     model = Emu3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    position_ids = None if positions is None else torch.tensor([positions])
     with torch.no_grad():
-        hidden = model.model.text_model(input_ids=torch.tensor([token_ids])).last_hidden_state
+        hidden = model.model.text_model(
+            input_ids=torch.tensor([token_ids]), position_ids=position_ids
+        ).last_hidden_state
         return model.lm_head(hidden)[0]

@@ -154,6 +154,7 @@ def reference_logits(
     caption: torch.Tensor | None,
     image_tokens: list[int],
     caption_length: int | None = None,
+    image_positions: list[int] | None = None,
 ) -> torch.Tensor:
     """LlamaGen's logits [L + len(image_tokens), codebook] at the positions of the
     L valid caption rows and the image tokens: row L - 1 + k predicts image
@@ -161,7 +162,8 @@ def reference_logits(
 
     caption: T5 rows [L, caption_dim] (left-padded to 120, padding masked), or
     None for the null caption of the last `caption_length` slots (the
-    unconditional stream of a caption of that length).
+    unconditional stream of a caption of that length). `image_positions`: the
+    grid cell each image token takes (by default 0, 1, 2, ...).
     """
     cls, d = config.cls_token_num, config.hidden_size
     if caption is None:
@@ -180,6 +182,8 @@ def reference_logits(
     ])
     T = h.shape[0]
     positions = torch.arange(T)
+    if image_positions is not None:
+        positions[cls:] = cls + torch.tensor(image_positions, dtype=torch.int64)
     angles = _angles(config, positions)
     key_ok = torch.cat([valid, torch.ones(T - cls, dtype=torch.bool)])
     mask = torch.tril(torch.ones(T, T, dtype=torch.bool)) & key_ok[None, :]
