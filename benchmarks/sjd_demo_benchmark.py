@@ -147,7 +147,27 @@ def step_parts(timed: dict, wall: float, passes: float) -> dict:
 def config_name(window: int, drafting: str, initial: str, dynamic: str = "off") -> str:
     if not window:
         return "AR again" if dynamic == "again" else "AR"
+    if drafting == "zipar":
+        return f"ZipAR W{window}"
     return f"K{window} {drafting}/{initial}" + (" dynamic" if dynamic != "off" else "")
+
+
+def grid_of(params):
+    from vllm_sjd.layouts.constraints import grid_from_extra_args
+
+    return grid_from_extra_args(params.extra_args)
+
+
+def _with_max_tokens(params, max_tokens: int):
+    params = params.clone()
+    params.max_tokens = max_tokens
+    return params
+
+
+def _raster(tokens, zipar, grid) -> list[int]:
+    from vllm_sjd.core.zipar import raster_tokens
+
+    return raster_tokens(tokens, zipar.order_for(grid), grid)
 
 
 def run_engine(model_path, config, prompts, params, concurrencies, profile_prompt, latency_images):
@@ -156,7 +176,16 @@ def run_engine(model_path, config, prompts, params, concurrencies, profile_promp
     window, drafting, initial, dynamic = config
     options = dict(model=str(model_path), dtype="float32", max_model_len=512, seed=0,
                    enforce_eager=True, disable_log_stats=False, max_num_seqs=2 * max(concurrencies))
-    if window:
+    zipar = None
+    if drafting == "zipar":
+        from vllm_sjd.config import ZipARConfig
+
+        # ZipAR emits its stream order: the engine runs as many tokens as the
+        # stream has, and the scorer gets them back in raster order.
+        zipar = ZipARConfig(window=window)
+        options["speculative_config"] = {"method": "zipar", "window": window}
+        params = [_with_max_tokens(p, zipar.order_for(grid_of(p)).num_tokens) for p in params]
+    elif window:
         options["speculative_config"] = {"method": "sjd", "num_speculative_tokens": window,
                                          "drafting": drafting, "initial_drafts": initial,
                                          "dynamic_num_speculative_tokens": dynamic}
@@ -193,6 +222,8 @@ def run_engine(model_path, config, prompts, params, concurrencies, profile_promp
                 "tokens_per_pass": round(per_image / passes, 3),
                 "drafts_per_pass": round((spec_draft_tokens(llm) - drafts) / (n * passes), 2),
             }
+            if zipar is not None:
+                tokens = [_raster(t, zipar, grid_of(p)) for t, p in zip(tokens, params)]
             if n == len(prompts):
                 result["tokens"] = tokens  # the last full pass over the prompts is scored
             print(tag, f"c={c}", json.dumps(result["by_concurrency"][c]), flush=True)
@@ -239,7 +270,7 @@ def plot(results: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     modes: dict[str, list[tuple[int, float]]] = {}
     for name, cfg in configs.items():
-        if not name.startswith("AR"):
+        if not name.startswith(("AR", "ZipAR")):
             window, mode = name.split(" ", 1) if " " in name else (name, "independent/uniform")
             if mode.endswith(" dynamic"):
                 continue  # its K varies: not a point of this curve
@@ -258,6 +289,8 @@ def plot(results: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "step_compression_vs_k.png", dpi=120)
 
+    if any("accuracy" in cfg for cfg in configs.values()):
+        plot_passes_vs_adherence(configs, c1, out)
     if max(len(cfg["by_concurrency"]) for cfg in configs.values()) < 2:
         return  # one concurrency: nothing to draw against it
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -276,6 +309,26 @@ def plot(results: dict, out: Path) -> None:
     fig.savefig(out / "latency_vs_concurrency.png", dpi=120)
 
 
+def plot_passes_vs_adherence(configs: dict, c1, out: Path) -> None:
+    """Forward passes per image against the share of caption checks passed, per configuration."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, cfg in configs.items():
+        accuracy = cfg.get("accuracy")
+        if accuracy is None:
+            continue
+        passes = cfg["by_concurrency"][c1]["passes_per_image"]
+        ax.plot(passes, accuracy["checks_passed"], "s" if name.startswith("ZipAR") else "o")
+        ax.annotate(name, (passes, accuracy["checks_passed"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("forward passes per image")
+    ax.set_ylabel("caption checks passed (share)")
+    ax.set_title("Demo model, guidance on: speed against prompt adherence")
+    fig.tight_layout()
+    fig.savefig(out / "passes_vs_adherence.png", dpi=120)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=demo.MODEL_PATH)
@@ -292,6 +345,8 @@ def main():
     ap.add_argument("--unseeded", action="store_true",
                     help="requests without seeds (as most clients send them), so the default "
                          "dynamic window adapts them")
+    ap.add_argument("--zipar-windows", type=int, nargs="*", default=[],
+                    help="ZipAR's W per configuration (lossy; W = 16 on the demo's rows is AR)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--ar-again", action="store_true",
                     help="run AR once more after the others: how far two runs of one "
@@ -356,13 +411,14 @@ def main():
     vocab_size = json.loads((args.model / "config.json").read_text())["vocab_size"]
     configs = [(0, "", "", "off")] + [(k, d, i, m) for k in args.windows for d in args.drafting
                                       for i in args.initial_drafts for m in args.dynamic]
+    configs += [(w, "zipar", "", "off") for w in args.zipar_windows]
     if args.ar_again:
         configs.append((0, "", "", "again"))
     for config in configs:
         name = config_name(*config)
         res = run_engine(args.model, config, prompts, params, args.concurrency,
                          (prompts[0], params[0]), args.latency_images)
-        if config[0]:
+        if config[0] and config[1] != "zipar":
             # The proposer's state per request: q of every slot, plus one image
             # row of verified rows for initial drafts "above" (float32).
             rows = config[0] + (grid.row_stride if config[2] == "above" else 0)
