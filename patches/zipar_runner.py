@@ -37,10 +37,10 @@ class ZipARRunnerMixin:
         proposer = getattr(self, "_proposer", None)
         return proposer if isinstance(proposer, ZipARProposer) else None
 
-    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens_np, *args, **kwargs):
-        result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens_np, *args, **kwargs)
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs)
         if self._zipar is not None:
-            self._zipar_positions(np.asarray(num_scheduled_tokens_np, dtype=np.int64))
+            self._zipar_positions(np.asarray(num_scheduled_tokens, dtype=np.int64))
         return result
 
     def _zipar_positions(self, num_scheduled: np.ndarray) -> None:

@@ -15,6 +15,7 @@ IFACE, LOGITS = "vllm.model_executor.models.interfaces_base", "vllm.v1.sample.lo
 PLUGIN, CPU = "vllm.plugins.endpoint_plugins.interface", "vllm.platforms.cpu"
 RUN, SAM, WRK = "patches/sjd_runner.py", "patches/sjd_sampling.py", "patches/sjd_worker.py"
 SCH, GEN = "patches/cfg_scheduler.py", "vllm_sjd/models/llamagen.py"
+ZIP = "patches/zipar_runner.py"
 
 
 def ours(path, qualname):
@@ -62,6 +63,8 @@ SEAMS = [
     (CPU_RUNNER, "CPUModelRunner.__init__", ours(RUN, "SJDCPUModelRunner.__init__"), {}),
     *overrides(RUNNER, "GPUModelRunner", RUN, "SJDModelRunnerMixin", "_sample", "_bookkeeping_sync",
                "_get_spec_decode_draft_probs", "propose_draft_token_ids", "_update_states", via_self=True),
+    # zipar_runner: raster positions after vLLM's _prepare_inputs (positions, mrope_positions).
+    *overrides(RUNNER, "GPUModelRunner", ZIP, "ZipARRunnerMixin", "_prepare_inputs", via_self=True),
     # sjd_worker: the GPU worker builds its runner through this hook; the CPU worker
     # builds CPUModelRunner inline, by the module global sjd_worker swaps.
     (GPU_WORKER, "Worker._make_model_runner", ours(WRK, "_gpu_worker_class.SJDGPUWorker._make_model_runner"),
@@ -119,7 +122,7 @@ SEAMS = [
 
 # Our classes (file, qualname; a function stands for a method installed on the
 # class), whose `self` is an instance of the vLLM class.
-MIXINS = [(RUN, "SJDModelRunnerMixin"), (SAM, "SJDSamplingMixin")]
+MIXINS = [(RUN, "SJDModelRunnerMixin"), (SAM, "SJDSamplingMixin"), (ZIP, "ZipARRunnerMixin")]
 SUBCLASSES = [
     (MIXINS + [(RUN, "SJDGPUModelRunner")], RUNNER, "GPUModelRunner"),
     (MIXINS + [(RUN, "SJDCPUModelRunner")], CPU_RUNNER, "CPUModelRunner"),

@@ -59,8 +59,8 @@ def test_selfcheck_passes_on_this_machine(tmp_path):
     for case in FAMILY_CASES:
         assert f"greedy SJD == AR: {case.name}" in table
     rows = [line.split() for line in table.splitlines()]
-    named = {"guided", "SJD samples", "image endpoint", "tensor parallel 2"}
+    named = {"guided pair", "SJD samples", "guided greedy ZipAR", "image endpoint", "tensor parallel 2"}
     assert all(any(" ".join(row).startswith(name) for row in rows) for name in named)
-    # Every family, the guided pair, chi-square, endpoint, and (two CPU cores
-    # here) tensor parallel 2 rather than a skip.
-    assert f"{len(FAMILY_CASES) + 4} passed, 0 failed, 0 skipped" in table
+    # Every family, the guided pair, chi-square, ZipAR, endpoint, and (two CPU
+    # cores here) tensor parallel 2 rather than a skip.
+    assert f"{len(FAMILY_CASES) + 5} passed, 0 failed, 0 skipped" in table

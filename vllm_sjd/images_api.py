@@ -382,7 +382,11 @@ class ImageService:
                 )
                 next_report += 0.25
         metrics = output.outputs[0].spec_decode_metrics
-        if metrics is not None:
+        if self.zipar:
+            # The stream fixes ZipAR's passes (vLLM's draft histogram counts
+            # the last pass's tokens past the image's end).
+            passes = self.zipar.order_for(grid).forward_passes
+        elif metrics is not None:
             # The prefill, one verify pass per histogram entry (histogram[j]:
             # passes that accepted j drafts), and the passes that had no drafts
             # (K = 0 from the per-batch-size table), one token each; the last

@@ -8,6 +8,7 @@ runs here (a GPU, or the CPU build):
 - a guided pair (classifier-free guidance) gives the same tokens with SJD and
   AR, each the argmax of the guided logits transformers computes;
 - SJD's samples follow the exact AR distribution (a short chi-square run);
+- guided greedy ZipAR gives the tokens transformers gives fed ZipAR's context;
 - the image endpoint of `vllm serve` returns a PNG of the requested size;
 - tensor parallel 2 gives tensor parallel 1's tokens, when two devices are
   present (two GPUs, or two CPU cores on the CPU build).
@@ -27,15 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_sjd.selfcheck_cases import (
+    CAPTION,
     CHI_SQUARE,
     FAMILY_CASES,
     GUIDANCE_SCALE,
     TENSOR_PARALLEL,
     FamilyCase,
+    lumina_test_layout,
     serve_and_fetch_png,
 )
 
 SJD_WINDOW = 8
+ZIPAR_WINDOW = 3  # of the 8 codes a row at 128 px: rows overlap
 # Pass criterion of the chi-square run: sampling noise alone falls below it
 # once in 10^4 runs; a wrong q falls far below.
 ALPHA = 1e-4
@@ -186,6 +190,41 @@ def check_chi_square(folder: Path, options: Options, sjd_settings: dict | None =
                        time.monotonic() - start, detail)
 
 
+def check_zipar(folder: Path, options: Options) -> CheckResult:
+    """Guided greedy ZipAR (rows overlapping) == transformers fed ZipAR's context: raster
+    positions for the fed tokens, on this platform's runner."""
+    import torch
+    from transformers import ChameleonForConditionalGeneration
+
+    from vllm_sjd.config import ZipARConfig
+    from vllm_sjd.core.zipar import raster_tokens
+    from vllm_sjd.image_generation import image_sampling_params
+    from vllm_sjd.testing.tiny_chameleon import build_tiny_chameleon
+    from vllm_sjd.testing.zipar_reference import greedy_zipar
+
+    start = time.monotonic()
+    model = build_tiny_chameleon(folder, sharpness=3.0)
+    layout = lumina_test_layout()
+    grid = layout.grid(128, 128)
+    order = ZipARConfig(window=ZIPAR_WINDOW).order_for(grid)
+    uncond = layout.unconditional_prompt_token_ids(None, 128, 128)
+    params = image_sampling_params(grid, temperature=0, guidance_scale=GUIDANCE_SCALE,
+                                   unconditional_prompt_token_ids=uncond)
+    params.max_tokens = order.num_tokens
+    spec = {"method": "zipar", "window": ZIPAR_WINDOW}
+    with engine(model, options, None, speculative_config=spec) as llm:
+        out = llm.generate(layout.prompt(CAPTION, 128, 128), params, use_tqdm=False)[0]
+    tokens = raster_tokens(out.outputs[0].token_ids, order, grid)
+    reference = ChameleonForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
+    expected = greedy_zipar(reference, list(out.prompt_token_ids), uncond, grid, ZIPAR_WINDOW,
+                            GUIDANCE_SCALE)
+    difference = first_difference([expected], [tokens])
+    return CheckResult("guided greedy ZipAR == transformers", "FAIL" if difference else "ok",
+                       time.monotonic() - start,
+                       difference or f"W {ZIPAR_WINDOW}, {order.forward_passes} passes for "
+                                     f"{grid.num_tokens} tokens")
+
+
 def check_endpoint(folder: Path, options: Options) -> CheckResult:
     start = time.monotonic()
     detail = serve_and_fetch_png(folder, options.dtype, options.eager,
@@ -264,6 +303,8 @@ def planned_checks(workdir: Path, options: Options) -> list[tuple[str, object]]:
                        lambda case=case: check_family(case, workdir / case.slug, options)))
     checks.append(("SJD samples the AR distribution (chi-square)",
                    lambda: check_chi_square(workdir / "chi_square", options)))
+    checks.append(("guided greedy ZipAR == transformers",
+                   lambda: check_zipar(workdir / "zipar", options)))
     checks.append(("image endpoint returns a PNG",
                    lambda: check_endpoint(workdir / "endpoint", options)))
     checks.append(("tensor parallel 2 == tensor parallel 1",

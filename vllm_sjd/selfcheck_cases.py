@@ -48,7 +48,7 @@ def _greedy(grid, **kwargs):
     return image_sampling_params(grid, temperature=0, **kwargs)
 
 
-def _lumina_layout():
+def lumina_test_layout():
     from vllm_sjd.layouts.chameleon import ChameleonImageLayout
 
     return ChameleonImageLayout(target_size=128)  # 8x8 codes a square image
@@ -61,7 +61,7 @@ def _build_lumina(folder: Path) -> Path:
 
 
 def _lumina_requests(llm, model: Path) -> Requests:
-    layout = _lumina_layout()
+    layout = lumina_test_layout()
     sizes = [(128, 128), next((w, h) for w, h in layout.sizes if w != h and w * h <= 128 * 128)]
     grids = [layout.grid(*size) for size in sizes]
     square = grids[0]
@@ -82,7 +82,7 @@ def _lumina_guided_mismatch(model: Path, guided, scale: float, tolerance: float)
 
     from vllm_sjd.testing.tiny_chameleon import GuidedReference
 
-    layout = _lumina_layout()
+    layout = lumina_test_layout()
     grid = layout.grid(128, 128)
     reference = GuidedReference(model)
     for prompt_ids, tokens in guided:
