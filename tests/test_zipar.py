@@ -43,6 +43,8 @@ ALPHA = 1e-4
 # About 512 tokens of KV (float32, 2 layers, 2 heads of 32: 1 KiB a token):
 # 16 images of WIDE_GRID at once do not fit, so some are preempted.
 KV_BYTES = 512 * 1024
+# A small token budget: long prompts and resumed requests prefill in chunks.
+TOKEN_BUDGET = 64
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +62,7 @@ def llm(chameleon):
             kv_cache_memory_bytes=KV_BYTES,
             max_model_len=256,
             max_num_seqs=32,
+            max_num_batched_tokens=TOKEN_BUDGET,
         )
     yield engine
     shutdown(engine)
@@ -100,21 +103,25 @@ def sampled_rows(order):
     return rows + [(k + 1, t) for k, t in enumerate(order.targets) if t != NO_TARGET]
 
 
-def guided_logits(model, grid, order, stream, scale):
+def guided_logits(model, grid, order, stream, scale, prompt=PROMPT):
     positions = order.positions[: len(stream)]
-    logits = context_logits(model, PROMPT, stream, positions)
+    logits = context_logits(model, prompt, stream, positions)
     if scale != 1.0:
         uncond = context_logits(model, UNCONDITIONAL, stream, positions)
         logits = uncond + scale * (logits - uncond)
     return logits
 
 
+LONG_PROMPT = [FIRST_WORD_ID + i % 9 for i in range(100)] + [8197]  # prefilled in chunks
+
+
 @pytest.mark.parametrize("grid", [AR_GRID, WIDE_GRID], ids=["row-is-W", "rows-overlap"])
 @pytest.mark.parametrize("scale", [1.0, 3.0], ids=["unguided", "guided"])
-def test_greedy_tokens_are_the_argmax_of_zipar_context(llm, transformers_model, grid, scale):
+@pytest.mark.parametrize("prompt", [PROMPT, LONG_PROMPT], ids=["short", "chunked"])
+def test_greedy_tokens_are_the_argmax_of_zipar_context(llm, transformers_model, grid, scale, prompt):
     order = order_of(grid)
     out = llm.generate(
-        {"prompt_token_ids": PROMPT},
+        {"prompt_token_ids": prompt},
         params(grid, temperature=0, guidance_scale=scale, unconditional_prompt_token_ids=UNCONDITIONAL),
         use_tqdm=False,
     )[0]
@@ -122,7 +129,7 @@ def test_greedy_tokens_are_the_argmax_of_zipar_context(llm, transformers_model, 
     assert len(stream) == order.num_tokens
     raster = raster_tokens(stream, order, grid)
     grid.codes(raster)  # follows the layout
-    logits = guided_logits(transformers_model, grid, order, stream, scale)
+    logits = guided_logits(transformers_model, grid, order, stream, scale, prompt)
     allowed = grid.allowed_mask(torch.arange(grid.num_tokens), logits.shape[-1])
     rows = sampled_rows(order)
     expected = [int(logits[r].masked_fill(~allowed[t], float("-inf")).argmax()) for r, t in rows]
@@ -133,7 +140,7 @@ def test_greedy_tokens_are_the_argmax_of_zipar_context(llm, transformers_model, 
         # The same tokens read in raster order with raster positions (AR's
         # context) predict other tokens: the check above sees the context.
         ar_logits = guided_logits(transformers_model, grid, stream_order(grid, grid.cols, MAX_FEEDS),
-                                  raster[:-1], scale)
+                                  raster[:-1], scale, prompt)
         ar = [int(ar_logits[t].masked_fill(~allowed[t], float("-inf")).argmax()) for _, t in rows]
         assert ar != expected
 

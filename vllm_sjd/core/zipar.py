@@ -72,6 +72,7 @@ class ZipARStream:
         self.stream: list[Feed] = []
         self._fed: set[int] = set()  # positions with a real (not stand-in) feed in the stream
         self._started = {0}  # rows whose first code has its driver in the stream
+        self._row_known = [0] * grid.rows  # codes drawn per row (left to right)
         self.stand_ins = 0
 
     def cell(self, row: int, col: int) -> int:
@@ -91,7 +92,15 @@ class ZipARStream:
 
     def record(self, position: int, token: int) -> None:
         """The token drawn for raster index `position`."""
-        self._tokens.setdefault(position, int(token))
+        if position in self._tokens:
+            return
+        self._tokens[position] = int(token)
+        row = self._row_of(position)
+        if row is not None:
+            while self._row_known[row] < self.grid.cols and self.known(
+                self.cell(row, self._row_known[row])
+            ):
+                self._row_known[row] += 1
 
     def advance(self, ran: int) -> None:
         """The first `ran` feeds have run: plan the next step's once none is pending.
@@ -148,10 +157,7 @@ class ZipARStream:
 
     def _known_cells(self, row: int) -> int:
         """How many codes of the row are drawn (they are drawn left to right)."""
-        count = 0
-        while count < self.grid.cols and self.known(self.cell(row, count)):
-            count += 1
-        return count
+        return self._row_known[row]
 
     def _first_unfed(self, start: int, end: int | None) -> int:
         q = start
