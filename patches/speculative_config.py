@@ -1,4 +1,4 @@
-"""Accept `{"method": "sjd", ...}` in --speculative-config / speculative_config=.
+"""Accept `{"method": "sjd", ...}` and `{"method": "zipar", ...}` in --speculative-config / speculative_config=.
 
 Wraps vllm.engine.arg_utils.EngineArgs.create_speculative_config (front-end
 process: the API server or the LLM's process). Checked on vLLM 0.32.0 and 0.33.0.
@@ -8,8 +8,9 @@ forbidden, so "sjd" and its settings never reach a plugin otherwise. The
 wrapper validates the SJD settings (vllm_sjd/config.py), hands vLLM a plain
 `custom_class` config for our proposer, ships the settings to every process in
 additional_config["sjd"], defaults the worker class to the SJD worker, and
-refuses configurations SJD cannot serve. Non-SJD configs go straight to the
-original. Retire when vLLM lets plugins register speculative methods.
+refuses configurations SJD cannot serve. "zipar" takes the same path with
+its own settings (vllm_sjd/config.py ZipARConfig), checked against the
+model's image layout. Other configs go straight to the original. Retire when vLLM lets plugins register speculative methods.
 
 It also names the SJD scheduler (guidance pairs, patches/cfg_scheduler.py) for
 SJD engines, and the SJD worker and scheduler for image models served without
@@ -85,22 +86,8 @@ def _create_speculative_config(self: EngineArgs, target_model_config, target_par
     vllm_spec, sjd = split_speculative_config(
         {k.replace("-", "_"): v for k, v in spec.items()}
     )
-    _refuse_unsupported(self, target_parallel_config)
-    target_parallel_config.worker_cls = SJD_WORKER_CLASS
-    self.scheduler_cls = SJD_SCHEDULER_CLASS
-    self.additional_config = {
-        **(self.additional_config or {}),
-        SJD_SETTINGS_CONFIG_KEY: sjd.model_dump(),
-    }
-    self.speculative_config = vllm_spec
-    try:
-        return _original_create_speculative_config(
-            self, target_model_config, target_parallel_config
-        )
-    finally:
-        # Leave the user's dict as it was, so a second engine from the same
-        # EngineArgs sees "sjd" again.
-        self.speculative_config = spec
+    return _create_with(self, target_model_config, target_parallel_config, SPECULATIVE_METHOD,
+                        vllm_spec, SJD_SETTINGS_CONFIG_KEY, sjd)
 
 
 def _create_zipar_config(self: EngineArgs, target_model_config, target_parallel_config):
@@ -109,20 +96,29 @@ def _create_zipar_config(self: EngineArgs, target_model_config, target_parallel_
     spec = self.speculative_config
     vllm_spec, zipar = split_zipar_config({k.replace("-", "_"): v for k, v in spec.items()})
     _check_zipar_window(zipar, target_model_config)
-    _refuse_unsupported(self, target_parallel_config, ZIPAR_METHOD)
+    self.async_scheduling = False  # each step's tokens plan the next step's feeds
+    return _create_with(self, target_model_config, target_parallel_config, ZIPAR_METHOD,
+                        vllm_spec, ZIPAR_SETTINGS_CONFIG_KEY, zipar)
+
+
+def _create_with(self: EngineArgs, target_model_config, target_parallel_config, method: str,
+                 vllm_spec: dict, settings_key: str, settings) -> object:
+    """Our worker and scheduler, the settings in additional_config, vLLM's config from vllm_spec."""
+    _refuse_unsupported(self, target_parallel_config, method)
     target_parallel_config.worker_cls = SJD_WORKER_CLASS
     self.scheduler_cls = SJD_SCHEDULER_CLASS
-    self.async_scheduling = False  # each step's tokens plan the next step's feeds
     self.additional_config = {
         **(self.additional_config or {}),
-        ZIPAR_SETTINGS_CONFIG_KEY: zipar.model_dump(),
+        settings_key: settings.model_dump(),
     }
-    self.speculative_config = vllm_spec
+    spec, self.speculative_config = self.speculative_config, vllm_spec
     try:
         return _original_create_speculative_config(
             self, target_model_config, target_parallel_config
         )
     finally:
+        # Leave the user's dict as it was, so a second engine from the same
+        # EngineArgs sees the method again.
         self.speculative_config = spec
 
 

@@ -21,6 +21,7 @@ from vllm_sjd.core.zipar import NO_TARGET, raster_tokens, stream_order
 from vllm_sjd.image_generation import image_sampling_params
 from vllm_sjd.layouts.grid import ImageGrid
 from vllm_sjd.testing.tiny_chameleon import FIRST_WORD_ID, VOCAB_SIZE, build_tiny_chameleon
+from vllm_sjd.testing.zipar_reference import stream_logits
 
 pytestmark = pytest.mark.engine
 
@@ -85,18 +86,6 @@ def params(grid, **kwargs) -> SamplingParams:
     return p
 
 
-def context_logits(model, prompt, stream_tokens, positions) -> torch.Tensor:
-    """[1 + len, V] float64: row 0 after the prompt, row k + 1 after stream token k,
-    each stream token at its raster position: ZipAR's context."""
-    ids = list(prompt) + list(stream_tokens)
-    pos = list(range(len(prompt))) + [len(prompt) + p for p in positions]
-    with torch.no_grad():
-        hidden = model.model(
-            input_ids=torch.tensor([ids]), position_ids=torch.tensor([pos])
-        ).last_hidden_state
-        return model.lm_head(hidden)[0, len(prompt) - 1 :].to(torch.float64)
-
-
 def sampled_rows(order):
     """(logits row, raster target) of every token ZipAR samples."""
     rows = [] if order.first_target == NO_TARGET else [(0, order.first_target)]
@@ -105,9 +94,9 @@ def sampled_rows(order):
 
 def guided_logits(model, grid, order, stream, scale, prompt=PROMPT):
     positions = order.positions[: len(stream)]
-    logits = context_logits(model, prompt, stream, positions)
+    logits = stream_logits(model, prompt, stream, positions)
     if scale != 1.0:
-        uncond = context_logits(model, UNCONDITIONAL, stream, positions)
+        uncond = stream_logits(model, UNCONDITIONAL, stream, positions)
         logits = uncond + scale * (logits - uncond)
     return logits
 
