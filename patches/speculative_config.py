@@ -1,4 +1,4 @@
-"""Accept `{"method": "sjd", ...}` and `{"method": "zipar", ...}` in --speculative-config / speculative_config=.
+"""Accept `{"method": "sjd" | "zipar", ...}` in --speculative-config / speculative_config=.
 
 Wraps vllm.engine.arg_utils.EngineArgs.create_speculative_config (front-end
 process: the API server or the LLM's process). Checked on vLLM 0.32.0 and 0.33.0.
@@ -10,7 +10,8 @@ wrapper validates the SJD settings (vllm_sjd/config.py), hands vLLM a plain
 additional_config["sjd"], defaults the worker class to the SJD worker, and
 refuses configurations SJD cannot serve. "zipar" takes the same path with
 its own settings (vllm_sjd/config.py ZipARConfig), checked against the
-model's image layout. Other configs go straight to the original. Retire when vLLM lets plugins register speculative methods.
+model's image layout. Other configs go straight to the original. Retire
+when vLLM lets plugins register speculative methods.
 
 It also names the SJD scheduler (guidance pairs, patches/cfg_scheduler.py) for
 SJD engines, and the SJD worker and scheduler for image models served without

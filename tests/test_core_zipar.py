@@ -96,7 +96,7 @@ def test_the_order_does_not_depend_on_how_steps_are_cut(grid):
     assert tuple(positions[: len(reference)]) == reference
 
 
-def test_raster_tokens_puts_the_real_token_over_its_stand_in():
+def test_raster_tokens_reads_the_real_token_not_its_stand_in():
     order = stream_order(BARE, 4, 64)
     truth = list(range(100, 100 + BARE.num_tokens))
     # The engine's output: each feed carries the token of its source (a
@@ -110,3 +110,8 @@ def test_raster_tokens_puts_the_real_token_over_its_stand_in():
     outputs = stream.tokens_of(stream.stream[: order.num_tokens])
     assert outputs != [truth[p] for p in order.positions]  # the stand-ins differ
     assert raster_tokens(outputs, order, BARE) == truth
+    # A prefix shows drawn tokens only: a stand-in's position stays -1 until its real token.
+    first_stand_in = next(k for k, p in enumerate(order.positions) if order.positions.count(p) == 2)
+    prefix = raster_tokens(outputs[: first_stand_in + 1], order, BARE)
+    assert prefix[order.positions[first_stand_in]] == -1
+    assert [t for t in prefix if t != -1] == [truth[p] for p, t in enumerate(prefix) if t != -1]

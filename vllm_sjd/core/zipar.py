@@ -238,9 +238,13 @@ def stream_order(grid: ImageGrid, window: int, max_feeds: int) -> StreamOrder:
 
 
 def raster_tokens(output_tokens, order: StreamOrder, grid: ImageGrid) -> list[int]:
-    """Output tokens of a ZipAR image back in raster order (a stand-in is overwritten by
-    the real token at its position, which comes later)."""
+    """Output tokens of a ZipAR image back in raster order, -1 where none is out yet.
+
+    A position fed twice holds a stand-in first and its real token last: only
+    the last is read, so a prefix of the stream never shows a stand-in."""
+    last = {position: k for k, position in enumerate(order.positions)}
     raster = [-1] * grid.num_tokens
-    for token, position in zip(output_tokens, order.positions):
-        raster[position] = int(token)
+    for k, (token, position) in enumerate(zip(output_tokens, order.positions)):
+        if last[position] == k:
+            raster[position] = int(token)
     return raster
