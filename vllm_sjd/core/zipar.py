@@ -22,8 +22,8 @@ at a time, and a plan that ran only in part finishes before the next is
 made, so how the stream is cut into forward passes (a scheduler that feeds
 fewer tokens this step, a preempted request recomputed in one prefill)
 changes nothing. `ZipARStream` plans each step's feeds from the tokens drawn
-so far; `stream_order` replays the whole
-order for a grid (the endpoint puts tokens back in raster order with it).
+so far; `stream_order` replays the whole order for a grid (the endpoint puts
+tokens back in raster order with it).
 With W equal to the row width no two rows overlap and the stream is the
 raster order: plain AR.
 """
