@@ -219,3 +219,22 @@ def test_bad_settings_stop_the_engine_naming_them(chameleon, peaked_model):
     for model, settings, named in cases:
         with pytest.raises(SJDConfigError, match=named):
             make_llm(model, speculative_config={"method": "zipar", **settings})
+
+
+def test_tensor_parallel_2_gives_tensor_parallel_1s_images(llm, chameleon):
+    """Every rank draws the same tokens and keeps the same stream (counter-based
+    numbers; unseeded keys from the generator vLLM seeds alike on each rank)."""
+    requests = [params(WIDE_GRID, temperature=0),
+                params(WIDE_GRID, temperature=1.0, seed=3, guidance_scale=3.0,
+                       unconditional_prompt_token_ids=UNCONDITIONAL)]
+    prompts = [{"prompt_token_ids": PROMPT}] * 2
+    tp1 = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, requests, use_tqdm=False)]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core set per rank
+        tp2_engine = make_llm(chameleon, speculative_config={"method": "zipar", "window": WINDOW},
+                              tensor_parallel_size=2, max_model_len=256)
+    try:
+        outs = tp2_engine.generate(prompts, requests, use_tqdm=False)
+    finally:
+        shutdown(tp2_engine)
+    assert [list(o.outputs[0].token_ids) for o in outs] == tp1

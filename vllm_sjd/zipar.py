@@ -12,8 +12,9 @@ preemption (the recomputed request feeds the same tokens at the same
 positions) and is forgotten when the request finishes.
 """
 
-import random
 from collections.abc import Iterable
+
+import torch
 
 from vllm_sjd.config import ZipARConfig
 from vllm_sjd.core.rng import key_from_seed
@@ -59,11 +60,13 @@ class ZipARProposer:
         return self._streams.get(req_id)
 
     def key(self, req_id: str, seed: int | None) -> int:
-        """The request's random key: from its seed, else drawn once."""
+        """The request's random key: from its seed, else drawn once from the global
+        generator, which vLLM seeds alike on every tensor-parallel rank."""
         key = self._keys.get(req_id)
         if key is None:
-            key = self._keys[req_id] = key_from_seed(
-                seed if seed is not None else random.getrandbits(63)
+            key = self._keys[req_id] = (
+                key_from_seed(seed) if seed is not None
+                else int(torch.randint(-(2**62), 2**62, ()).item())
             )
         return key
 
