@@ -144,12 +144,14 @@ def step_parts(timed: dict, wall: float, passes: float) -> dict:
     return {k: round(v, 3) for k, v in parts.items()}
 
 
-def config_name(window: int, drafting: str, initial: str, dynamic: str = "off") -> str:
+def config_name(window: int, drafting: str, initial: str, dynamic: str = "off",
+                lookahead: int = 0) -> str:
     if not window:
         return "AR again" if dynamic == "again" else "AR"
     if drafting == "zipar":
         return f"ZipAR W{window}"
-    return f"K{window} {drafting}/{initial}" + (" dynamic" if dynamic != "off" else "")
+    return (f"K{window} {drafting}/{initial}" + (f" lookahead {lookahead}" if lookahead else "")
+            + (" dynamic" if dynamic != "off" else ""))
 
 
 def grid_of(params):
@@ -173,7 +175,7 @@ def _raster(tokens, zipar, grid) -> list[int]:
 def run_engine(model_path, config, prompts, params, concurrencies, profile_prompt, latency_images):
     from vllm import LLM
 
-    window, drafting, initial, dynamic = config
+    window, drafting, initial, dynamic, lookahead = (*config, 0)[:5]
     options = dict(model=str(model_path), dtype="float32", max_model_len=512, seed=0,
                    enforce_eager=True, disable_log_stats=False, max_num_seqs=2 * max(concurrencies))
     zipar = None
@@ -189,6 +191,8 @@ def run_engine(model_path, config, prompts, params, concurrencies, profile_promp
         options["speculative_config"] = {"method": "sjd", "num_speculative_tokens": window,
                                          "drafting": drafting, "initial_drafts": initial,
                                          "dynamic_num_speculative_tokens": dynamic}
+        if lookahead:
+            options["speculative_config"]["row_lookahead"] = lookahead
     t0 = time.perf_counter()
     llm = LLM(**options)
     result = {"engine_start_s": round(time.perf_counter() - t0, 1), "by_concurrency": {}}
@@ -347,6 +351,8 @@ def main():
                          "dynamic window adapts them")
     ap.add_argument("--zipar-windows", type=int, nargs="*", default=[],
                     help="ZipAR's W per configuration (lossy; W = 16 on the demo's rows is AR)")
+    ap.add_argument("--row-lookahead", type=int, nargs="*", default=[],
+                    help="also run each SJD configuration with these row lookaheads (L)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--ar-again", action="store_true",
                     help="run AR once more after the others: how far two runs of one "
@@ -411,6 +417,8 @@ def main():
     vocab_size = json.loads((args.model / "config.json").read_text())["vocab_size"]
     configs = [(0, "", "", "off")] + [(k, d, i, m) for k in args.windows for d in args.drafting
                                       for i in args.initial_drafts for m in args.dynamic]
+    configs += [(k, d, i, m, la) for la in args.row_lookahead for k in args.windows
+                for d in args.drafting for i in args.initial_drafts for m in args.dynamic]
     configs += [(w, "zipar", "", "off") for w in args.zipar_windows]
     if args.ar_again:
         configs.append((0, "", "", "again"))

@@ -16,6 +16,7 @@ sentinel so a second install is harmless, and verify that the install took
 | sjd_runner / sjd_worker | GPUModelRunner/CPUModelRunner subclasses, worker subclasses  | all        |
 | sjd_sampling            | GPUModelRunner._sample under SJD (part of the SJD runner)    | all        |
 | zipar_runner            | GPUModelRunner._prepare_inputs and _sample under ZipAR       | all        |
+| row_lookahead_runner    | GPUModelRunner._prepare_inputs under SJD's row lookahead     | all        |
 | cfg_scheduler           | Scheduler subclass: guidance pairs, whole-window budgets     | all        |
 | cpu_expand_kernel       | CpuPlatform.register_triton_kernel_overrides (expand kernel) | CPU 0.32.x |
 | cpu_empty_top_k         | topk_topp_sampler.apply_top_k_only on zero rows              | CPU 0.32.x |

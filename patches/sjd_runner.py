@@ -48,6 +48,7 @@ from vllm_sjd.guidance import (
 from vllm_sjd.layouts.constraints import LayoutConstraints
 from vllm_sjd.patches.sjd_sampling import SJDSamplingMixin, samples_without_logprobs
 from vllm_sjd.patches.verified_logits import capture_verified_logits
+from vllm_sjd.patches.row_lookahead_runner import RowLookaheadRunnerMixin
 from vllm_sjd.patches.zipar_runner import ZipARRunnerMixin
 from vllm_sjd.proposer import SJDProposer
 from vllm_sjd.zipar import ZipARProposer
@@ -74,7 +75,7 @@ class _GuidedPairs:
     scale: list[float]
 
 
-class SJDModelRunnerMixin(ZipARRunnerMixin, SJDSamplingMixin):
+class SJDModelRunnerMixin(ZipARRunnerMixin, RowLookaheadRunnerMixin, SJDSamplingMixin):
     """Overrides shared by the GPU and CPU SJD runners."""
 
     drafter: SJDProposer  # only under speculation
@@ -99,6 +100,10 @@ class SJDModelRunnerMixin(ZipARRunnerMixin, SJDSamplingMixin):
         # vocabulary, and by vLLM's samplers (a request wanted logprobs).
         self.sampling_steps = {"columns": 0, "vocabulary": 0, "vllm": 0}
         self._held_generator_states: dict[int, torch.Tensor] = {}  # batch index -> state
+        # Row lookahead (patches/row_lookahead_runner.py): this step's rows, and
+        # the predictions made from them for the proposer.
+        self._lookahead_rows = None
+        self._predicted = None
 
     def _layout_entries(self, req_ids):
         return self._layouts.lookup(
@@ -205,11 +210,19 @@ class SJDModelRunnerMixin(ZipARRunnerMixin, SJDSamplingMixin):
 
     def _sample(self, logits, spec_decode_metadata):
         num_reqs = self.input_batch.num_reqs
+        lookahead, self._lookahead_rows = self._lookahead_rows, None
+        if lookahead is not None:  # the window's rows go on; the lookahead's are predictions
+            logits, lookahead_logits = logits.split(
+                [lookahead.num_window_rows, logits.shape[0] - lookahead.num_window_rows]
+            )
         counts = self._row_counts(spec_decode_metadata, num_reqs)
         pairs, held = self._pair_up(counts, spec_decode_metadata)
         if held:
             self._hold(held)
         self._sjd_pairs = pairs
+        self._predicted = None if lookahead is None else self._lookahead_predictions(
+            lookahead_logits, lookahead, pairs, self._greedy_mask(num_reqs)
+        )
         sampling_metadata = self.input_batch.sampling_metadata
         if self._zipar is not None:
             # ZipAR's own step (patches/zipar_runner.py); no logprobs.
@@ -301,6 +314,7 @@ class SJDModelRunnerMixin(ZipARRunnerMixin, SJDSamplingMixin):
             self._sjd_pairs = _GuidedPairs([], [], [])
             return self._propose_zipar(sampled_token_ids)
         step, self._sjd_step = self._sjd_step, None
+        predicted, self._predicted = self._predicted, None
         assert step is not None and isinstance(sampled_token_ids, list)
         pairs, self._sjd_pairs = self._sjd_pairs, _GuidedPairs([], [], [])
         # vLLM's per-batch-size table (num_speculative_tokens_per_batch_size)
@@ -324,6 +338,8 @@ class SJDModelRunnerMixin(ZipARRunnerMixin, SJDSamplingMixin):
         if not any(caps):
             return [[] for _ in sampled_token_ids]
         rows = self._verified_rows(step, sampled_token_ids, sampling_metadata)
+        if predicted is not None:
+            self.drafter.record_predictions(*predicted)
         num_tokens = self.input_batch.num_tokens_no_spec[:num_reqs].astype(np.int64)
         num_slots = self.drafter.num_slots
         entries = self._layout_entries(req_ids)
@@ -356,6 +372,8 @@ class SJDModelRunnerMixin(ZipARRunnerMixin, SJDSamplingMixin):
             mirror=mirror,
             max_drafts=caps,
             columns=columns,
+            grids=entries,
+            committed_tokens=self.input_batch.token_ids_cpu,
         )
 
     def _verified_rows(self, step: _StepLogits, sampled_token_ids, sampling_metadata):

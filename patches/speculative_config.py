@@ -87,6 +87,8 @@ def _create_speculative_config(self: EngineArgs, target_model_config, target_par
     vllm_spec, sjd = split_speculative_config(
         {k.replace("-", "_"): v for k, v in spec.items()}
     )
+    if sjd.row_lookahead:
+        _check_row_lookahead(sjd, target_model_config)
     return _create_with(self, target_model_config, target_parallel_config, SPECULATIVE_METHOD,
                         vllm_spec, SJD_SETTINGS_CONFIG_KEY, sjd)
 
@@ -137,6 +139,25 @@ def _check_zipar_window(zipar, model_config) -> None:
             f"speculative_config['window'] = {zipar.window} is beyond the row: this model's "
             f"widest image row has {widest} codes (ZipAR's W is at most that; W equal to "
             "the row is plain AR)"
+        )
+
+
+def _check_row_lookahead(sjd, model_config) -> None:
+    """A row lookahead needs an image layout, and must stay below the window's row."""
+    from vllm_sjd.families import NotAnImageModel, image_layout_for
+
+    try:
+        layout = image_layout_for(model_config.hf_config)
+    except NotAnImageModel as err:
+        raise SJDConfigError(
+            f"speculative_config['row_lookahead'] feeds the image row below the window: {err}"
+        ) from None
+    narrowest = min(layout.grid(w, h).row_stride for w, h in layout.sizes)
+    if sjd.row_lookahead >= narrowest:
+        raise SJDConfigError(
+            f"speculative_config['row_lookahead'] = {sjd.row_lookahead} is not below the "
+            f"image row: this model's narrowest image row takes {narrowest} tokens (the "
+            "lookahead's cells sit one row below the window's last drafts)"
         )
 
 

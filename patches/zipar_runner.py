@@ -63,13 +63,8 @@ class ZipARRunnerMixin:
             if offsets is None:
                 offsets = np.zeros(int(num_scheduled[:num_reqs].sum()), dtype=np.int64)
             offsets[first_token[i] + fed] = raster - outputs[fed]
-        if offsets is None or not offsets.any():
-            return
-        shift = torch.from_numpy(offsets).to(self.positions.device)
-        if self.uses_mrope:
-            self.mrope_positions.gpu[:, : shift.numel()] += shift
-        else:
-            self.positions[: shift.numel()] += shift
+        if offsets is not None:
+            self._shift_positions(offsets)  # patches/row_lookahead_runner.py
 
     def _sample_zipar(self, logits, spec_decode_metadata, counts: np.ndarray, pairs, greedy):
         """Every row draws what its feed targets; the step's output and next drafts follow."""

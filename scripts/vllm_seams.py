@@ -16,6 +16,7 @@ PLUGIN, CPU = "vllm.plugins.endpoint_plugins.interface", "vllm.platforms.cpu"
 RUN, SAM, WRK = "patches/sjd_runner.py", "patches/sjd_sampling.py", "patches/sjd_worker.py"
 SCH, GEN = "patches/cfg_scheduler.py", "vllm_sjd/models/llamagen.py"
 ZIP = "patches/zipar_runner.py"
+LOOK = "patches/row_lookahead_runner.py"
 
 
 def ours(path, qualname):
@@ -65,6 +66,9 @@ SEAMS = [
                "_get_spec_decode_draft_probs", "propose_draft_token_ids", "_update_states", via_self=True),
     # zipar_runner: raster positions after vLLM's _prepare_inputs (positions, mrope_positions).
     *overrides(RUNNER, "GPUModelRunner", ZIP, "ZipARRunnerMixin", "_prepare_inputs", via_self=True),
+    # row_lookahead_runner: raster positions and window-only metadata after _prepare_inputs.
+    *overrides(RUNNER, "GPUModelRunner", LOOK, "RowLookaheadRunnerMixin", "_prepare_inputs",
+               via_self=True),
     # sjd_worker: the GPU worker builds its runner through this hook; the CPU worker
     # builds CPUModelRunner inline, by the module global sjd_worker swaps.
     (GPU_WORKER, "Worker._make_model_runner", ours(WRK, "_gpu_worker_class.SJDGPUWorker._make_model_runner"),
@@ -122,7 +126,8 @@ SEAMS = [
 
 # Our classes (file, qualname; a function stands for a method installed on the
 # class), whose `self` is an instance of the vLLM class.
-MIXINS = [(RUN, "SJDModelRunnerMixin"), (SAM, "SJDSamplingMixin"), (ZIP, "ZipARRunnerMixin")]
+MIXINS = [(RUN, "SJDModelRunnerMixin"), (SAM, "SJDSamplingMixin"), (ZIP, "ZipARRunnerMixin"),
+          (LOOK, "RowLookaheadRunnerMixin")]
 SUBCLASSES = [
     (MIXINS + [(RUN, "SJDGPUModelRunner")], RUNNER, "GPUModelRunner"),
     (MIXINS + [(RUN, "SJDCPUModelRunner")], CPU_RUNNER, "CPUModelRunner"),

@@ -63,6 +63,12 @@ class SJDConfig(BaseModel):
     # image in flight and plain AR's throughput under load (benchmarks/RESULTS.md,
     # "A window that adapts to load").
     dynamic_num_speculative_tokens: DynamicWindow = "unseeded"
+    # L: tokens (at most) a pass also feeds at the start of the next image row, at
+    # their raster positions (ZipAR's row-parallel prediction). They are
+    # never verified; what the model predicts there becomes the q of those
+    # cells' initial drafts when the window reaches them, so SJD stays
+    # lossless (core/row_lookahead.py). 0: off. vLLM schedules K + L drafts.
+    row_lookahead: int = 0
     # Proposer class (dotted path); a subclass may change how windows are built.
     proposer: str = PROPOSER_CLASS
 
@@ -71,6 +77,13 @@ class SJDConfig(BaseModel):
     def _window_in_range(cls, value: int) -> int:
         if not MIN_WINDOW <= value <= MAX_WINDOW:
             raise ValueError(f"must be between {MIN_WINDOW} and {MAX_WINDOW}")
+        return value
+
+    @field_validator("row_lookahead")
+    @classmethod
+    def _lookahead_in_range(cls, value: int) -> int:
+        if not 0 <= value <= MAX_WINDOW:
+            raise ValueError(f"must be between 0 and {MAX_WINDOW}")
         return value
 
     @classmethod
@@ -102,6 +115,8 @@ def _allowed_values(field: str) -> str:
         return "one of " + ", ".join(repr(v) for v in get_args(DynamicWindow))
     if field == "num_speculative_tokens":
         return f"an integer from {MIN_WINDOW} to {MAX_WINDOW}"
+    if field == "row_lookahead":
+        return f"an integer from 0 to {MAX_WINDOW}, below the image's row (tokens a row takes)"
     if field == "proposer":
         return "a dotted class path"
     settings = sorted(set(SJDConfig.model_fields) | (VLLM_KEYS - {"method"}))
@@ -132,11 +147,18 @@ def split_speculative_config(
     if "num_speculative_tokens" in spec:
         sjd_keys["num_speculative_tokens"] = spec["num_speculative_tokens"]
     sjd = SJDConfig.parse(sjd_keys)
+    if sjd.row_lookahead and spec.get("num_speculative_tokens_per_batch_size") is not None:
+        raise SJDConfigError(
+            "speculative_config['row_lookahead'] cannot be combined with "
+            "'num_speculative_tokens_per_batch_size' (the table's K counts every draft "
+            "vLLM schedules); drop one of them"
+        )
     vllm_spec = {k: v for k, v in spec.items() if k in VLLM_KEYS}
     vllm_spec.update(
         method="custom_class",
         model=sjd.proposer,
-        num_speculative_tokens=sjd.num_speculative_tokens,
+        # The lookahead rides as drafts vLLM schedules and never sees accepted.
+        num_speculative_tokens=sjd.num_speculative_tokens + sjd.row_lookahead,
     )
     return vllm_spec, sjd
 

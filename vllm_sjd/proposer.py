@@ -6,8 +6,10 @@ with that step's verified rows, and `draft_probs` before the next step's
 verification to hand q to vLLM's rejection sampler.
 
 State per request id: its drafting key (see core/rng.py), its pending
-window (drafts and their q) and, for initial drafts "above", the verified
-rows of its newest image row (core/cells_above.py). Batch rows are never
+window (drafts and their q), for initial drafts "above" the verified rows
+of its newest image row (core/cells_above.py), and with a row lookahead the
+rows it predicted for cells ahead and the cells the next step feeds
+(core/row_lookahead.py). Batch rows are never
 used as keys: the persistent batch reorders rows when requests come and go.
 The window of the requests in the latest step is held as two batch tensors
 (one gather serves the whole next batch); a request left out of a step keeps
@@ -26,6 +28,7 @@ from vllm_sjd.core.adaptive import ForwardCostCurve, WindowPolicy
 from vllm_sjd.core.cells_above import CellsAbove
 from vllm_sjd.core.columns import Columns, convert, same_columns
 from vllm_sjd.core.rng import key_from_seed
+from vllm_sjd.core.row_lookahead import band_cells, fed_tokens
 from vllm_sjd.core.window import (
     CellsAboveRows,
     PreviousWindow,
@@ -52,7 +55,9 @@ class SJDProposer:
         spec = vllm_config.speculative_config
         assert spec is not None, "SJDProposer needs a speculative config"
         self.config = SJDConfig.from_additional_config(vllm_config.additional_config)
-        self.num_slots: int = spec.num_speculative_tokens
+        # vLLM schedules the window's K drafts and the row lookahead's L tokens.
+        self.lookahead: int = self.config.row_lookahead
+        self.num_slots: int = spec.num_speculative_tokens - self.lookahead
         self.max_model_len: int = vllm_config.model_config.max_model_len
 
         self._keys: dict[str, int] = {}
@@ -65,6 +70,10 @@ class SJDProposer:
         # Windows of requests that were left out of the latest step, with their columns.
         self._carried: dict[str, tuple[torch.Tensor, torch.Tensor, Columns | None]] = {}
         self._cells_above = CellsAbove()
+        # Row lookahead: rows predicted for cells ahead, by absolute position;
+        # per request, (window drafts, cells predicted) of the step scheduled next.
+        self._predictions = CellsAbove()
+        self._lookahead_plan: dict[str, tuple[int, np.ndarray]] = {}
         # The dynamic window: on once the runner hands over the forward-cost
         # curve, unless vLLM's per-batch-size table decides K.
         self._dynamic = self.config.dynamic_num_speculative_tokens
@@ -151,6 +160,8 @@ class SJDProposer:
         mirror: Sequence[tuple[int, int]] = (),  # (row, source row): same window as source
         max_drafts: int | Sequence[int] | None = None,  # drafts to schedule, per request or for all
         columns: Columns | None = None,  # every id a slot may hold; `allowed` has only these
+        grids: Sequence[tuple] = (),  # per request: (ImageGrid | None, prompt length), row lookahead
+        committed_tokens: np.ndarray | None = None,  # [>= B, >= max len]: tokens so far, by row
     ) -> list[list[int]]:
         """Build every request's next window; returns the drafts to schedule.
 
@@ -162,6 +173,9 @@ class SJDProposer:
         samples is as lossless as the whole). With `columns` the window is
         built and kept on those vocabulary columns only (exact:
         core/columns.py); `rows` may already hold only those (rows.columns).
+        With a row lookahead, each request's drafts are followed by the tokens
+        the lookahead feeds (core/row_lookahead.py; `grids` and
+        `committed_tokens` needed), and fresh slots take its predictions.
         """
         if max_drafts is not None and not isinstance(max_drafts, int):
             max_drafts = list(max_drafts)
@@ -187,6 +201,10 @@ class SJDProposer:
         if self.wants_cells_above and above is not None:
             self._record_cells(req_ids, rows, num_tokens, has_output, row_strides)
             cells_above = self._lookup_cells(req_ids, above, rows.bonus_probs, rows.columns)
+        predicted = None
+        if self.lookahead:
+            slots = num_tokens[:, None] + np.arange(self.num_slots, dtype=np.int64)
+            predicted = self._predictions.lookup(req_ids, slots, view)
         previous = self._previous_windows(req_ids, rows.bonus_probs, view)
         if view is not None and previous is not None:
             previous = PreviousWindow(view.indices(previous.drafts), previous.q, previous.present)
@@ -200,6 +218,7 @@ class SJDProposer:
             previous=previous,
             above=cells_above,
             token_ids=None if view is None else view.ids,
+            predicted=predicted,
         )
         drafts, q = built.drafts, built.q
         if view is not None:
@@ -217,11 +236,64 @@ class SJDProposer:
         # A window must end inside the model's context.
         limit = np.minimum(self.num_slots if max_drafts is None else max_drafts, self.num_slots)
         room = np.minimum(np.maximum(self.max_model_len - num_tokens, 0), limit)
-        draft_lists = drafts.tolist()  # the step's one read from the device
-        return [
-            d[:r] if ok or keep else []
-            for d, r, ok, keep in zip(draft_lists, room.tolist(), has_output, kept)
+        scheduled = np.where(np.asarray(has_output, dtype=bool) | np.asarray(kept), room, 0)
+        cells, guesses = self._lookahead_cells(req_ids, grids, num_tokens, scheduled, view)
+        read = drafts if guesses is None else torch.cat([drafts, guesses.to(drafts.device)], dim=1)
+        lists = read.tolist()  # the step's one read from the device
+        draft_lists = [d[: int(n)] for d, n in zip(lists, scheduled)]
+        if guesses is None:
+            return draft_lists
+        fed = [
+            fed_tokens(c, np.asarray(row[self.num_slots : self.num_slots + len(c)]),
+                       committed_tokens[i, : num_tokens[i]], draft_lists[i], grid.row_stride)
+            if len(c) else []
+            for i, (c, row, (grid, _)) in enumerate(zip(cells, lists, grids))
         ]
+        for twin, cond in mirror:  # a guided pair feeds the same tokens
+            cells[twin], fed[twin] = cells[cond], fed[cond]
+        for req_id, n, c, tokens in zip(req_ids, scheduled, cells, fed):
+            if tokens:
+                self._lookahead_plan[req_id] = (int(n), c)
+            else:
+                self._lookahead_plan.pop(req_id, None)
+        return [d + tokens for d, tokens in zip(draft_lists, fed)]
+
+    def _lookahead_cells(self, req_ids, grids, num_tokens, scheduled, view):
+        """Per request, the cells its row lookahead predicts next step, and [B, L] the
+        newest prediction's most likely token at each fed position (-1: none), on the device."""
+        if not self.lookahead or not grids:
+            return None, None
+        cells = []
+        for i, (grid, prompt_len) in enumerate(grids):
+            end = int(num_tokens[i] + scheduled[i])
+            band = band_cells(grid, prompt_len, end, self.lookahead) if scheduled[i] else []
+            cells.append(np.asarray(band, dtype=np.int64)[: max(self.max_model_len - end, 0)])
+        if not any(len(c) for c in cells):
+            return cells, None
+        fed_at = np.full((len(cells), self.lookahead), -1, dtype=np.int64)
+        for i, c in enumerate(cells):
+            fed_at[i, : len(c)] = c - 1
+        hit = self._predictions.lookup(req_ids, fed_at, view)
+        if hit is None:
+            return cells, torch.full(fed_at.shape, -1, dtype=torch.int64)
+        found, rows = hit
+        best = rows.argmax(dim=-1)
+        best = best if view is None else view.tokens(best)
+        return cells, torch.where(found, best, -1)
+
+    def lookahead_plan(self, req_id: str) -> tuple[int, np.ndarray] | None:
+        """(window drafts, cells the lookahead predicts) of the drafts last proposed
+        for this request; None without a lookahead."""
+        return self._lookahead_plan.get(req_id)
+
+    def record_predictions(
+        self, req_ids: Sequence[str], cells: np.ndarray, probs: torch.Tensor,
+        row_strides: Sequence[int], columns: Columns | None,
+    ) -> None:
+        """Keep a row lookahead's rows: probs[m] predicts absolute position cells[m]."""
+        # Kept until the window reaches the cell: at most a window and a row ahead.
+        strides = [2 * (self.num_slots + s) for s in row_strides]
+        self._predictions.record(req_ids, strides, cells, probs, columns)
 
     @staticmethod
     def builds_nothing_for(max_drafts: int | None) -> bool:
@@ -414,6 +486,9 @@ class SJDProposer:
             self._carried.pop(req_id, None)
             self._window_row.pop(req_id, None)
         self._cells_above.evict(req_ids)
+        self._predictions.evict(req_ids)
+        for req_id in req_ids:
+            self._lookahead_plan.pop(req_id, None)
         if not self._window_row:
             self._drafts = self._q = self._columns = None
 
@@ -433,4 +508,6 @@ class SJDProposer:
             | set(self._window_row)
             | set(self._carried)
             | self._cells_above.tracked_requests()
+            | self._predictions.tracked_requests()
+            | set(self._lookahead_plan)
         )

@@ -13,7 +13,9 @@ Terms, for one request in one step:
 - fresh slots: the remaining K-(n-a) slots get initial drafts: uniform over
   the tokens the slot may hold, the newest row (last_distribution), or, in an
   image, the row of the cell one image row up (above): its verified row if
-  committed, the row this pass computed for it if it is still in the window.
+  committed, the row this pass computed for it if it is still in the window;
+  a cell the row lookahead predicted (core/row_lookahead.py) takes that
+  prediction instead, whatever the mode.
 - how a slot's draft is drawn from its q (independent, coupled with the
   previous draft at that position, or Gumbel noise per position): see
   core/drafting.py.
@@ -96,6 +98,8 @@ class Window:
     from_above: torch.Tensor  # [B, K] bool: initial drafts drawn from the cell above
     # [B, K, V]: the q the previous draft at each slot was drawn from (coupled only).
     previous_q: torch.Tensor | None = None
+    # [B, K] bool: initial drafts drawn from a row lookahead's prediction.
+    from_prediction: torch.Tensor | None = None
 
 
 def _row_sources(rows: StepRows, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +154,8 @@ def next_window(
     above: CellsAboveRows | None = None,
     token_ids: torch.Tensor | None = None,  # [V'] the id of each column; None: all V
     any_greedy: bool | None = None,  # whether greedy has a True, known on the host
+    # ([B, K] bool, [B, K, V]): a row lookahead's prediction of each slot's cell, where held.
+    predicted: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Window:
     """The next window of every request.
 
@@ -199,6 +205,14 @@ def next_window(
         fresh = uniform
     else:
         raise ValueError(f"unknown initial_drafts {initial_drafts!r}")
+    from_above = fresh_from_model if initial_drafts == "above" else torch.zeros_like(recycled)
+    from_prediction = None
+    if predicted is not None:
+        # The model's own prediction of the cell (rows in parallel) beats any stand-in.
+        from_prediction = predicted[0] & ~recycled
+        fresh = torch.where(predicted[0][:, :, None], predicted[1], fresh)
+        fresh_from_model = fresh_from_model | from_prediction
+        from_above = from_above & ~from_prediction
     q = torch.where(recycled[:, :, None], q, fresh)
 
     old = _previous_at_slots(previous, rows, recycled) if drafting == "coupled" else None
@@ -215,9 +229,9 @@ def next_window(
         one_hot = torch.zeros_like(q).scatter_(-1, drafts[:, :, None], 1.0)
         q = torch.where(greedy[:, None, None], one_hot, q)
         kept &= ~greedy[:, None]
-    from_above = fresh_from_model if initial_drafts == "above" else torch.zeros_like(recycled)
     return Window(
-        drafts, q.contiguous(), kept, ~recycled, from_above, None if old is None else old[1]
+        drafts, q.contiguous(), kept, ~recycled, from_above, None if old is None else old[1],
+        from_prediction,
     )
 
 
