@@ -5,6 +5,7 @@
     python benchmarks/results_tables.py drafting benchmarks/results/drafting/results.json
     python benchmarks/results_tables.py gpu benchmarks/results/forward_cost_7b_h100.json \\
         --compression benchmarks/results/demo/results.json
+    python benchmarks/results_tables.py methods benchmarks/results/row_lookahead/results.json
 
 Printing from the JSON keeps the published figures identical to the run's.
 """
@@ -148,9 +149,42 @@ def gpu_tables(cost: dict, demo: dict | None) -> str:
     return "\n\n".join(out)
 
 
+def methods_table(results: dict) -> str:
+    """One row a configuration: passes, latency with one in flight, throughput under the
+    most load, adherence with z against AR (the table of "ZipAR" and "Row lookahead")."""
+    from vllm_sjd.demo.evaluation import z_two_proportions
+
+    configs = results["vllm"]
+    ar = configs["AR"]
+    loads = sorted(ar["by_concurrency"], key=int)
+    low, high = loads[0], loads[-1]
+    header = ["configuration", f"passes / image, {high} in flight", "pass ratio",
+              f"latency, {low} in flight (s)",
+              "speed-up", f"images/min, {high} in flight", "vs AR", "captions right (z)",
+              "checks passed (z)", "background right (z)", f"ms / pass, {low} in flight"]
+    rows = []
+    for name, cfg in configs.items():
+        acc, ref = cfg["accuracy"], ar["accuracy"]
+        busy, calm = cfg["by_concurrency"][high], cfg["by_concurrency"][low]
+
+        def with_z(key, z):
+            return f"{acc[key]:.3f}" if name == "AR" else f"{acc[key]:.3f} ({z:+.2f})"
+
+        rows.append([
+            name, fmt(busy["passes_per_image"], 1), fmt(cfg["vs_AR"][high]["pass_ratio"]),
+            fmt(calm["latency_median_s"], 3), fmt(cfg["vs_AR"][low]["latency_speedup"]),
+            fmt(busy["images_per_min"], 1), fmt(cfg["vs_AR"][high]["throughput_ratio"]),
+            with_z("caption", cfg["caption_z_vs_AR"]),
+            with_z("checks_passed", cfg["checks_z_vs_AR"]),
+            with_z("background", z_two_proportions(acc["background"], ref["background"], acc["n"])),
+            fmt(calm["ms_per_pass"]),
+        ])
+    return table(header, rows)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=["demo", "drafting", "gpu"])
+    ap.add_argument("kind", choices=["demo", "drafting", "gpu", "methods"])
     ap.add_argument("path", type=Path)
     ap.add_argument("--compression", type=Path, help="demo results.json whose step compression to project")
     args = ap.parse_args()
@@ -159,6 +193,8 @@ def main():
         print(demo_tables(data))
     elif args.kind == "drafting":
         print(drafting_table(data))
+    elif args.kind == "methods":
+        print(methods_table(data))
     else:
         demo = json.loads(args.compression.read_text()) if args.compression else None
         print(gpu_tables(data, demo))

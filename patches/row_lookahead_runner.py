@@ -149,3 +149,17 @@ class RowLookaheadRunnerMixin:
         strides = [entries[i][0].row_stride for i in rows_of]
         req_ids = [self.input_batch.req_ids[i] for i in rows_of]
         return req_ids, lookahead.cells, probs, strides, columns
+
+    def _record_predictions(self, predicted, sampled_token_ids) -> None:
+        """Hand the proposer the predictions of requests that committed tokens this
+        step (a held pair member's rows were not guided with its partner's)."""
+        req_ids, cells, probs, strides, columns = predicted
+        produced = {r for r, t in zip(self.input_batch.req_ids, sampled_token_ids) if t}
+        keep = [m for m, r in enumerate(req_ids) if r in produced]
+        if len(keep) < len(req_ids):
+            index = torch.tensor(keep, dtype=torch.int64, device=probs.device)
+            req_ids, cells = [req_ids[m] for m in keep], cells[keep]
+            probs, strides = probs[index], [strides[m] for m in keep]
+        if req_ids:
+            self.drafter.record_predictions(req_ids, cells, probs, strides, columns)
+

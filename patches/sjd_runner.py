@@ -339,7 +339,7 @@ class SJDModelRunnerMixin(ZipARRunnerMixin, RowLookaheadRunnerMixin, SJDSampling
             return [[] for _ in sampled_token_ids]
         rows = self._verified_rows(step, sampled_token_ids, sampling_metadata)
         if predicted is not None:
-            self.drafter.record_predictions(*predicted)
+            self._record_predictions(predicted, sampled_token_ids)
         num_tokens = self.input_batch.num_tokens_no_spec[:num_reqs].astype(np.int64)
         num_slots = self.drafter.num_slots
         entries = self._layout_entries(req_ids)

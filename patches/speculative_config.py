@@ -143,7 +143,7 @@ def _check_zipar_window(zipar, model_config) -> None:
 
 
 def _check_row_lookahead(sjd, model_config) -> None:
-    """A row lookahead needs an image layout, and must stay below the window's row."""
+    """A row lookahead needs an image layout, and cannot exceed the widest row."""
     from vllm_sjd.families import NotAnImageModel, image_layout_for
 
     try:
@@ -152,12 +152,12 @@ def _check_row_lookahead(sjd, model_config) -> None:
         raise SJDConfigError(
             f"speculative_config['row_lookahead'] feeds the image row below the window: {err}"
         ) from None
-    narrowest = min(layout.grid(w, h).row_stride for w, h in layout.sizes)
-    if sjd.row_lookahead >= narrowest:
+    widest = max(layout.grid(w, h).cols for w, h in layout.sizes)
+    if sjd.row_lookahead > widest:
         raise SJDConfigError(
-            f"speculative_config['row_lookahead'] = {sjd.row_lookahead} is not below the "
-            f"image row: this model's narrowest image row takes {narrowest} tokens (the "
-            "lookahead's cells sit one row below the window's last drafts)"
+            f"speculative_config['row_lookahead'] = {sjd.row_lookahead} is beyond the row: "
+            f"this model's widest image row has {widest} codes (the lookahead feeds at most "
+            "a row's first codes; on narrower images it takes what the row has)"
         )
 
 

@@ -46,7 +46,7 @@ class FaultyQProposer(SJDProposer):
         drafts = super().propose_window(req_ids, rows, **kwargs)
         plan = self.lookahead_plan(req_ids[0]) if self._record_feeds else None
         if plan is not None and drafts[0]:
-            n, cells = plan
+            n, cells = plan[:2]
             committed = kwargs["committed_tokens"][0, : int(kwargs["num_tokens"][0])].tolist()
             self._pending_feed = (req_ids[0], committed, drafts[0][:n], cells.tolist(), drafts[0][n:])
         return drafts

@@ -16,29 +16,23 @@ import torch
 
 from tests.conftest import make_llm, shutdown, sjd_state_after_idle
 from tests.stats import chi_square_pvalue
-from tests.test_zipar import exact_distribution
+# The tiny Chameleon's prompts and grids as the ZipAR tests use them: WIDE_GRID's rows
+# of 6 codes over 400 codes for the greedy checks, ZIPAR_GRID's 2 rows of 3 codes
+# of 2 values (64 images) for the chi-square test.
+from tests.test_zipar import (
+    ALPHA, NUM_SAMPLES, PROMPT, TEMPERATURE, UNCONDITIONAL, WIDE_GRID, exact_distribution,
+)
+from tests.test_zipar import ZIPAR_GRID as SMALL_GRID
+from vllm_sjd import demo
 from vllm_sjd.core.zipar import stream_order
 from vllm_sjd.image_generation import image_sampling_params
-from vllm_sjd.layouts.grid import ImageGrid
-from vllm_sjd.testing.tiny_chameleon import FIRST_WORD_ID, VOCAB_SIZE, build_tiny_chameleon
+from vllm_sjd.testing.tiny_chameleon import VOCAB_SIZE, build_tiny_chameleon
 from vllm_sjd.testing.zipar_reference import stream_logits
 
 pytestmark = pytest.mark.engine
 
-EOL, EOI = 8803, 8196
 WINDOW, LOOKAHEAD = 3, 2
 SMALL_WINDOW = 2  # shorter than SMALL_GRID's row: the window's last draft reaches column 2
-# Rows of 3 codes of 2 values (64 images) for the chi-square test; rows of 6
-# codes over 400 codes for the greedy checks.
-SMALL_GRID = ImageGrid(48, 32, rows=2, cols=3, header=(), row_end=EOL, trailer=(EOI,),
-                       code_low=10, code_high=12)
-WIDE_GRID = ImageGrid(96, 80, rows=5, cols=6, header=(), row_end=EOL, trailer=(EOI,),
-                      code_low=4, code_high=404)
-PROMPT = [FIRST_WORD_ID + 3, FIRST_WORD_ID + 7, 8197]
-UNCONDITIONAL = [8197]
-TEMPERATURE = 2.0  # flattens the tiny model's rows: few outcomes too rare to count
-NUM_SAMPLES = 4000
-ALPHA = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +160,7 @@ def test_bad_settings_stop_the_engine_naming_them(chameleon, peaked_model):
 
     cases = [
         (chameleon, {"row_lookahead": -1}, "row_lookahead"),
-        (chameleon, {"row_lookahead": 40}, "not below the image row"),
+        (demo.MODEL_PATH, {"row_lookahead": 33}, "beyond the row"),  # widest: 32 codes
         (peaked_model, {"row_lookahead": 2}, "no image layout"),
         (chameleon, {"row_lookahead": 2,
                      "num_speculative_tokens_per_batch_size": [[1, 256, 4]]}, "per_batch_size"),
@@ -174,3 +168,19 @@ def test_bad_settings_stop_the_engine_naming_them(chameleon, peaked_model):
     for model, settings, named in cases:
         with pytest.raises(SJDConfigError, match=named):
             make_llm(model, sjd=settings)
+
+
+def test_a_seeded_image_is_the_same_alone_and_in_a_batch(llm):
+    """The lookahead's rows depend only on the request's own feed: a seeded image
+    does not depend on its neighbours (guided and unguided, other sizes)."""
+    proposer_call(llm, "set_drafting", "coupled", "above", WINDOW)
+    seeded = image_sampling_params(WIDE_GRID, temperature=1.0, seed=21)
+    alone = llm.generate({"prompt_token_ids": PROMPT}, seeded, use_tqdm=False)[0]
+    others = [image_sampling_params(WIDE_GRID if i % 2 else SMALL_GRID, temperature=1.0,
+                                    guidance_scale=2.0 if i % 3 else 1.0,
+                                    unconditional_prompt_token_ids=UNCONDITIONAL)
+              for i in range(7)]
+    outs = llm.generate([{"prompt_token_ids": PROMPT}] * 8, [*others[:3], seeded, *others[3:]],
+                        use_tqdm=False)
+    assert list(outs[3].outputs[0].token_ids) == list(alone.outputs[0].token_ids)
+    assert proposer_call(llm, "get_counts")["from_prediction"] > 0

@@ -116,7 +116,7 @@ def _allowed_values(field: str) -> str:
     if field == "num_speculative_tokens":
         return f"an integer from {MIN_WINDOW} to {MAX_WINDOW}"
     if field == "row_lookahead":
-        return f"an integer from 0 to {MAX_WINDOW}, below the image's row (tokens a row takes)"
+        return f"an integer from 0 to {MAX_WINDOW}, at most the image's row of codes"
     if field == "proposer":
         return "a dotted class path"
     settings = sorted(set(SJDConfig.model_fields) | (VLLM_KEYS - {"method"}))

@@ -71,9 +71,9 @@ class SJDProposer:
         self._carried: dict[str, tuple[torch.Tensor, torch.Tensor, Columns | None]] = {}
         self._cells_above = CellsAbove()
         # Row lookahead: rows predicted for cells ahead, by absolute position;
-        # per request, (window drafts, cells predicted) of the step scheduled next.
+        # per request, (window drafts, cells predicted, tokens fed) of the step scheduled next.
         self._predictions = CellsAbove()
-        self._lookahead_plan: dict[str, tuple[int, np.ndarray]] = {}
+        self._lookahead_plan: dict[str, tuple[int, np.ndarray, list[int]]] = {}
         # The dynamic window: on once the runner hands over the forward-cost
         # curve, unless vLLM's per-batch-size table decides K.
         self._dynamic = self.config.dynamic_num_speculative_tokens
@@ -238,10 +238,10 @@ class SJDProposer:
         room = np.minimum(np.maximum(self.max_model_len - num_tokens, 0), limit)
         scheduled = np.where(np.asarray(has_output, dtype=bool) | np.asarray(kept), room, 0)
         cells, guesses = self._lookahead_cells(req_ids, grids, num_tokens, scheduled, view)
-        read = drafts if guesses is None else torch.cat([drafts, guesses.to(drafts.device)], dim=1)
+        read = drafts if not guesses.numel() else torch.cat([drafts, guesses.to(drafts.device)], dim=1)
         lists = read.tolist()  # the step's one read from the device
         draft_lists = [d[: int(n)] for d, n in zip(lists, scheduled)]
-        if guesses is None:
+        if cells is None:
             return draft_lists
         fed = [
             fed_tokens(c, np.asarray(row[self.num_slots : self.num_slots + len(c)]),
@@ -249,11 +249,16 @@ class SJDProposer:
             if len(c) else []
             for i, (c, row, (grid, _)) in enumerate(zip(cells, lists, grids))
         ]
+        for i, keep in enumerate(kept):
+            # A held pair member feeds again what it fed with its partner.
+            old = self._lookahead_plan.get(req_ids[i]) if keep else None
+            if old is not None and old[0] == scheduled[i]:
+                cells[i], fed[i] = old[1], old[2]
         for twin, cond in mirror:  # a guided pair feeds the same tokens
             cells[twin], fed[twin] = cells[cond], fed[cond]
         for req_id, n, c, tokens in zip(req_ids, scheduled, cells, fed):
             if tokens:
-                self._lookahead_plan[req_id] = (int(n), c)
+                self._lookahead_plan[req_id] = (int(n), c, tokens)
             else:
                 self._lookahead_plan.pop(req_id, None)
         return [d + tokens for d, tokens in zip(draft_lists, fed)]
@@ -262,14 +267,14 @@ class SJDProposer:
         """Per request, the cells its row lookahead predicts next step, and [B, L] the
         newest prediction's most likely token at each fed position (-1: none), on the device."""
         if not self.lookahead or not grids:
-            return None, None
+            return None, torch.zeros((len(req_ids), 0), dtype=torch.int64)
         cells = []
         for i, (grid, prompt_len) in enumerate(grids):
             end = int(num_tokens[i] + scheduled[i])
             band = band_cells(grid, prompt_len, end, self.lookahead) if scheduled[i] else []
             cells.append(np.asarray(band, dtype=np.int64)[: max(self.max_model_len - end, 0)])
         if not any(len(c) for c in cells):
-            return cells, None
+            return cells, torch.zeros((len(cells), 0), dtype=torch.int64)
         fed_at = np.full((len(cells), self.lookahead), -1, dtype=np.int64)
         for i, c in enumerate(cells):
             fed_at[i, : len(c)] = c - 1
@@ -281,9 +286,9 @@ class SJDProposer:
         best = best if view is None else view.tokens(best)
         return cells, torch.where(found, best, -1)
 
-    def lookahead_plan(self, req_id: str) -> tuple[int, np.ndarray] | None:
-        """(window drafts, cells the lookahead predicts) of the drafts last proposed
-        for this request; None without a lookahead."""
+    def lookahead_plan(self, req_id: str) -> tuple[int, np.ndarray, list[int]] | None:
+        """(window drafts, cells the lookahead predicts, tokens it feeds) of the drafts
+        last proposed for this request; None without a lookahead."""
         return self._lookahead_plan.get(req_id)
 
     def record_predictions(
