@@ -46,9 +46,9 @@ from vllm_sjd.guidance import (
     unconditional_request_id,
 )
 from vllm_sjd.layouts.constraints import LayoutConstraints
+from vllm_sjd.patches.row_lookahead_runner import RowLookaheadRunnerMixin
 from vllm_sjd.patches.sjd_sampling import SJDSamplingMixin, samples_without_logprobs
 from vllm_sjd.patches.verified_logits import capture_verified_logits
-from vllm_sjd.patches.row_lookahead_runner import RowLookaheadRunnerMixin
 from vllm_sjd.patches.zipar_runner import ZipARRunnerMixin
 from vllm_sjd.proposer import SJDProposer
 from vllm_sjd.zipar import ZipARProposer

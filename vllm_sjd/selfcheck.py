@@ -39,6 +39,9 @@ from vllm_sjd.selfcheck_cases import (
 )
 
 SJD_WINDOW = 8
+# The family checks' SJD engines also run the row lookahead (its raster
+# positions on this platform's runner); lossless, so greedy SJD is still AR.
+SJD_ROW_LOOKAHEAD = 2
 ZIPAR_WINDOW = 3  # of the 8 codes a row at 128 px: rows overlap
 # Pass criterion of the chi-square run: sampling noise alone falls below it
 # once in 10^4 runs; a wrong q falls far below.
@@ -124,7 +127,8 @@ def check_family(case: FamilyCase, folder: Path, options: Options) -> list[Check
     start = time.monotonic()
     model = case.build(folder)
     tokens, guided, guided_seconds = {}, {}, 0.0
-    for mode, sjd in (("ar", None), ("sjd", {"num_speculative_tokens": SJD_WINDOW})):
+    sjd_settings = {"num_speculative_tokens": SJD_WINDOW, "row_lookahead": SJD_ROW_LOOKAHEAD}
+    for mode, sjd in (("ar", None), ("sjd", sjd_settings)):
         with engine(model, options, sjd, **case.engine_kwargs) as llm:
             requests = case.requests(llm, model)
             outputs = llm.generate(requests.prompts, requests.params, use_tqdm=False)
