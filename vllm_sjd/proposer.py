@@ -237,12 +237,13 @@ class SJDProposer:
         limit = np.minimum(self.num_slots if max_drafts is None else max_drafts, self.num_slots)
         room = np.minimum(np.maximum(self.max_model_len - num_tokens, 0), limit)
         scheduled = np.where(np.asarray(has_output, dtype=bool) | np.asarray(kept), room, 0)
+        if not self.lookahead or not grids:
+            draft_lists = drafts.tolist()  # the step's one read from the device
+            return [d[: int(n)] for d, n in zip(draft_lists, scheduled)]
         cells, guesses = self._lookahead_cells(req_ids, grids, num_tokens, scheduled, view)
-        read = drafts if not guesses.numel() else torch.cat([drafts, guesses.to(drafts.device)], dim=1)
+        read = drafts if guesses is None else torch.cat([drafts, guesses.to(drafts.device)], dim=1)
         lists = read.tolist()  # the step's one read from the device
         draft_lists = [d[: int(n)] for d, n in zip(lists, scheduled)]
-        if cells is None:
-            return draft_lists
         fed = [
             fed_tokens(c, np.asarray(row[self.num_slots : self.num_slots + len(c)]),
                        committed_tokens[i, : num_tokens[i]], draft_lists[i], grid.row_stride)
@@ -265,16 +266,15 @@ class SJDProposer:
 
     def _lookahead_cells(self, req_ids, grids, num_tokens, scheduled, view):
         """Per request, the cells its row lookahead predicts next step, and [B, L] the
-        newest prediction's most likely token at each fed position (-1: none), on the device."""
-        if not self.lookahead or not grids:
-            return None, torch.zeros((len(req_ids), 0), dtype=torch.int64)
+        newest prediction's most likely token at each fed position (-1: none), on the
+        device (None where no request has a cell)."""
         cells = []
         for i, (grid, prompt_len) in enumerate(grids):
             end = int(num_tokens[i] + scheduled[i])
             band = band_cells(grid, prompt_len, end, self.lookahead) if scheduled[i] else []
             cells.append(np.asarray(band, dtype=np.int64)[: max(self.max_model_len - end, 0)])
         if not any(len(c) for c in cells):
-            return cells, torch.zeros((len(cells), 0), dtype=torch.int64)
+            return cells, None
         fed_at = np.full((len(cells), self.lookahead), -1, dtype=np.int64)
         for i, c in enumerate(cells):
             fed_at[i, : len(c)] = c - 1
