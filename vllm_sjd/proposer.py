@@ -197,23 +197,33 @@ class SJDProposer:
                 view,
                 rows.host_counts,
             )
+        # A guided pair's twin takes its conditional request's window (`mirror`):
+        # windows are built for the other requests only.
+        build = _requests_to_build(len(req_ids), mirror)
+        pick = (lambda x: x) if build is None else (lambda x: x[build])
+        build_ids = req_ids if build is None else [req_ids[i] for i in build]
+        build_rows = rows if build is None else rows.select(build)
         cells_above = None
         if self.wants_cells_above and above is not None:
             self._record_cells(req_ids, rows, num_tokens, has_output, row_strides)
-            cells_above = self._lookup_cells(req_ids, above, rows.bonus_probs, rows.columns)
+            cells_above = self._lookup_cells(
+                build_ids, pick(np.asarray(above)), build_rows.bonus_probs, rows.columns
+            )
         predicted = None
         if self.lookahead:
-            slots = num_tokens[:, None] + np.arange(self.num_slots, dtype=np.int64)
-            predicted = self._predictions.lookup(req_ids, slots, view)
-        previous = self._previous_windows(req_ids, rows.bonus_probs, view)
+            slots = pick(num_tokens)[:, None] + np.arange(self.num_slots, dtype=np.int64)
+            predicted = self._predictions.lookup(build_ids, slots, view)
+        previous = self._previous_windows(build_ids, build_rows.bonus_probs, view)
         if view is not None and previous is not None:
             previous = PreviousWindow(view.indices(previous.drafts), previous.q, previous.present)
+        if allowed is not None and build is not None:
+            allowed = allowed.index_select(0, torch.from_numpy(build).to(allowed.device))
         built = self._next_window(
-            rows,
-            keys=keys,
-            next_positions=num_tokens,
-            greedy=torch.from_numpy(greedy).to(device),
-            any_greedy=bool(greedy.any()),
+            build_rows,
+            keys=pick(keys),
+            next_positions=pick(num_tokens),
+            greedy=torch.from_numpy(pick(greedy)).to(device),
+            any_greedy=bool(pick(greedy).any()),
             allowed=allowed,
             previous=previous,
             above=cells_above,
@@ -221,6 +231,9 @@ class SJDProposer:
             predicted=predicted,
         )
         drafts, q = built.drafts, built.q
+        if build is not None:
+            spread = torch.from_numpy(_spread(len(req_ids), build, mirror)).to(device)
+            drafts, q = drafts.index_select(0, spread), q.index_select(0, spread)
         if view is not None:
             drafts = view.tokens(drafts)
         kept = [False] * len(req_ids)
@@ -329,6 +342,12 @@ class SJDProposer:
         if self._drafts is not None and rows == list(range(self._drafts.shape[0])):
             present = torch.ones(batch_size, dtype=torch.bool, device=device)
             return PreviousWindow(self._drafts, convert(self._q, self._columns, columns), present)
+        if self._drafts is not None and rows and min(rows) >= 0:  # all have stored windows
+            source = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self._drafts.device)
+            present = torch.ones(batch_size, dtype=torch.bool, device=device)
+            q = convert(self._q.index_select(0, source), self._columns, columns)
+            return PreviousWindow(self._drafts.index_select(0, source).to(device), q.to(device),
+                                  present)
         drafts = torch.full((batch_size, self.num_slots), -1, dtype=torch.int64, device=device)
         q = like.new_zeros((batch_size, self.num_slots, like.shape[-1]))
         present = np.array([row >= 0 for row in rows], dtype=bool)
@@ -516,3 +535,21 @@ class SJDProposer:
             | self._predictions.tracked_requests()
             | set(self._lookahead_plan)
         )
+
+
+def _requests_to_build(num_requests: int, mirror: Sequence[tuple[int, int]]) -> np.ndarray | None:
+    """Batch rows whose windows are built ([B'] int64): all but mirrored twins; None: all."""
+    if not mirror:
+        return None
+    build = np.ones(num_requests, dtype=bool)
+    build[[twin for twin, _ in mirror]] = False
+    return np.nonzero(build)[0]
+
+
+def _spread(num_requests: int, build: np.ndarray, mirror: Sequence[tuple[int, int]]) -> np.ndarray:
+    """[B] int64: each request's row among the built windows; a twin's is its source's."""
+    row = np.full(num_requests, -1, dtype=np.int64)
+    row[build] = np.arange(len(build))
+    for twin, source in mirror:
+        row[twin] = row[source]
+    return row

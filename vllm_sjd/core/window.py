@@ -68,6 +68,24 @@ class StepRows:
             return self.host_counts
         return self.num_draft_tokens.cpu().numpy(), self.num_accepted.cpu().numpy()
 
+    def select(self, requests: np.ndarray) -> "StepRows":
+        """These requests' rows only, in this order (`requests`: [B'] int64, host)."""
+        n, a = self.counts_on_host()
+        first = np.cumsum(n) - n
+        target = np.concatenate(
+            [np.arange(first[i], first[i] + n[i]) for i in requests] + [np.zeros(0, np.int64)]
+        )
+        device = self.bonus_probs.device
+        pick = torch.from_numpy(requests).to(device)
+        return StepRows(
+            self.target_probs.index_select(0, torch.from_numpy(target).to(device)),
+            self.bonus_probs.index_select(0, pick),
+            self.num_draft_tokens.index_select(0, pick),
+            self.num_accepted.index_select(0, pick),
+            self.columns,
+            (n[requests], a[requests]),
+        )
+
 
 @dataclass
 class PreviousWindow:
