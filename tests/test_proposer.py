@@ -10,13 +10,13 @@ from vllm_sjd.proposer import SJDProposer
 VOCAB, WINDOW = 12, 4
 
 
-def proposer(max_model_len: int = 100) -> SJDProposer:
+def proposer(max_model_len: int = 100, cls: type[SJDProposer] = SJDProposer) -> SJDProposer:
     config = SimpleNamespace(
         speculative_config=SimpleNamespace(num_speculative_tokens=WINDOW),
         additional_config={"sjd": {"num_speculative_tokens": WINDOW}},
         model_config=SimpleNamespace(max_model_len=max_model_len),
     )
-    return SJDProposer(config)
+    return cls(config)
 
 
 def first_step_rows(batch: int) -> StepRows:
@@ -77,3 +77,49 @@ def test_seeded_requests_draft_the_same_window_in_any_batch():
     alone = propose(proposer(), ["s"], [5], seeds=[42])
     crowd = propose(proposer(), ["x", "s"], [3, 5], seeds=[None, 42])
     assert alone[0] == crowd[1]
+
+
+class _CountingProposer(SJDProposer):
+    def __init__(self, config):
+        super().__init__(config)
+        self.built_batches = []
+
+    def _next_window(self, rows, **kwargs):
+        self.built_batches.append(rows.bonus_probs.shape[0])
+        return super()._next_window(rows, **kwargs)
+
+
+def second_step_rows(per_request: list[torch.Tensor]) -> StepRows:
+    """Rows of a step that verified WINDOW drafts of each request and accepted one."""
+    batch = len(per_request)
+    return StepRows(
+        target_probs=torch.cat([r[:WINDOW] for r in per_request]),
+        bonus_probs=torch.stack([r[WINDOW] for r in per_request]),
+        num_draft_tokens=torch.full((batch,), WINDOW, dtype=torch.int64),
+        num_accepted=torch.ones(batch, dtype=torch.int64),
+    )
+
+
+def test_a_guided_twin_takes_its_conditional_window_which_is_built_once():
+    def step(p, req_ids, rows, mirror):
+        return p.propose_window(
+            req_ids, rows, num_tokens=torch.full((len(req_ids),), 5),
+            seeds=[{"c": 7, "t": 8, "u": 9}[r] for r in req_ids],
+            greedy=torch.zeros(len(req_ids), dtype=torch.bool), has_output=[True] * len(req_ids),
+            mirror=mirror,
+        )
+
+    torch.manual_seed(0)
+    cond, other, twin = (torch.softmax(3 * torch.randn(WINDOW + 1, VOCAB), -1) for _ in range(3))
+    paired, alone = proposer(cls=_CountingProposer), proposer()
+    # The same requests with and without a twin (its rows deliberately different).
+    step(paired, ["c", "t", "u"], first_step_rows(3), [(1, 0)])
+    step(alone, ["c", "u"], first_step_rows(2), [])
+    with_twin = step(paired, ["c", "t", "u"], second_step_rows([cond, twin, other]), [(1, 0)])
+    without = step(alone, ["c", "u"], second_step_rows([cond, other]), [])
+    assert paired.built_batches == [2, 2]  # the twin's window is never built
+    assert with_twin[1] == with_twin[0]
+    assert [with_twin[0], with_twin[2]] == without
+    q_twin = paired.draft_probs(["t"], [WINDOW], torch.tensor(with_twin[1]), VOCAB)
+    q_cond = alone.draft_probs(["c"], [WINDOW], torch.tensor(without[0]), VOCAB)
+    assert torch.equal(q_twin, q_cond)
