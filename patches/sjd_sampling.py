@@ -30,8 +30,7 @@ from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
 from vllm_sjd.core.columns import Columns
 from vllm_sjd.core.verify import PLACEHOLDER, verify
-from vllm_sjd.core.window import StepRows, rows_of_requests
-from vllm_sjd.guidance import requests_to_build, spread_to_batch
+from vllm_sjd.core.window import StepRows
 
 
 def samples_without_logprobs(sampling_metadata) -> bool:
@@ -84,10 +83,6 @@ class SJDSamplingMixin:
             scores = columns.select(logits).float()
             if pairs.cond:
                 self._guide(scores, pairs, counts)
-                # A pair's rows are now equal and its twin commits the conditional
-                # request's tokens: the rest of the step skips the twins.
-                return self._sample_built(scores, spec_decode_metadata, counts, pairs, greedy,
-                                          columns, entries, first, vocab_size)
             mask = self._layouts.row_masks(entries, first, counts, vocab_size, device, columns)
             scores.masked_fill_(~mask, float("-inf"))
         top_k = None if sampling_metadata.top_k is None else self.input_batch.top_k_cpu[:num_reqs]
@@ -128,60 +123,6 @@ class SJDSamplingMixin:
         rows = StepRows(target_probs, bonus_probs, None, None, columns)
         return SamplerOutput(sampled_token_ids=tokens.to(torch.int32), logprobs_tensors=None), rows
 
-    def _sample_built(self, scores, spec_decode_metadata, counts: np.ndarray, pairs, greedy,
-                      columns: Columns, entries, first: np.ndarray, vocab_size: int):
-        """The step after guidance on the columns for all requests but guided twins; a
-        twin takes its conditional request's tokens and rows."""
-        num_reqs = counts.shape[0]
-        req_ids = self.input_batch.req_ids[:num_reqs]
-        device, width = scores.device, scores.shape[-1]
-        mirror = list(zip(pairs.twin, pairs.cond))
-        built = requests_to_build(num_reqs, mirror)
-        sampling_metadata = self.input_batch.sampling_metadata
-        counts_b = counts[built]
-        kept_rows = torch.from_numpy(rows_of_requests(counts, built)).to(device)
-        scores = scores.index_select(0, kept_rows)
-        mask = self._layouts.row_masks([entries[i] for i in built], first[built], counts_b,
-                                       vocab_size, device, columns)
-        scores.masked_fill_(~mask, float("-inf"))
-        top_k = None if sampling_metadata.top_k is None else self.input_batch.top_k_cpu[built]
-        greedy_rows = torch.from_numpy(greedy[built]).to(device)
-        probs = self._processed_probs(scores, counts_b, sampling_metadata, greedy_rows, top_k,
-                                      requests=torch.from_numpy(built).to(device))
-        # Each request's rows: its drafts' rows, then its bonus row.
-        bonus = np.cumsum(counts_b) - 1
-        target = np.setdiff1d(np.arange(int(counts_b.sum())), bonus, assume_unique=True)
-        target_probs = probs.index_select(0, torch.from_numpy(target).to(device))
-        bonus_probs = probs.index_select(0, torch.from_numpy(bonus).to(device))
-        num_draft = counts_b - 1
-        built_ids = [req_ids[i] for i in built]
-        if spec_decode_metadata is None or not num_draft.sum():
-            drafts = torch.zeros(0, dtype=torch.int64, device=device)
-            q = probs.new_zeros((0, width))
-        else:
-            picked = torch.from_numpy(rows_of_requests(counts - 1, built)).to(device)
-            drafts, q = self.drafter.scheduled_drafts(
-                built_ids, num_draft.tolist(),
-                spec_decode_metadata.draft_token_ids.index_select(0, picked), columns, width,
-            )
-        seeds = [self.requests[r].sampling_params.seed for r in built_ids]
-        verdict = verify(target_probs, bonus_probs, num_draft, int(num_draft.max(initial=0)),
-                         drafts, q, greedy_rows, self.drafter.request_keys(built_ids, seeds),
-                         first[built])
-        tokens = verdict.tokens
-        tokens = torch.where(tokens >= 0, columns.tokens(tokens.clamp(min=0)), PLACEHOLDER)
-        # Back to every request: a twin's tokens and rows are its conditional request's.
-        spread = spread_to_batch(num_reqs, built, mirror)
-        tokens = tokens.index_select(0, torch.from_numpy(spread).to(device))
-        target_of = rows_of_requests(num_draft, spread)
-        rows = StepRows(
-            target_probs.index_select(0, torch.from_numpy(target_of).to(device)),
-            bonus_probs.index_select(0, torch.from_numpy(spread).to(device)),
-            None, None, columns,
-        )
-        self._generators_untouched = True
-        return SamplerOutput(sampled_token_ids=tokens.to(torch.int32), logprobs_tensors=None), rows
-
     def _vllm_logits_processing(self, logits, spec_decode_metadata):
         """vLLM's penalties, bad words, allowed ids and logits processors, as its samplers apply them."""
         sampling_metadata = self.input_batch.sampling_metadata
@@ -206,26 +147,21 @@ class SJDSamplingMixin:
         sampling_metadata,
         greedy: torch.Tensor,  # [B] bool, on the scores' device
         top_k_host: np.ndarray | None,  # [B] each request's top-k as the host keeps it
-        requests: torch.Tensor | None = None,  # [B] the batch index of each; None: 0..B-1
     ) -> torch.Tensor:
         """Temperature, top-k and top-p per row, then the softmax, [rows, W] float32."""
         num_reqs, width = counts.shape[0], scores.shape[-1]
         device, num_rows = scores.device, scores.shape[0]
         per_row = torch.from_numpy(counts).to(device)
-
-        def of_requests(values: torch.Tensor) -> torch.Tensor:
-            return values[:num_reqs] if requests is None else values.index_select(0, requests)
-
         if sampling_metadata.temperature is not None:
-            temperature = of_requests(sampling_metadata.temperature).to(torch.float32)
+            temperature = sampling_metadata.temperature[:num_reqs].to(torch.float32)
             temperature = torch.where(greedy, 1.0, temperature)
             scores.div_(temperature.repeat_interleave(per_row, output_size=num_rows)[:, None])
         top_k = top_p = None
         if sampling_metadata.top_k is not None:
-            top_k = of_requests(sampling_metadata.top_k).clamp(max=width)
+            top_k = sampling_metadata.top_k[:num_reqs].clamp(max=width)
             top_k = top_k.repeat_interleave(per_row, output_size=num_rows)
         if sampling_metadata.top_p is not None:
-            top_p = of_requests(sampling_metadata.top_p)
+            top_p = sampling_metadata.top_p[:num_reqs]
             top_p = top_p.repeat_interleave(per_row, output_size=num_rows)
         if top_k is not None and top_p is None and top_k_host is not None:
             # Top-k alone, with the largest k known on the host: no read of k
@@ -261,4 +197,3 @@ class SJDSamplingMixin:
             return bookkeeping(*args, **kwargs)
         finally:
             generators.update(hidden)
-

@@ -18,7 +18,6 @@ the blend itself; plain torch, no vLLM internals.
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from vllm_sjd.contract import GUIDANCE_ARG, UNCONDITIONAL_REQUEST_SUFFIX
@@ -75,22 +74,3 @@ def unconditional_request_id(conditional_request_id: str) -> str:
 def blend(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """uncond + s * (cond - uncond), row-wise; `scale` broadcasts as [rows, 1]."""
     return torch.lerp(uncond, cond, scale)
-
-
-def requests_to_build(num_requests: int, mirror: Sequence[tuple[int, int]]) -> np.ndarray | None:
-    """Batch rows worked on ([B'] int64): all but guided twins (`mirror`: (twin,
-    conditional) pairs, which share one outcome); None: all of them."""
-    if not mirror:
-        return None
-    build = np.ones(num_requests, dtype=bool)
-    build[[twin for twin, _ in mirror]] = False
-    return np.nonzero(build)[0]
-
-
-def spread_to_batch(num_requests: int, built: np.ndarray, mirror: Sequence[tuple[int, int]]) -> np.ndarray:
-    """[B] int64: each request's row among the `built` ones; a twin's is its conditional's."""
-    row = np.full(num_requests, -1, dtype=np.int64)
-    row[built] = np.arange(len(built))
-    for twin, cond in mirror:
-        row[twin] = row[cond]
-    return row

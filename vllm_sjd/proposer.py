@@ -37,7 +37,6 @@ from vllm_sjd.core.window import (
     committed_row_sources,
     next_window,
 )
-from vllm_sjd.guidance import requests_to_build, spread_to_batch
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +199,7 @@ class SJDProposer:
             )
         # A guided pair's twin takes its conditional request's window (`mirror`):
         # windows are built for the other requests only.
-        build = requests_to_build(len(req_ids), mirror)
+        build = _requests_to_build(len(req_ids), mirror)
         pick = (lambda x: x) if build is None else (lambda x: x[build])
         build_ids = req_ids if build is None else [req_ids[i] for i in build]
         build_rows = rows if build is None else rows.select(build)
@@ -233,7 +232,7 @@ class SJDProposer:
         )
         drafts, q = built.drafts, built.q
         if build is not None:
-            spread = torch.from_numpy(spread_to_batch(len(req_ids), build, mirror)).to(device)
+            spread = torch.from_numpy(_spread(len(req_ids), build, mirror)).to(device)
             drafts, q = drafts.index_select(0, spread), q.index_select(0, spread)
         if view is not None:
             drafts = view.tokens(drafts)
@@ -537,3 +536,20 @@ class SJDProposer:
             | set(self._lookahead_plan)
         )
 
+
+def _requests_to_build(num_requests: int, mirror: Sequence[tuple[int, int]]) -> np.ndarray | None:
+    """Batch rows whose windows are built ([B'] int64): all but mirrored twins; None: all."""
+    if not mirror:
+        return None
+    build = np.ones(num_requests, dtype=bool)
+    build[[twin for twin, _ in mirror]] = False
+    return np.nonzero(build)[0]
+
+
+def _spread(num_requests: int, build: np.ndarray, mirror: Sequence[tuple[int, int]]) -> np.ndarray:
+    """[B] int64: each request's row among the built windows; a twin's is its source's."""
+    row = np.full(num_requests, -1, dtype=np.int64)
+    row[build] = np.arange(len(build))
+    for twin, source in mirror:
+        row[twin] = row[source]
+    return row

@@ -39,7 +39,7 @@ InitialDrafts = Literal["uniform", "last_distribution", "above"]
 
 # sample_inverse_cdf lives in core/drafting.py; re-exported for callers of this module.
 __all__ = ["CellsAboveRows", "InitialDrafts", "PreviousWindow", "StepRows", "Window",
-           "committed_row_sources", "next_window", "rows_of_requests", "sample_inverse_cdf"]
+           "committed_row_sources", "next_window", "sample_inverse_cdf"]
 
 
 @dataclass
@@ -71,7 +71,10 @@ class StepRows:
     def select(self, requests: np.ndarray) -> "StepRows":
         """These requests' rows only, in this order (`requests`: [B'] int64, host)."""
         n, a = self.counts_on_host()
-        target = rows_of_requests(n, requests)
+        first = np.cumsum(n) - n
+        target = np.concatenate(
+            [np.arange(first[i], first[i] + n[i]) for i in requests] + [np.zeros(0, np.int64)]
+        )
         device = self.bonus_probs.device
         pick = torch.from_numpy(requests).to(device)
         return StepRows(
@@ -115,14 +118,6 @@ class Window:
     previous_q: torch.Tensor | None = None
     # [B, K] bool: initial drafts drawn from a row lookahead's prediction.
     from_prediction: torch.Tensor | None = None
-
-
-def rows_of_requests(counts: np.ndarray, requests: np.ndarray) -> np.ndarray:
-    """[sum(counts[requests])] int64: the rows of these requests, in this order, where
-    request i holds counts[i] consecutive rows in batch order."""
-    first = np.cumsum(counts) - counts
-    ranges = [np.arange(first[i], first[i] + counts[i], dtype=np.int64) for i in requests]
-    return np.concatenate(ranges + [np.zeros(0, np.int64)])
 
 
 def _row_sources(rows: StepRows, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
