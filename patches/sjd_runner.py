@@ -40,9 +40,9 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_sjd.core.window import StepRows
 from vllm_sjd.guidance import (
-    blend,
     conditional_partner_of,
     guidance_of,
+    guide_pairs,
     unconditional_request_id,
 )
 from vllm_sjd.layouts.constraints import LayoutConstraints
@@ -188,25 +188,13 @@ class SJDModelRunnerMixin(ZipARRunnerMixin, RowLookaheadRunnerMixin, SJDSampling
     def _guide(self, logits, pairs: _GuidedPairs, counts: np.ndarray) -> None:
         """Both members' rows become uncond + s * (cond - uncond) (image span only)."""
         num_reqs = self.input_batch.num_reqs
-        first_row = np.cumsum(counts) - counts
-        entries = self._layout_entries(self.input_batch.req_ids[:num_reqs])
-        cond_rows, twin_rows, scales = [], [], []
-        for c, t, scale in zip(pairs.cond, pairs.twin, pairs.scale):
-            n = int(counts[c])
-            grid, prompt_len = entries[c]
-            header = len(grid.header) if grid is not None else 0
-            position = int(self.input_batch.num_tokens_no_spec[c]) - prompt_len
-            # Header tokens (and text before an image) follow the conditional logits.
-            scales += [scale if position + k >= header else 1.0 for k in range(n)]
-            cond_rows += range(first_row[c], first_row[c] + n)
-            twin_rows += range(first_row[t], first_row[t] + n)
-        device = logits.device
-        cond_rows = torch.tensor(cond_rows, device=device)
-        twin_rows = torch.tensor(twin_rows, device=device)
-        scale = torch.tensor(scales, dtype=logits.dtype, device=device)[:, None]
-        guided = blend(logits[cond_rows], logits[twin_rows], scale)
-        logits[cond_rows] = guided
-        logits[twin_rows] = guided
+        guide_pairs(
+            logits,
+            list(zip(pairs.cond, pairs.twin, pairs.scale)),
+            counts,
+            self.input_batch.num_tokens_no_spec[:num_reqs],
+            self._layout_entries(self.input_batch.req_ids[:num_reqs]),
+        )
 
     def _sample(self, logits, spec_decode_metadata):
         num_reqs = self.input_batch.num_reqs

@@ -12,12 +12,13 @@ inside the image span, copies the conditional request's tokens to the twin, and
 the scheduler keeps the twin out of every client-visible output.
 
 This module holds the request-level contract (SamplingParams.extra_args) and
-the blend itself; plain torch, no vLLM internals.
+the blend applied to a step's rows; plain torch, no vLLM internals.
 """
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vllm_sjd.contract import GUIDANCE_ARG, UNCONDITIONAL_REQUEST_SUFFIX
@@ -74,3 +75,33 @@ def unconditional_request_id(conditional_request_id: str) -> str:
 def blend(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """uncond + s * (cond - uncond), row-wise; `scale` broadcasts as [rows, 1]."""
     return torch.lerp(uncond, cond, scale)
+
+
+def guide_pairs(
+    logits: torch.Tensor,  # [sum(counts), W]: every request's rows, in batch order
+    pairs: Sequence[tuple[int, int, float]],  # (conditional, twin, scale) batch indices
+    counts: np.ndarray,  # [B] rows per request
+    first_positions: np.ndarray,  # [B] absolute index of the token each request's row 0 decides
+    entries: Sequence[tuple],  # per request: (ImageGrid | None, prompt length)
+) -> None:
+    """Both members' rows of each pair become uncond + s * (cond - uncond), in place.
+
+    Rows of an image's header (and text before an image) keep the conditional logits.
+    """
+    first_row = np.cumsum(counts) - counts
+    cond_rows, twin_rows, scales = [], [], []
+    for c, t, scale in pairs:
+        n = int(counts[c])
+        grid, prompt_len = entries[c]
+        header = len(grid.header) if grid is not None else 0
+        position = int(first_positions[c]) - prompt_len
+        scales += [scale if position + k >= header else 1.0 for k in range(n)]
+        cond_rows += range(first_row[c], first_row[c] + n)
+        twin_rows += range(first_row[t], first_row[t] + n)
+    device = logits.device
+    cond_rows = torch.tensor(cond_rows, device=device)
+    twin_rows = torch.tensor(twin_rows, device=device)
+    scale = torch.tensor(scales, dtype=logits.dtype, device=device)[:, None]
+    guided = blend(logits[cond_rows], logits[twin_rows], scale)
+    logits[cond_rows] = guided
+    logits[twin_rows] = guided
