@@ -6,6 +6,9 @@
     python benchmarks/results_tables.py gpu benchmarks/results/forward_cost_7b_h100.json \\
         --compression benchmarks/results/demo/results.json
     python benchmarks/results_tables.py methods benchmarks/results/row_lookahead/results.json
+    python benchmarks/results_tables.py overhead benchmarks/results/step_overhead_7b/step_overhead_7b_h200.json \
+        --forward benchmarks/results/step_overhead_7b/forward_cost_7b_h200*.json \
+        --compression benchmarks/results/drafting/results.json
 
 Printing from the JSON keeps the published figures identical to the run's.
 """
@@ -149,6 +152,40 @@ def gpu_tables(cost: dict, demo: dict | None) -> str:
     return "\n\n".join(out)
 
 
+def overhead_tables(overhead: dict, forwards: list[dict], drafting: dict) -> str:
+    """The SJD step's non-forward ms beside the forward pass (GPU), and the projected latency
+    speed-up: tokens per pass x (AR forward + AR's rest) / (SJD forward + SJD's rest)."""
+    forward = {}  # (batch, q) -> fastest measured attention's ms
+    for result in forwards:
+        for r in result["rows"]:
+            for key, ms in r.items():
+                if key == "ms_q1" or key.startswith("ms_K"):
+                    q = 1 if key == "ms_q1" else int(key[4:]) + 1
+                    forward[r["batch"], q] = min(ms, forward.get((r["batch"], q), float("inf")))
+    rows = {(r["pairs"], r["window"]): r for r in overhead["rows"]}
+    parts, projected = [], []
+    for (pairs, window), r in sorted(rows.items()):
+        ar = rows[pairs, 0]
+        fwd, fwd_ar = forward.get((2 * pairs, window + 1)), forward.get((2 * pairs, 1))
+        parts.append([pairs, window or "AR", fmt(r["ms"]), fmt(r.get("sampling_ms")),
+                      fmt(r.get("gpu_kernel_ms")), r.get("kernels", "-"), fmt(fwd)])
+        if not window or fwd is None or fwd_ar is None:
+            continue
+        tokens = drafting["vllm"][f"K{window} coupled/above"]["by_concurrency"]["1"]["tokens_per_pass"]
+        bare = tokens * fwd_ar / fwd
+        with_rest = tokens * (fwd_ar + ar["ms"]) / (fwd + r["ms"])
+        kernels_only = tokens * (fwd_ar + ar["gpu_kernel_ms"]) / (fwd + r["gpu_kernel_ms"])
+        projected.append([pairs, window, fmt(tokens), f"{fmt(fwd_ar)} / {fmt(fwd)}",
+                          f"{bare:.2f}x", f"{with_rest:.2f}x", f"{kernels_only:.2f}x"])
+    return "\n\n".join([
+        table(["guided requests", "K", "rest of step ms", "of which sampling ms", "GPU kernel ms",
+               "kernels", "forward ms"], parts),
+        table(["guided requests", "K", "tokens / pass (demo)", "forward ms AR / SJD",
+               "speed-up, forward only", "with the rest of the step", "rest at GPU kernel time"],
+              projected),
+    ])
+
+
 def methods_table(results: dict) -> str:
     """One row a configuration: passes, latency with one in flight, throughput under the
     most load, adherence with z against AR (the table of "ZipAR" and "Row lookahead")."""
@@ -184,9 +221,10 @@ def methods_table(results: dict) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=["demo", "drafting", "gpu", "methods"])
+    ap.add_argument("kind", choices=["demo", "drafting", "gpu", "methods", "overhead"])
     ap.add_argument("path", type=Path)
     ap.add_argument("--compression", type=Path, help="demo results.json whose step compression to project")
+    ap.add_argument("--forward", type=Path, nargs="+", help="forward_cost_7b.py outputs (overhead)")
     args = ap.parse_args()
     data = json.loads(args.path.read_text())
     if args.kind == "demo":
@@ -195,6 +233,9 @@ def main():
         print(drafting_table(data))
     elif args.kind == "methods":
         print(methods_table(data))
+    elif args.kind == "overhead":
+        forwards = [json.loads(p.read_text()) for p in args.forward]
+        print(overhead_tables(data, forwards, json.loads(args.compression.read_text())))
     else:
         demo = json.loads(args.compression.read_text()) if args.compression else None
         print(gpu_tables(data, demo))
