@@ -25,7 +25,9 @@ end-of-line; 8194 columns), top-k 2000, temperature 1, guidance 3; P guided
 pairs (2P sequences), K drafts each, every request mid-image. Logits are
 random (acceptance near zero: the proposer re-drafts whole windows, its
 usual case). Each configuration runs --warmup steps, then --iters timed ones
-(wall clock, the GPU synchronised before and after); the median is reported,
+(wall clock, the GPU synchronised before and after), each SJD one with the
+tensor work eager and compiled (core/compiled.py, as the SJD runner runs it on
+a GPU; the warm-up includes the compilation); the median is reported,
 of the whole step and of its sampling part (to the tokens on the host), with
 the GPU's kernel time and the number of kernels of one profiled step.
 """
@@ -50,6 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from vllm_sjd.config import SJD_SETTINGS_CONFIG_KEY  # noqa: E402
+from vllm_sjd.core.compiled import set_compiled  # noqa: E402
 from vllm_sjd.guidance import guide_pairs  # noqa: E402
 from vllm_sjd.layouts.chameleon import ChameleonImageLayout  # noqa: E402
 from vllm_sjd.layouts.constraints import LayoutConstraints, image_extra_args  # noqa: E402
@@ -210,8 +213,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_config(pairs: int, window: int, args, device) -> dict:
+def time_config(pairs: int, window: int, compiled: bool, args, device) -> dict:
     """Median wall ms of a step's non-forward work; window 0 is AR."""
+    set_compiled(compiled)
     torch.manual_seed(0)
     runner = StandInRunner(pairs, max(window, 1), device)
     rows = 2 * pairs * (window + 1)
@@ -235,11 +239,14 @@ def time_config(pairs: int, window: int, args, device) -> dict:
         synchronize(device)
         return (time.perf_counter() - start) * 1e3
 
+    start = time.perf_counter()
     for i in range(args.warmup):
         one(i)
+    warmup_s = time.perf_counter() - start
     times = [one(i) for i in range(args.iters)]
-    row = {"pairs": pairs, "window": window, "ms": round(statistics.median(times), 3),
-           "ms_min": round(min(times), 3)}
+    row = {"pairs": pairs, "window": window, "compiled": compiled,
+           "ms": round(statistics.median(times), 3), "ms_min": round(min(times), 3),
+           "warmup_s": round(warmup_s, 1)}
     if window:
         row["sampling_ms"] = round(statistics.median(sampling[-args.iters:]), 3)
     if device.type == "cuda":
@@ -260,14 +267,21 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--compiled", nargs="+", choices=["off", "on"], default=["off", "on"],
+                    help="the step's tensor work eager, compiled (core/compiled.py), or both")
     ap.add_argument("--out", default="step_overhead_7b.json")
     args = ap.parse_args()
     device = torch.device(args.device)
     rows = []
     for pairs in args.pairs:
         for window in args.windows:
-            rows.append(time_config(pairs, window, args, device))
-            print(json.dumps(rows[-1]), flush=True)
+            for compiled in args.compiled if window else ["off"]:
+                try:
+                    rows.append(time_config(pairs, window, compiled == "on", args, device))
+                except Exception as error:  # a compiler failure ends one configuration, not the run
+                    rows.append({"pairs": pairs, "window": window, "compiled": compiled == "on",
+                                 "error": f"{type(error).__name__}: {str(error)[:300]}"})
+                print(json.dumps(rows[-1]), flush=True)
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,

@@ -38,6 +38,7 @@ from vllm.v1.sample import rejection_sampler
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+from vllm_sjd.core.compiled import set_compiled
 from vllm_sjd.core.window import StepRows
 from vllm_sjd.guidance import (
     conditional_partner_of,
@@ -104,6 +105,11 @@ class SJDModelRunnerMixin(ZipARRunnerMixin, RowLookaheadRunnerMixin, SJDSampling
         # the predictions made from them for the proposer.
         self._lookahead_rows = None
         self._predicted = None
+        # The verifier's and the window's tensor work as compiled graphs on a
+        # GPU if asked (core/compiled.py), unless vLLM runs eager.
+        settings = getattr(self._proposer, "config", None)
+        set_compiled(getattr(settings, "compile_step", False) and self.device.type == "cuda"
+                     and not self.model_config.enforce_eager)
 
     def _layout_entries(self, req_ids):
         return self._layouts.lookup(

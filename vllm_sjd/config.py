@@ -69,6 +69,12 @@ class SJDConfig(BaseModel):
     # cells' initial drafts when the window reaches them, so SJD stays
     # lossless (core/row_lookahead.py). 0: off. vLLM schedules K + L drafts.
     row_lookahead: int = 0
+    # On a CUDA device (and not under vLLM's enforce_eager), run the verifier's
+    # and the window's tensor work as compiled graphs (core/compiled.py): about
+    # 40% fewer kernel launches a step; the first steps of each new batch shape
+    # wait for the compiler (2-20 s). Off by default: measured on an H200
+    # without vLLM only (benchmarks/RESULTS.md, "Compiled").
+    compile_step: bool = False
     # Proposer class (dotted path); a subclass may change how windows are built.
     proposer: str = PROPOSER_CLASS
 

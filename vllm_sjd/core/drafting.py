@@ -40,12 +40,30 @@ from vllm_sjd.core.rng import (
 Drafting = Literal["independent", "coupled", "gumbel"]
 
 
+def _cumulative(probs: torch.Tensor) -> torch.Tensor:
+    """float64 running sums along the last axis. In a compiled graph, as an opaque op:
+    inductor (torch 2.11, CUDA) fails to build its split scan fused with a reduction."""
+    if torch.compiler.is_compiling():
+        return _opaque_cumulative(probs)
+    return probs.to(torch.float64).cumsum(dim=-1)
+
+
+@torch.library.custom_op("vllm_sjd::cumulative", mutates_args=())
+def _opaque_cumulative(probs: torch.Tensor) -> torch.Tensor:
+    return probs.to(torch.float64).cumsum(dim=-1)
+
+
+@_opaque_cumulative.register_fake
+def _(probs: torch.Tensor) -> torch.Tensor:
+    return probs.new_empty(probs.shape, dtype=torch.float64)
+
+
 def sample_inverse_cdf(
     probs: torch.Tensor,  # [..., V] float, rows summing to 1 (up to rounding)
     uniforms: torch.Tensor,  # [...] float64 in [0, 1)
 ) -> torch.Tensor:
     """One exact sample per row, [...] int64; zero-probability tokens never win."""
-    cdf = probs.to(torch.float64).cumsum(dim=-1)
+    cdf = _cumulative(probs)
     target = (uniforms * cdf[..., -1]).unsqueeze(-1)
     index = torch.searchsorted(cdf, target, right=True).squeeze(-1)
     return index.clamp_(max=probs.shape[-1] - 1)
@@ -99,25 +117,51 @@ def draw(
     Drafts index q's columns. `kept` marks slots whose previous draft was
     kept by the coupling.
     """
-    batch_size, num_slots, vocab_size = q.shape
-    device = q.device
+    numbers = draw_numbers(drafting, keys, next_positions, q.shape[1], q.device,
+                           coupled=previous_drafts is not None)
+    return draw_with(drafting, q, numbers, previous_drafts, previous_q, has_previous, token_ids)
+
+
+def draw_numbers(
+    drafting: Drafting,
+    keys: np.ndarray,  # [B] int64, on the host
+    next_positions: np.ndarray,  # [B] int64, on the host
+    num_slots: int,
+    device: torch.device,
+    coupled: bool,  # a previous window is there to couple with
+) -> torch.Tensor:
+    """The host-made numbers `draw_with` needs, on `device` in one copy: [B, 1 + K] int64
+    keys and positions (gumbel), [3, B, K] float64 uniforms (coupled), else [B, K] float64."""
     keys = np.asarray(keys, dtype=np.int64)
     next_positions = np.asarray(next_positions, dtype=np.int64)
-    no_keep = torch.zeros(batch_size, num_slots, dtype=torch.bool, device=device)
     if drafting == "gumbel":
         positions = next_positions[:, None] + np.arange(num_slots)
-        noise = token_exponentials(torch.from_numpy(keys).to(device),
-                                   torch.from_numpy(positions).to(device), vocab_size, token_ids)
-        return (q / noise).argmax(dim=-1), no_keep
-    if drafting == "independent" or previous_drafts is None:
-        uniforms = window_uniforms(keys, next_positions, num_slots)
-        return sample_inverse_cdf(q, torch.from_numpy(uniforms).to(device)), no_keep
+        return torch.from_numpy(np.concatenate([keys[:, None], positions], axis=1)).to(device)
+    if drafting == "independent" or not coupled:
+        return torch.from_numpy(window_uniforms(keys, next_positions, num_slots)).to(device)
     if drafting != "coupled":
         raise ValueError(f"unknown drafting {drafting!r}")
     streams = (DRAFT_STREAM, COUPLING_STREAM, RESIDUAL_STREAM)
-    uniforms, keep, residual = torch.from_numpy(
-        window_uniforms(keys, next_positions, num_slots, streams)
-    ).to(device)
+    return torch.from_numpy(window_uniforms(keys, next_positions, num_slots, streams)).to(device)
+
+
+def draw_with(
+    drafting: Drafting,
+    q: torch.Tensor,  # [B, K, V]
+    numbers: torch.Tensor,  # from draw_numbers
+    previous_drafts: torch.Tensor | None = None,
+    previous_q: torch.Tensor | None = None,
+    has_previous: torch.Tensor | None = None,
+    token_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`draw`'s tensor work: no host reads (it runs inside compiled graphs)."""
+    no_keep = torch.zeros(q.shape[:2], dtype=torch.bool, device=q.device)
+    if drafting == "gumbel":
+        noise = token_exponentials(numbers[:, 0], numbers[:, 1:], q.shape[-1], token_ids)
+        return (q / noise).argmax(dim=-1), no_keep
+    if numbers.dim() == 2:  # independent, or nothing to couple with
+        return sample_inverse_cdf(q, numbers), no_keep
+    uniforms, keep, residual = numbers
     return maximal_coupling(
         q, previous_drafts, previous_q, keep, residual, coupled=has_previous, uniforms=uniforms
     )

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vllm_sjd.core.compiled import compiled_when_enabled
 from vllm_sjd.core.drafting import sample_inverse_cdf
 from vllm_sjd.core.rng import ACCEPT_STREAM, TOKEN_STREAM, counter_uniforms
 
@@ -55,13 +56,7 @@ def verify(
     batch_size = bonus_probs.shape[0]
     device = bonus_probs.device
     n_host = np.asarray(num_draft_tokens, dtype=np.int64)
-    n = torch.from_numpy(n_host).to(device)
     total = target_probs.shape[0]
-    first_row = torch.cumsum(n, 0) - n
-    request_of_row = torch.repeat_interleave(
-        torch.arange(batch_size, device=device), n, output_size=total
-    )
-    slot = torch.arange(total, device=device) - first_row[request_of_row]
 
     # Every number the step may use, in one hash: the acceptance uniform of
     # each draft's position, and the token uniform of every position a step
@@ -73,6 +68,33 @@ def verify(
     row_positions = np.concatenate([first[host_request] + host_slot, first + n_host])
     streams = np.array([[ACCEPT_STREAM], [TOKEN_STREAM]], dtype=np.int64)
     numbers = torch.from_numpy(counter_uniforms(row_keys, row_positions, 0, streams)).to(device)
+    # The row layout, on the host: request and slot of every draft.
+    layout = torch.from_numpy(np.stack([host_request, host_slot])).to(device)
+    tokens, num_accepted = _verdict(
+        target_probs, bonus_probs, torch.from_numpy(n_host).to(device), layout, max_num_drafts,
+        drafts, draft_q, greedy, numbers,
+    )
+    return Verdict(tokens, num_accepted)
+
+
+@compiled_when_enabled
+def _verdict(
+    target_probs: torch.Tensor,  # [T, W]
+    bonus_probs: torch.Tensor,  # [B, W]
+    n: torch.Tensor,  # [B] int64
+    layout: torch.Tensor,  # [2, T] int64: request and slot of each row
+    max_num_drafts: int,
+    drafts: torch.Tensor,  # [T] int64
+    draft_q: torch.Tensor,  # [T, W]
+    greedy: torch.Tensor,  # [B] bool
+    numbers: torch.Tensor,  # [2, T + B] float64: acceptance and token uniforms
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [B, max_n + 1], num_accepted [B]): the test and the closing token, tensors only."""
+    batch_size = bonus_probs.shape[0]
+    device = bonus_probs.device
+    total = target_probs.shape[0]
+    request_of_row, slot = layout[0], layout[1]
+    first_row = torch.cumsum(n, 0) - n
     u, token_uniforms = numbers[0, :total], numbers[1]
 
     # The acceptance test, row by row.
@@ -116,7 +138,7 @@ def verify(
     keep = slot < num_accepted[request_of_row]
     tokens[request_of_row, slot] = torch.where(keep, drafts, PLACEHOLDER)
     tokens[torch.arange(batch_size, device=device), num_accepted] = token
-    return Verdict(tokens, num_accepted)
+    return tokens, num_accepted
 
 
 def one_hot_q(drafts: torch.Tensor, width: int) -> torch.Tensor:

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from vllm_sjd.core.columns import Columns
-from vllm_sjd.core.drafting import Drafting, draw, sample_inverse_cdf
+from vllm_sjd.core.compiled import compiled_when_enabled
+from vllm_sjd.core.drafting import Drafting, draw_numbers, draw_with, sample_inverse_cdf
 
 InitialDrafts = Literal["uniform", "last_distribution", "above"]
 
@@ -120,16 +121,16 @@ class Window:
     from_prediction: torch.Tensor | None = None
 
 
-def _row_sources(rows: StepRows, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_sources(
+    n: torch.Tensor, a: torch.Tensor, num_target_rows: int, num_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Index into cat(target_probs, bonus_probs) of each request's rows a+1.., [B, num_rows].
 
     Also whether the pass computed that row (index <= n); rows past n point at
     the bonus row, the most recent distribution.
     """
-    n, a = rows.num_draft_tokens, rows.num_accepted
     batch_size = n.shape[0]
     device = n.device
-    num_target_rows = rows.target_probs.shape[0]
     bonus_row = (torch.arange(batch_size, device=device) + num_target_rows)[:, None]
     first_target_row = (torch.cumsum(n, 0) - n)[:, None]
     row = a[:, None] + 1 + torch.arange(num_rows, device=device)[None, :]
@@ -189,10 +190,39 @@ def next_window(
     Every [..., V] input may hold only some vocabulary columns, named by
     `token_ids` (core/columns.py); drafts then index those columns.
     """
-    batch_size, vocab_size = rows.bonus_probs.shape
+    if initial_drafts not in ("uniform", "last_distribution", "above"):
+        raise ValueError(f"unknown initial_drafts {initial_drafts!r}")
     device = rows.bonus_probs.device
-    all_rows = torch.cat([rows.target_probs, rows.bonus_probs], dim=0)
-    source, recycled = _row_sources(rows, num_slots)
+    first_slot = None
+    if initial_drafts == "above" and above is not None:
+        first_slot = torch.from_numpy(np.asarray(next_positions, dtype=np.int64)).to(device)
+    coupled = drafting == "coupled" and previous is not None
+    numbers = draw_numbers(drafting, keys, next_positions, num_slots, device, coupled)
+    drafts, q, kept, fresh, from_above, previous_q, from_prediction = _window_tensors(
+        rows.target_probs, rows.bonus_probs, rows.num_draft_tokens, rows.num_accepted,
+        num_slots, initial_drafts, drafting, numbers, greedy,
+        bool(greedy.any()) if any_greedy is None else any_greedy,
+        allowed,
+        None if not coupled else (previous.drafts, previous.q, previous.present),
+        None if first_slot is None else (above.positions, above.held, above.rows, first_slot),
+        token_ids, predicted,
+    )
+    return Window(drafts, q, kept, fresh, from_above, previous_q, from_prediction)
+
+
+@compiled_when_enabled
+def _window_tensors(
+    target_probs, bonus_probs, num_draft_tokens, num_accepted, num_slots: int,
+    initial_drafts: str, drafting: str, numbers, greedy, any_greedy: bool, allowed,
+    previous,  # (drafts, q, present) or None: coupled drafting's previous window
+    above,  # (positions, held, rows, first_slot) or None
+    token_ids, predicted,
+):
+    """next_window's tensor work, no host reads: Window's fields as a tuple."""
+    batch_size, vocab_size = bonus_probs.shape
+    device = bonus_probs.device
+    all_rows = torch.cat([target_probs, bonus_probs], dim=0)
+    source, recycled = _row_sources(num_draft_tokens, num_accepted, target_probs.shape[0], num_slots)
     q = all_rows[source]  # [B, K, V]
 
     if allowed is None:
@@ -211,18 +241,16 @@ def next_window(
         fresh = uniform
         if above is not None:
             # The cell above as a slot of the next window, where it is one.
-            first_slot = torch.as_tensor(np.asarray(next_positions, dtype=np.int64))
-            slot_above = above.positions - first_slot.to(device)[:, None]
+            positions, held, above_rows, first_slot = above
+            slot_above = positions - first_slot[:, None]
             index = slot_above.clamp(0, num_slots - 1)
-            in_window = (above.positions >= 0) & (slot_above >= 0) & recycled.gather(1, index)
+            in_window = (positions >= 0) & (slot_above >= 0) & recycled.gather(1, index)
             window_rows = q.gather(1, index[:, :, None].expand(-1, -1, vocab_size))
-            fresh = torch.where(above.held[:, :, None], above.rows, uniform)
+            fresh = torch.where(held[:, :, None], above_rows, uniform)
             fresh = torch.where(in_window[:, :, None], window_rows, fresh)
-            fresh_from_model = (above.held | in_window) & ~recycled
-    elif initial_drafts == "uniform":
+            fresh_from_model = (held | in_window) & ~recycled
+    else:  # uniform
         fresh = uniform
-    else:
-        raise ValueError(f"unknown initial_drafts {initial_drafts!r}")
     from_above = fresh_from_model if initial_drafts == "above" else torch.zeros_like(recycled)
     from_prediction = None
     if predicted is not None:
@@ -233,43 +261,43 @@ def next_window(
         from_above = from_above & ~from_prediction
     q = torch.where(recycled[:, :, None], q, fresh)
 
-    old = _previous_at_slots(previous, rows, recycled) if drafting == "coupled" else None
-    drafts, kept = draw(
-        drafting, q, keys=keys, next_positions=next_positions,
+    old = None if previous is None else _previous_at_slots(*previous, num_accepted, recycled)
+    drafts, kept = draw_with(
+        drafting, q, numbers,
         previous_drafts=None if old is None else old[0],
         previous_q=None if old is None else old[1],
         has_previous=None if old is None else old[2],
         token_ids=token_ids,
     )
-    if bool(greedy.any()) if any_greedy is None else any_greedy:
+    if any_greedy:
         jacobi = greedy[:, None] & (recycled | fresh_from_model)
         drafts = torch.where(jacobi, q.argmax(dim=-1), drafts)
         one_hot = torch.zeros_like(q).scatter_(-1, drafts[:, :, None], 1.0)
         q = torch.where(greedy[:, None, None], one_hot, q)
-        kept &= ~greedy[:, None]
-    return Window(
-        drafts, q.contiguous(), kept, ~recycled, from_above, None if old is None else old[1],
-        from_prediction,
-    )
+        kept = kept & ~greedy[:, None]
+    return (drafts, q.contiguous(), kept, ~recycled, from_above,
+            None if old is None else old[1], from_prediction)
 
 
 def _previous_at_slots(
-    previous: PreviousWindow | None, rows: StepRows, recycled: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    previous_drafts: torch.Tensor,  # [B, K]
+    previous_q: torch.Tensor,  # [B, K, V]
+    present: torch.Tensor,  # [B] bool
+    num_accepted: torch.Tensor,  # [B]
+    recycled: torch.Tensor,  # [B, K] bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The previous window's draft and q at each next slot's position, and where it exists.
 
     Next slot s sits where previous slot a+1+s did. Only recycled slots take
     part: a fresh slot's position had no draft, or one drafted against an
     older context the new q knows nothing of.
     """
-    if previous is None:
-        return None
-    num_slots = previous.drafts.shape[1]
-    vocab_size = previous.q.shape[-1]
-    old_slot = rows.num_accepted[:, None] + 1 + torch.arange(num_slots, device=recycled.device)
-    exists = previous.present[:, None] & recycled & (old_slot < num_slots)
-    old_slot = old_slot.clamp_(max=num_slots - 1)
-    drafts = previous.drafts.gather(1, old_slot)
-    exists &= drafts >= 0  # a draft outside q's columns cannot be coupled with
-    q = previous.q.gather(1, old_slot[:, :, None].expand(-1, -1, vocab_size))
+    num_slots = previous_drafts.shape[1]
+    vocab_size = previous_q.shape[-1]
+    old_slot = num_accepted[:, None] + 1 + torch.arange(num_slots, device=recycled.device)
+    exists = present[:, None] & recycled & (old_slot < num_slots)
+    old_slot = old_slot.clamp(max=num_slots - 1)
+    drafts = previous_drafts.gather(1, old_slot)
+    exists = exists & (drafts >= 0)  # a draft outside q's columns cannot be coupled with
+    q = previous_q.gather(1, old_slot[:, :, None].expand(-1, -1, vocab_size))
     return drafts, q, exists
