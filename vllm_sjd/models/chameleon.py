@@ -45,6 +45,8 @@ from vllm.model_executor.models.utils import (
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.sequence import IntermediateTensors
 
+from vllm_sjd.core.denoising import NoiseSettings
+
 
 def _head_sharded_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
     """q_norm/k_norm weights are [heads, head_dim]: keep this rank's heads."""
@@ -179,6 +181,11 @@ class ChameleonModel(nn.Module):
             prefix=f"{prefix}.layers",
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # An SJD2 fine-tuned checkpoint carries a learned input vector per noise
+        # level (vllm_sjd/core/denoising.py); loaded here, read only by the sjd2 method.
+        sjd2 = NoiseSettings.of_config(config)
+        if sjd2 is not None:
+            self.sjd2_timestep_embedding = nn.Embedding(sjd2.noise_levels + 1, config.hidden_size)
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
             ["hidden_states", "residual"], config.hidden_size
         )

@@ -1,0 +1,57 @@
+"""SJD2's fine-tuning recipe (vllm_sjd/sjd2_finetune.py) on the bundled demo model, a few steps.
+
+The checkpoint it writes says it was fine-tuned, carries the timestep table
+(level 0 zero), has new language-model weights and the source's VQ model,
+and loads in the real vLLM engine with the plugin, which serves it with SJD
+and as plain AR: each gives a whole image of the layout.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import make_llm, shutdown
+from vllm_sjd import demo
+from vllm_sjd.core.denoising import TIMESTEP_WEIGHT, NoiseSettings
+from vllm_sjd.image_generation import image_sampling_params
+from vllm_sjd.sjd2_finetune import main as finetune
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sjd2") / "demo-sjd2"
+    finetune(["--out", str(out), "--scenes", "48", "--steps", "3", "--batch", "4", "--noise-levels", "8"])
+    return out
+
+
+def test_the_checkpoint_is_the_source_with_tuned_weights_and_a_timestep_table(tuned):
+    settings = NoiseSettings.of_config(json.loads((tuned / "config.json").read_text()))
+    assert settings is not None and settings.noise_levels == 8 and settings.embedding_rms > 0
+    before = load_file(str(demo.MODEL_PATH / "model.safetensors"))
+    after = load_file(str(tuned / "model.safetensors"))
+    table = after.pop(TIMESTEP_WEIGHT)
+    assert table.shape[0] == 9 and (table[0] == 0).all() and (table[1:] != 0).any()
+    assert set(after) == set(before)
+    assert not torch.equal(after["lm_head.weight"], before["lm_head.weight"])
+    assert all(torch.equal(after[k], before[k]) for k in before if ".vqmodel." in k)
+    assert (tuned / demo.DECODER_FILE).is_file() and (tuned / "sjd2_report.json").is_file()
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("sjd", [{"num_speculative_tokens": 8}, None], ids=["sjd", "ar"])
+def test_the_tuned_checkpoint_serves_images_with_sjd_and_as_ar(tuned, sjd):
+    grid = demo.layout(tuned).grid(64, 64)
+    prompt = demo.layout(tuned).prompt("a large red circle in the center on a white background", 64, 64)
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tuned)(prompt)["input_ids"]
+    llm = make_llm(tuned, sjd=sjd)
+    try:
+        out = llm.generate([{"prompt_token_ids": ids}], image_sampling_params(grid, seed=1), use_tqdm=False)
+        tokens = out[0].outputs[0].token_ids
+        assert len(tokens) == grid.num_tokens
+        assert grid.codes(tokens).shape == (grid.rows, grid.cols)
+    finally:
+        shutdown(llm)
