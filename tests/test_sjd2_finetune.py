@@ -22,7 +22,8 @@ from vllm_sjd.sjd2_finetune import main as finetune
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     out = tmp_path_factory.mktemp("sjd2") / "demo-sjd2"
-    finetune(["--out", str(out), "--scenes", "48", "--steps", "3", "--batch", "4", "--noise-levels", "8"])
+    finetune(["--out", str(out), "--scenes", "48", "--steps", "3", "--batch", "4", "--noise-levels", "8",
+              "--held-out", "8"])
     return out
 
 
@@ -36,7 +37,11 @@ def test_the_checkpoint_is_the_source_with_tuned_weights_and_a_timestep_table(tu
     assert set(after) == set(before)
     assert not torch.equal(after["lm_head.weight"], before["lm_head.weight"])
     assert all(torch.equal(after[k], before[k]) for k in before if ".vqmodel." in k)
-    assert (tuned / demo.DECODER_FILE).is_file() and (tuned / "sjd2_report.json").is_file()
+    assert (tuned / demo.DECODER_FILE).is_file()
+    losses = json.loads((tuned / "sjd2_report.json").read_text())["held_out_loss_by_level"]
+    for when in ("before", "after"):  # the clean prefix and every level were scored
+        assert set(losses[when]) == {str(t) for t in range(9)}
+    assert losses["before"] != losses["after"]
 
 
 @pytest.mark.engine

@@ -11,7 +11,9 @@ over the image ids (codes, end of line, end of image) at every position of
 the clean prefix and the noisy run. Every weight of the language model is
 tuned, with the timestep table (its level-0 row stays zero); the VQ model is
 not. The output is the source checkpoint with new weights and an "sjd2"
-entry in config.json; it loads in vLLM with the plugin like the source.
+entry in config.json; it loads in vLLM with the plugin like the source. Its
+sjd2_report.json holds the loss on held-out scenes by the level of the input
+before each target (0: the clean prefix), before and after the tuning.
 
 Data: the demo's scene grammar (vllm_sjd/demo/scenes.py), rendered and
 encoded with the checkpoint's own VQ encoder, so the recipe needs nothing but
@@ -43,6 +45,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--noise-levels", type=int, default=16, help="L: levels 1..L, L pure noise")
     ap.add_argument("--max-segment", type=int, default=4, help="longest run of tokens at one level")
     ap.add_argument("--scenes", type=int, default=4000)
+    ap.add_argument("--held-out", type=int, default=128, help="scenes for the loss by level")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -92,6 +95,43 @@ def batch_of(seqs, image_tokens: int, settings: NoiseSettings, max_segment: int,
     return ids, levels, targets
 
 
+def token_losses(model, timestep, active, to_active, ids, levels, targets, noise, settings):
+    """[B, T-1] next-clean-token cross-entropy over the image ids (0 where no target)."""
+    body, head = model.model, model.lm_head
+    clean = body.embed_tokens(ids)
+    inputs = noisy_embeddings(clean, levels, noise, settings) + timestep(levels)
+    hidden = body(inputs_embeds=inputs).last_hidden_state[:, :-1]
+    logits = F.linear(hidden, head.weight[active]).float()
+    target = to_active[targets.clamp(min=0)].masked_fill(targets < 0, -100)
+    return F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+
+
+@torch.no_grad()
+def losses_by_level(model, timestep, active, to_active, batches, settings) -> dict:
+    """Mean loss of the held-out batches by the level of the input before each target
+    (0: the clean prefix), nats per token."""
+    totals = torch.zeros(settings.noise_levels + 1, dtype=torch.float64)
+    counts = torch.zeros_like(totals)
+    for ids, levels, targets, noise in batches:
+        per_token = token_losses(model, timestep, active, to_active, ids, levels, targets, noise, settings)
+        valid = targets >= 0
+        level = levels[:, :-1][valid]
+        totals.index_add_(0, level, per_token[valid].double())
+        counts.index_add_(0, level, torch.ones_like(level, dtype=torch.float64))
+    return {str(t): round(float(totals[t] / counts[t]), 4) for t in range(len(totals)) if counts[t]}
+
+
+def held_out_batches(args, image_tokens: int, settings: NoiseSettings, width: int):
+    """Captioned sequences of other scenes (seed + 1), levels and noise fixed, in batches."""
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    cond, _ = demo_sequences(args.source, args.held_out, args.seed + 1)
+    batches = []
+    for i in range(0, len(cond), args.batch):
+        ids, levels, targets = batch_of(cond[i:i + args.batch], image_tokens, settings, args.max_segment, gen)
+        batches.append((ids, levels, targets, torch.randn((*ids.shape, width), generator=gen)))
+    return batches
+
+
 def finetune(args) -> dict:
     from transformers import AutoConfig, ChameleonForConditionalGeneration
 
@@ -102,7 +142,7 @@ def finetune(args) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     hf_config = AutoConfig.from_pretrained(args.source)
     model = ChameleonForConditionalGeneration.from_pretrained(args.source, dtype=torch.float32)
-    body, head = model.model, model.lm_head
+    body = model.model
     active = image_ids(hf_config)
     to_active = torch.full((hf_config.vocab_size,), -100, dtype=torch.long)
     to_active[active] = torch.arange(active.numel())
@@ -114,6 +154,9 @@ def finetune(args) -> dict:
     body.sjd2_timestep_embedding = timestep  # saved as model.sjd2_timestep_embedding.weight
 
     cond, uncond = demo_sequences(args.source, args.scenes, args.seed)
+    held_out = held_out_batches(args, IMAGE_TOKENS, settings, hf_config.hidden_size)
+    before = losses_by_level(model, timestep, active, to_active, held_out, settings)
+    print(json.dumps({"held_out_loss_by_level": before}), flush=True)
     tuned = [p for n, p in model.named_parameters() if "vqmodel" not in n and "sjd2" not in n]
     for p in body.vqmodel.parameters():
         p.requires_grad_(False)
@@ -128,13 +171,9 @@ def finetune(args) -> dict:
         drop = (torch.rand(args.batch, generator=gen) < UNCOND_PROB).tolist()
         seqs = [uncond[i] if d else cond[i] for i, d in zip(picks, drop)]
         ids, levels, targets = batch_of(seqs, IMAGE_TOKENS, settings, args.max_segment, gen)
-        clean = body.embed_tokens(ids)
-        inputs = noisy_embeddings(clean, levels, torch.randn(clean.shape, generator=gen), settings)
-        inputs = inputs + timestep(levels)
-        hidden = body(inputs_embeds=inputs).last_hidden_state[:, :-1]
-        logits = F.linear(hidden, head.weight[active]).float()
-        target = to_active[targets.clamp(min=0)].masked_fill(targets < 0, -100)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+        noise = torch.randn((*ids.shape, hf_config.hidden_size), generator=gen)
+        per_token = token_losses(model, timestep, active, to_active, ids, levels, targets, noise, settings)
+        loss = per_token.sum() / (targets >= 0).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(tuned, 1.0)
@@ -145,10 +184,13 @@ def finetune(args) -> dict:
             log.append({"step": step, "loss": round(loss.item(), 4),
                         "s": round(time.monotonic() - started)})
             print(json.dumps(log[-1]), flush=True)
+    after = losses_by_level(model, timestep, active, to_active, held_out, settings)
+    print(json.dumps({"held_out_loss_by_level": after}), flush=True)
     report = {"command": "python scripts/finetune_sjd2.py " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
               "steps": step + 1, "wall_s": round(time.monotonic() - started),
-              "settings": settings.as_config(), "log": log}
+              "settings": settings.as_config(), "log": log,
+              "held_out_loss_by_level": {"before": before, "after": after}}
     save(model, hf_config, settings, args.source, args.out, report)
     return report
 
