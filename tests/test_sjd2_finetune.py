@@ -60,3 +60,20 @@ def test_the_tuned_checkpoint_serves_images_with_sjd_and_as_ar(tuned, sjd):
         assert grid.codes(tokens).shape == (grid.rows, grid.cols)
     finally:
         shutdown(llm)
+
+
+def test_targets_are_the_next_tokens_from_the_header_to_the_end_of_the_noisy_run():
+    from vllm_sjd.sjd2_finetune import batch_of
+
+    gen = torch.Generator().manual_seed(0)
+    seqs = [list(range(10, 30)), list(range(50, 65))]  # 8 image tokens at the end of each
+    for _ in range(50):
+        ids, levels, targets = batch_of(seqs, 8, NoiseSettings(4, 1.0), 2, gen)
+        for r, seq in enumerate(seqs):
+            scored = torch.nonzero(targets[r] >= 0).flatten()
+            assert scored.min() == len(seq) - 9 and scored.max() < len(seq) - 1
+            assert torch.equal(targets[r, scored], ids[r, scored + 1])
+            noisy = torch.nonzero(levels[r]).flatten()
+            if noisy.numel():  # the loss reaches the last noisy input, never past the sequence
+                assert scored.max() == min(int(noisy.max()), len(seq) - 2)
+            assert (levels[r, :len(seq) - 8] == 0).all()

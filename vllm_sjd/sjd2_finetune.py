@@ -92,6 +92,7 @@ def batch_of(seqs, image_tokens: int, settings: NoiseSettings, max_segment: int,
         # Hidden state p predicts token p + 1: from the header's last token
         # through the last noisy input.
         targets[r, first - 1:first + end] = ids[r, first:first + end + 1]
+        targets[r, len(s) - 1:] = -100  # past the sequence's last token
     return ids, levels, targets
 
 
