@@ -4,13 +4,8 @@ import numpy as np
 import torch
 
 from tests.stats import chi_square_pvalue
-from vllm_sjd.core.denoising import NoiseSettings, alpha_bar
-from vllm_sjd.core.jacobi_denoising import (
-    DenoisingWindow,
-    initial_levels,
-    next_denoising_window,
-    scaled_embeddings,
-)
+from vllm_sjd.core.denoising import NoiseSettings, alpha_bar, scaled_embeddings
+from vllm_sjd.core.jacobi_denoising import DenoisingWindow, initial_levels, next_denoising_window
 from vllm_sjd.core.rng import window_uniforms
 
 SETTINGS = NoiseSettings(noise_levels=4, embedding_rms=0.5)

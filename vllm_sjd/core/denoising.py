@@ -62,6 +62,12 @@ def embedding_rms(embeddings: torch.Tensor) -> torch.Tensor:
     return embeddings.float().pow(2).mean(dim=-1).sqrt()
 
 
+def scaled_embeddings(embeddings: torch.Tensor, settings: NoiseSettings) -> torch.Tensor:
+    """Token embeddings [..., H] scaled to the common RMS sigma (float32)."""
+    scale = settings.embedding_rms / embedding_rms(embeddings).clamp_min(1e-12)
+    return embeddings.float() * scale.unsqueeze(-1)
+
+
 def noisy_embeddings(
     clean: torch.Tensor,  # [..., H] the tokens' embeddings
     levels: torch.Tensor,  # [...] int64 in 0 .. L
@@ -70,9 +76,8 @@ def noisy_embeddings(
 ) -> torch.Tensor:
     """x_t for each token at its level; level-0 tokens come back unchanged."""
     a = alpha_bar(settings.noise_levels, clean.device)[levels].unsqueeze(-1)
-    sigma = settings.embedding_rms
-    scaled = clean.float() * (sigma / embedding_rms(clean).clamp_min(1e-12)).unsqueeze(-1)
-    x = a.sqrt() * scaled + (1 - a).sqrt() * sigma * noise.float()
+    scaled = scaled_embeddings(clean, settings)
+    x = a.sqrt() * scaled + (1 - a).sqrt() * settings.embedding_rms * noise.float()
     return torch.where((levels == 0).unsqueeze(-1), clean.float(), x).to(clean.dtype)
 
 

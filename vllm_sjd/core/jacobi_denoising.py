@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_sjd.core.denoising import NoiseSettings, alpha_bar, embedding_rms
+from vllm_sjd.core.denoising import NoiseSettings, alpha_bar, scaled_embeddings
 from vllm_sjd.core.drafting import sample_inverse_cdf
 
 
@@ -46,12 +46,6 @@ def initial_levels(num_slots: int, settings: NoiseSettings, device=None) -> torc
                        settings.noise_levels)
 
 
-def scaled_embeddings(embeddings: torch.Tensor, settings: NoiseSettings) -> torch.Tensor:
-    """Token embeddings [..., H] scaled to the common RMS sigma."""
-    return embeddings.float() * (settings.embedding_rms / embedding_rms(embeddings).clamp_min(1e-12)
-                                 ).unsqueeze(-1)
-
-
 def next_denoising_window(
     window: DenoisingWindow,
     rows: torch.Tensor,  # [B, K + 1, W] float32: row j of this pass predicts old slot j
@@ -62,7 +56,7 @@ def next_denoising_window(
     settings: NoiseSettings,
 ) -> DenoisingWindow:
     """The window after a pass that committed a + 1 tokens per request."""
-    batch_size, num_slots = window.levels.shape
+    num_slots = window.levels.shape[1]
     device = window.levels.device
     ab = alpha_bar(settings.noise_levels, device)
     old_slot = num_accepted[:, None] + 1 + torch.arange(num_slots, device=device)  # [B, K]

@@ -219,7 +219,7 @@ def _window_tensors(
     token_ids, predicted,
 ):
     """next_window's tensor work, no host reads: Window's fields as a tuple."""
-    batch_size, vocab_size = bonus_probs.shape
+    vocab_size = bonus_probs.shape[-1]
     device = bonus_probs.device
     all_rows = torch.cat([target_probs, bonus_probs], dim=0)
     source, recycled = _row_sources(num_draft_tokens, num_accepted, target_probs.shape[0], num_slots)
