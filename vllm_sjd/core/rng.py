@@ -16,6 +16,8 @@ position and token, so a position sees the same noise on every pass until it
 is verified (core/drafting.py says why that stays exact).
 """
 
+import math
+
 import numpy as np
 import torch
 
@@ -67,6 +69,9 @@ GUMBEL_STREAM = _as_signed64(0xD1B54A32D192ED03)
 # Verification (core/verify.py): the acceptance test, and the token drawn at a position.
 ACCEPT_STREAM = _as_signed64(0xAF251AF3B0F025B5)
 TOKEN_STREAM = _as_signed64(0xE220A8397B1DCDAF)
+# SJD2 (vllm_sjd/sjd2.py): the token each slot samples, and the noise a new slot starts from.
+DENOISING_TOKEN_STREAM = _as_signed64(0x94D049BB133111EB)
+DENOISING_NOISE_STREAM = _as_signed64(0xBF58476D1CE4E5B9)
 
 
 def _splitmix64_host(x: np.ndarray) -> np.ndarray:
@@ -145,3 +150,17 @@ def token_exponentials(
     x = splitmix64(base.unsqueeze(-1) + tokens)
     u = (_shr(x, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
     return -torch.log(u)
+
+
+def position_normals(
+    keys: torch.Tensor,  # [B] int64
+    positions: torch.Tensor,  # [B, K] int64: absolute token index of each slot
+    dim: int,
+) -> torch.Tensor:
+    """Standard normal noise [B, K, dim] float32, fixed per (request, absolute position):
+    a seeded request draws the same noise in any batch. Box-Muller on 24-bit uniforms."""
+    base = splitmix64((keys ^ DENOISING_NOISE_STREAM).unsqueeze(1) ^ splitmix64(positions))
+    x = splitmix64(base.unsqueeze(-1) + torch.arange(2 * dim, dtype=torch.int64, device=keys.device))
+    u = (_shr(x, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    radius = torch.sqrt(-2.0 * torch.log(u[..., :dim]))
+    return radius * torch.cos(2 * math.pi * u[..., dim:])
