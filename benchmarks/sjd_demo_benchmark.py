@@ -150,6 +150,10 @@ def config_name(window: int, drafting: str, initial: str, dynamic: str = "off",
         return "AR again" if dynamic == "again" else "AR"
     if drafting == "zipar":
         return f"ZipAR W{window}"
+    if drafting == "sjd2":
+        return f"SJD2 K{window} T{initial}"
+    if drafting == "sjd2-clean":
+        return f"SJD2 K{window} denoising off"
     return (f"K{window} {drafting}/{initial}" + (f" lookahead {lookahead}" if lookahead else "")
             + (" dynamic" if dynamic != "off" else ""))
 
@@ -187,6 +191,11 @@ def run_engine(model_path, config, prompts, params, concurrencies, profile_promp
         zipar = ZipARConfig(window=window)
         options["speculative_config"] = {"method": "zipar", "window": window}
         params = [_with_max_tokens(p, zipar.order_for(grid_of(p)).num_tokens) for p in params]
+    elif drafting in ("sjd2", "sjd2-clean"):
+        options["speculative_config"] = {"method": "sjd2", "num_speculative_tokens": window,
+                                         "denoising": drafting == "sjd2"}
+        if drafting == "sjd2":
+            options["speculative_config"]["denoising_steps"] = int(initial)
     elif window:
         options["speculative_config"] = {"method": "sjd", "num_speculative_tokens": window,
                                          "drafting": drafting, "initial_drafts": initial,
@@ -274,7 +283,7 @@ def plot(results: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     modes: dict[str, list[tuple[int, float]]] = {}
     for name, cfg in configs.items():
-        if not name.startswith(("AR", "ZipAR")):
+        if not name.startswith(("AR", "ZipAR", "SJD2")):
             window, mode = name.split(" ", 1) if " " in name else (name, "independent/uniform")
             if mode.endswith(" dynamic"):
                 continue  # its K varies: not a point of this curve
@@ -351,6 +360,12 @@ def main():
                          "dynamic window adapts them")
     ap.add_argument("--zipar-windows", type=int, nargs="*", default=[],
                     help="ZipAR's W per configuration (lossy; W = 16 on the demo's rows is AR)")
+    ap.add_argument("--sjd2-windows", type=int, nargs="*", default=[],
+                    help="SJD2's K per configuration (a checkpoint fine-tuned by scripts/finetune_sjd2.py)")
+    ap.add_argument("--sjd2-steps", type=int, nargs="+", default=[4],
+                    help="SJD2's denoising steps T (the window's noisy tail) per configuration")
+    ap.add_argument("--sjd2-clean", action="store_true",
+                    help="also run each SJD2 window with denoising off (clean drafts only)")
     ap.add_argument("--row-lookahead", type=int, nargs="*", default=[],
                     help="also run each SJD configuration with these row lookaheads (L)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
@@ -420,13 +435,15 @@ def main():
     configs += [(k, d, i, m, la) for la in args.row_lookahead for k in args.windows
                 for d in args.drafting for i in args.initial_drafts for m in args.dynamic]
     configs += [(w, "zipar", "", "off") for w in args.zipar_windows]
+    configs += [(k, "sjd2", str(t), "off") for k in args.sjd2_windows for t in args.sjd2_steps]
+    configs += [(k, "sjd2-clean", "", "off") for k in args.sjd2_windows if args.sjd2_clean]
     if args.ar_again:
         configs.append((0, "", "", "again"))
     for config in configs:
         name = config_name(*config)
         res = run_engine(args.model, config, prompts, params, args.concurrency,
                          (prompts[0], params[0]), args.latency_images)
-        if config[0] and config[1] != "zipar":
+        if config[0] and config[1] not in ("zipar", "sjd2", "sjd2-clean"):
             # The proposer's state per request: q of every slot, plus one image
             # row of verified rows for initial drafts "above" (float32).
             rows = config[0] + (grid.row_stride if config[2] == "above" else 0)

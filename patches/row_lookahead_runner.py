@@ -10,7 +10,9 @@ returns covers the window's drafts only: the rejection sampler or SJD's own
 step verifies those, the scheduler counts the lookahead as rejected and
 frees its KV. The lookahead's logits rows go last in `logits_indices`;
 `_sample` splits them off and turns them into the predictions the proposer
-keeps. Checked on vLLM 0.32.0 and 0.33.0.
+keeps. SJD2's noisy slots (vllm_sjd/sjd2.py) ride the same way, at their
+own positions, and their embeddings go to the model beside the token ids
+(`feed_noisy_embeddings`). Checked on vLLM 0.32.0 and 0.33.0.
 """
 
 import dataclasses
@@ -37,7 +39,7 @@ class RowLookaheadRunnerMixin:
 
     def _lookahead_proposer(self) -> SJDProposer | None:
         proposer = getattr(self, "_proposer", None)
-        if isinstance(proposer, SJDProposer) and proposer.lookahead:
+        if isinstance(proposer, SJDProposer) and proposer.feeds_unverified:
             return proposer
         return None
 
@@ -75,6 +77,8 @@ class RowLookaheadRunnerMixin:
             index = num_scheduled[i] - n[i] + window[i] + np.arange(extra[i])
             offsets[first_token[i] + index] = cells[i] - 1 - (computed[i] + index)
         self._shift_positions(offsets)
+        if hasattr(proposer, "noisy_inputs"):
+            self._feed_noisy_slots(proposer, first_token + num_scheduled[:num_reqs] - n + window, extra)
 
         # Windows' rows first (n' + 1 a request), then the lookahead's.
         first_row = np.cumsum(n + 1) - (n + 1)
@@ -107,6 +111,21 @@ class RowLookaheadRunnerMixin:
         )
         all_indices = torch.cat([window_indices, logits_indices[on_device(extra_rows, torch.int64)]])
         return all_indices, window_metadata, int((window + 1).max())
+
+    def _feed_noisy_slots(self, proposer, first_index: np.ndarray, counts: np.ndarray) -> None:
+        """SJD2: the model reads each request's noisy slots (its `counts[i]` unverified
+        tokens, from flat index first_index[i]) as the proposer's embeddings."""
+        feeds = [(i, *proposer.noisy_inputs(self.input_batch.req_ids[i], int(c)))
+                 for i, c in enumerate(counts.tolist()) if c]
+        if not feeds:
+            return
+        index = np.concatenate([first_index[i] + np.arange(len(levels)) for i, _, levels in feeds])
+        device = self.positions.device
+        self.get_model().feed_noisy_embeddings(
+            torch.from_numpy(index).to(device),
+            torch.cat([embeds.to(device) for _, embeds, _ in feeds]),
+            torch.cat([levels.to(device) for _, _, levels in feeds]),
+        )
 
     def _shift_positions(self, offsets: np.ndarray) -> None:
         """Add `offsets` to the positions of this step's tokens (the slot mapping stays)."""
@@ -146,7 +165,7 @@ class RowLookaheadRunnerMixin:
         counts = np.bincount(rows_of, minlength=num_reqs).astype(np.int64)
         probs = self._processed_probs(scores, counts, sampling_metadata,
                                       torch.from_numpy(greedy).to(device), top_k)
-        strides = [entries[i][0].row_stride for i in rows_of]
+        strides = [0 if entries[i][0] is None else entries[i][0].row_stride for i in rows_of]
         req_ids = [self.input_batch.req_ids[i] for i in rows_of]
         return req_ids, lookahead.cells, probs, strides, columns
 

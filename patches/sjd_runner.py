@@ -332,6 +332,8 @@ class SJDModelRunnerMixin(ZipARRunnerMixin, RowLookaheadRunnerMixin, SJDSampling
         if not any(caps):
             return [[] for _ in sampled_token_ids]
         rows = self._verified_rows(step, sampled_token_ids, sampling_metadata)
+        if getattr(self.drafter, "embed_tokens", False) is None:  # SJD2 embeds its drafts itself
+            self.drafter.embed_tokens = self.get_model().embed_input_ids
         if predicted is not None:
             self._record_predictions(predicted, sampled_token_ids)
         num_tokens = self.input_batch.num_tokens_no_spec[:num_reqs].astype(np.int64)

@@ -91,6 +91,22 @@ class _SJDWorkerMethods:
             raise ValueError(f"sjd_step_timing: unknown action {action!r}")
         return timed
 
+    def sjd2_feed_log(self, action: str) -> dict | None:
+        """"start" records SJD2's noisy inputs, as the proposer planned them and as the
+        model received them; "stop" returns {"planned": [...], "received": [...]}."""
+        model = self.model_runner.get_model()
+        body = getattr(model, "model", model)
+        drafter = self.model_runner.drafter
+        if action == "start":
+            body.noisy_feed_log, drafter.planned_log = [], []
+            return None
+        if action != "stop":
+            raise ValueError(f"sjd2_feed_log: unknown action {action!r}")
+        logs = {"planned": drafter.planned_log, "received": body.noisy_feed_log}
+        body.noisy_feed_log = drafter.planned_log = None
+        return {name: [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in entry.items()}
+                       for entry in entries] for name, entries in logs.items()}
+
     def sjd_proposer_call(self, method: str, *args):
         """Call a method of this worker's proposer (tests, diagnostics)."""
         return getattr(self.model_runner.drafter, method)(*args)

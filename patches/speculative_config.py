@@ -1,4 +1,4 @@
-"""Accept `{"method": "sjd" | "zipar", ...}` in --speculative-config / speculative_config=.
+"""Accept `{"method": "sjd" | "sjd2" | "zipar", ...}` in --speculative-config / speculative_config=.
 
 Wraps vllm.engine.arg_utils.EngineArgs.create_speculative_config (front-end
 process: the API server or the LLM's process). Checked on vLLM 0.32.0 and 0.33.0.
@@ -10,7 +10,9 @@ wrapper validates the SJD settings (vllm_sjd/config.py), hands vLLM a plain
 additional_config["sjd"], defaults the worker class to the SJD worker, and
 refuses configurations SJD cannot serve. "zipar" takes the same path with
 its own settings (vllm_sjd/config.py ZipARConfig), checked against the
-model's image layout. Other configs go straight to the original. Retire
+model's image layout; "sjd2" runs SJD's path with its own proposer, for a
+checkpoint fine-tuned for it only (and eager on CUDA: the noisy embeddings
+are handed to the model beside the token ids each step, outside any graph). Other configs go straight to the original. Retire
 when vLLM lets plugins register speculative methods.
 
 It also names the SJD scheduler (guidance pairs, patches/cfg_scheduler.py) for
@@ -19,12 +21,20 @@ speculation, so plain AR gets the same layouts and guidance (on vLLM's V1
 model runner: patches/v1_runner.py).
 """
 
+import logging
 import os
 
 from vllm.engine.arg_utils import EngineArgs
 
-from vllm_sjd.config import SJDConfigError, split_speculative_config, split_zipar_config
+from vllm_sjd.config import (
+    SJDConfigError,
+    split_sjd2_config,
+    split_speculative_config,
+    split_zipar_config,
+)
 from vllm_sjd.contract import (
+    SJD2_METHOD,
+    SJD2_SETTINGS_CONFIG_KEY,
     SJD_SETTINGS_CONFIG_KEY,
     SPECULATIVE_METHOD,
     ZIPAR_METHOD,
@@ -32,7 +42,11 @@ from vllm_sjd.contract import (
 )
 from vllm_sjd.patches.wrapping import install_wrapper
 
+logger = logging.getLogger(__name__)
+
 SJD_WORKER_CLASS = "vllm_sjd.patches.sjd_worker.SJDWorker"
+# Checkpoints our Chameleon class serves (vllm_sjd/models/chameleon.py), the one that reads SJD2's inputs.
+SJD2_ARCHITECTURES = frozenset({"ChameleonXLLMXForConditionalGeneration", "ChameleonForConditionalGeneration"})
 SJD_SCHEDULER_CLASS = "vllm_sjd.patches.cfg_scheduler.SJDScheduler"
 _original_create_speculative_config = EngineArgs.create_speculative_config
 
@@ -78,6 +92,8 @@ def _create_speculative_config(self: EngineArgs, target_model_config, target_par
     spec = self.speculative_config
     if spec and spec.get("method") == ZIPAR_METHOD:
         return _create_zipar_config(self, target_model_config, target_parallel_config)
+    if spec and spec.get("method") == SJD2_METHOD:
+        return _create_sjd2_config(self, target_model_config, target_parallel_config)
     if not spec or spec.get("method") != SPECULATIVE_METHOD:
         if not spec and _is_image_model(target_model_config):
             _install_image_runner(self, target_parallel_config)
@@ -102,6 +118,36 @@ def _create_zipar_config(self: EngineArgs, target_model_config, target_parallel_
     self.async_scheduling = False  # each step's tokens plan the next step's feeds
     return _create_with(self, target_model_config, target_parallel_config, ZIPAR_METHOD,
                         vllm_spec, ZIPAR_SETTINGS_CONFIG_KEY, zipar)
+
+
+def _create_sjd2_config(self: EngineArgs, target_model_config, target_parallel_config):
+    """SJD2: SJD's worker and scheduler with the SJD2 proposer, on a fine-tuned checkpoint."""
+    from vllm.platforms import current_platform
+
+    from vllm_sjd.core.denoising import NoiseSettings
+
+    spec = self.speculative_config
+    vllm_spec, sjd, sjd2 = split_sjd2_config({k.replace("-", "_"): v for k, v in spec.items()})
+    architectures = set(getattr(target_model_config, "architectures", None) or ())
+    if not architectures & SJD2_ARCHITECTURES:
+        raise SJDConfigError(
+            f"speculative method 'sjd2' serves Chameleon-family checkpoints ({', '.join(sorted(SJD2_ARCHITECTURES))}); "
+            f"this model is {', '.join(sorted(architectures)) or 'of no known architecture'}"
+        )
+    if NoiseSettings.of_config(target_model_config.hf_config) is None:
+        raise SJDConfigError(
+            "speculative method 'sjd2' needs a checkpoint fine-tuned to read noisy embeddings "
+            "(config.json has no 'sjd2' entry); make one with scripts/finetune_sjd2.py, or serve "
+            "this one with method 'sjd'"
+        )
+    if current_platform.is_cuda_alike() and not target_model_config.enforce_eager:
+        logger.warning("speculative method 'sjd2' runs the model eagerly (enforce_eager): each step "
+                       "hands it the noisy embeddings beside the token ids")
+        self.enforce_eager = target_model_config.enforce_eager = True
+    self.additional_config = {**(self.additional_config or {}),
+                              SJD2_SETTINGS_CONFIG_KEY: sjd2.model_dump()}
+    return _create_with(self, target_model_config, target_parallel_config, SJD2_METHOD,
+                        vllm_spec, SJD_SETTINGS_CONFIG_KEY, sjd)
 
 
 def _create_with(self: EngineArgs, target_model_config, target_parallel_config, method: str,

@@ -9,6 +9,8 @@ It drafts exactly like SJDProposer but reports a wrong q to the verifier:
 - "prediction_argmax": with a row lookahead, a fresh slot drafted from the
   lookahead's prediction takes its most likely token (what the lookahead
   fed there) while reporting the prediction as q.
+FaultySJD2Proposer reports, when its fault is on, each clean draft's q as the
+next slot's (an off-by-one between a slot and the row that predicts it).
 A one-hot q would not be wrong (lossless for any draft), only slow.
 Its drafting settings and a cycle of per-step window lengths can also be
 switched while the engine runs (`set_drafting`, `set_window_cycle`), so one
@@ -21,6 +23,7 @@ import torch
 
 from vllm_sjd.core.columns import convert
 from vllm_sjd.proposer import SJDProposer
+from vllm_sjd.sjd2 import SJD2Proposer
 
 
 class FaultyQProposer(SJDProposer):
@@ -135,3 +138,15 @@ class VaryingWindowProposer(FaultyQProposer):
     def __init__(self, vllm_config) -> None:
         super().__init__(vllm_config)
         self.set_window_cycle(self.CYCLE)
+
+
+class FaultySJD2Proposer(SJD2Proposer):
+    fault: bool = False
+
+    def set_fault(self, fault: bool) -> None:
+        self.fault = fault
+
+    def _store(self, req_ids, drafts, q, columns) -> None:
+        if self.fault:
+            q = torch.cat([q[:, 1:], q[:, -1:]], dim=1)
+        super()._store(req_ids, drafts, q, columns)

@@ -11,6 +11,8 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from vllm_sjd.contract import (
+    SJD2_METHOD,
+    SJD2_SETTINGS_CONFIG_KEY,
     SJD_SETTINGS_CONFIG_KEY,
     SPECULATIVE_METHOD,
     ZIPAR_METHOD,
@@ -167,6 +169,78 @@ def split_speculative_config(
         num_speculative_tokens=sjd.num_speculative_tokens + sjd.row_lookahead,
     )
     return vllm_spec, sjd
+
+
+# SJD2 -----------------------------------------------------------------------
+SJD2_PROPOSER_CLASS = "vllm_sjd.sjd2.SJD2Proposer"
+SJD2_VLLM_KEYS = frozenset({"method", "num_speculative_tokens", "max_model_len"})
+
+
+class SJD2Config(BaseModel):
+    """Validated SJD2 settings (`{"method": "sjd2", ...}`). Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # K: window slots, clean drafts (verified) and noisy ones (fed, never verified).
+    num_speculative_tokens: int = DEFAULT_WINDOW
+    # T: passes a token spends being denoised, the window's noisy tail (at most
+    # K - 1 slots; levels rise along it to pure noise at the back, skipping
+    # trained levels as DDIM does); the slots before it hold clean drafts.
+    denoising_steps: int = 4
+    # False: new slots start as clean drafts (from the newest row) instead of
+    # noise, so nothing noisy is fed: SJD with Jacobi re-drafts on the same
+    # checkpoint, the baseline SJD2 is measured against.
+    denoising: bool = True
+    # Proposer class (dotted path): SJD2's, or a subclass.
+    proposer: str = SJD2_PROPOSER_CLASS
+
+    @field_validator("num_speculative_tokens")
+    @classmethod
+    def _window_in_range(cls, value: int) -> int:
+        if not MIN_WINDOW <= value <= MAX_WINDOW:
+            raise ValueError(f"must be between {MIN_WINDOW} and {MAX_WINDOW}")
+        return value
+
+    @field_validator("denoising_steps")
+    @classmethod
+    def _steps_in_range(cls, value: int) -> int:
+        if not 1 <= value < MAX_WINDOW:
+            raise ValueError(f"must be between 1 and {MAX_WINDOW - 1}")
+        return value
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Any) -> "SJD2Config":
+        return cls(**((additional_config or {}).get(SJD2_SETTINGS_CONFIG_KEY) or {}))
+
+
+def split_sjd2_config(spec: dict[str, Any]) -> tuple[dict[str, Any], SJDConfig, SJD2Config]:
+    """Split a user speculative config with method "sjd2": vLLM's part, the SJD
+    settings it runs on (independent re-drafts, a fixed window) and its own."""
+    assert spec.get("method") == SJD2_METHOD
+    try:
+        sjd2 = SJD2Config(**{k: v for k, v in spec.items() if k not in SJD2_VLLM_KEYS - {"num_speculative_tokens"}})
+    except ValidationError as err:
+        problems = []
+        for item in err.errors():
+            field = ".".join(str(part) for part in item["loc"]) or "?"
+            allowed = {
+                "num_speculative_tokens": f"an integer from {MIN_WINDOW} to {MAX_WINDOW}",
+                "denoising": "true or false",
+                "proposer": "a dotted class path",
+                "denoising_steps": f"an integer from 1 to {MAX_WINDOW - 1} (at most K - 1 are used)",
+            }.get(field, "not a setting; SJD2 accepts " + ", ".join(
+                sorted(set(SJD2Config.model_fields) | {"max_model_len"})))
+            problems.append(
+                f"speculative_config[{field!r}] = {item.get('input')!r} is invalid: allowed: {allowed}"
+            )
+        raise SJDConfigError("Invalid SJD2 setting. " + "; ".join(problems)) from None
+    sjd = SJDConfig(num_speculative_tokens=sjd2.num_speculative_tokens, initial_drafts="uniform",
+                    drafting="independent", dynamic_num_speculative_tokens="off",
+                    proposer=sjd2.proposer)
+    vllm_spec = {k: v for k, v in spec.items() if k in SJD2_VLLM_KEYS}
+    vllm_spec.update(method="custom_class", model=sjd2.proposer,
+                     num_speculative_tokens=sjd2.num_speculative_tokens)
+    return vllm_spec, sjd, sjd2
 
 
 # ZipAR ----------------------------------------------------------------------

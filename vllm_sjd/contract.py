@@ -7,10 +7,12 @@ carries what SJD needs in vLLM's own open fields; these are the keys.
 # --speculative-config '{"method": "sjd", ...}'
 SPECULATIVE_METHOD = "sjd"
 ZIPAR_METHOD = "zipar"  # ZipAR's row-parallel decoding (vllm_sjd/zipar.py)
+SJD2_METHOD = "sjd2"  # Jacobi-denoising drafts for a fine-tuned checkpoint (vllm_sjd/sjd2.py)
 
 # VllmConfig.additional_config: engine-wide, the same in every process.
 SJD_SETTINGS_CONFIG_KEY = "sjd"  # validated SJD settings, written by patches/speculative_config.py
 ZIPAR_SETTINGS_CONFIG_KEY = "zipar"  # validated ZipAR settings, likewise
+SJD2_SETTINGS_CONFIG_KEY = "sjd2"  # SJD2's own settings (beside the SJD settings it runs on)
 IMAGE_OPTIONS_CONFIG_KEY = "sjd_image"  # the user's image options (--additional-config)
 
 # SamplingParams.extra_args: per request.

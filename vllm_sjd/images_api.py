@@ -32,7 +32,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vllm_sjd.config import ZipARConfig
-from vllm_sjd.contract import RESPONSE_FIGURES_FIELD, ZIPAR_SETTINGS_CONFIG_KEY
+from vllm_sjd.contract import RESPONSE_FIGURES_FIELD, SJD2_SETTINGS_CONFIG_KEY, ZIPAR_SETTINGS_CONFIG_KEY
 from vllm_sjd.core.zipar import raster_tokens
 from vllm_sjd.image_generation import image_sampling_params
 from vllm_sjd.layouts.grid import ImageGrid, UnsupportedImageSize
@@ -231,7 +231,9 @@ class ImageService:
         zipar = (engine_client.vllm_config.additional_config or {}).get(ZIPAR_SETTINGS_CONFIG_KEY)
         # ZipAR's images come out in its stream order (core/zipar.py).
         self.zipar = None if zipar is None else ZipARConfig(**zipar)
-        self.method = "zipar" if self.zipar else "sjd" if self.speculative else "autoregressive"
+        sjd2 = SJD2_SETTINGS_CONFIG_KEY in (engine_client.vllm_config.additional_config or {})
+        self.method = ("zipar" if self.zipar else "sjd2" if sjd2 else "sjd" if self.speculative
+                       else "autoregressive")
         # The model's sampling defaults as vLLM's other routes see them
         # (generation_config.json, or --generation-config / --override-generation-config).
         model_defaults = engine_client.model_config.get_diff_sampling_param()
@@ -290,7 +292,7 @@ class ImageService:
         logger.info(
             "%s: %d image(s) of %s (%d tokens each), guidance %.2g, %s%s%s",
             job.request_id, len(params), job.size, grid.num_tokens, scale,
-            {"sjd": "SJD", "zipar": "ZipAR"}.get(self.method, self.method),
+            {"sjd": "SJD", "sjd2": "SJD2", "zipar": "ZipAR"}.get(self.method, self.method),
             ", streamed" if request.stream else "", f", for {end_user}" if end_user else "",
         )
         return job

@@ -83,6 +83,12 @@ class SJDProposer:
         self._last_plan: float | None = None
 
     @property
+    def feeds_unverified(self) -> bool:
+        """Steps feed tokens after the window's drafts that are never verified (the row
+        lookahead's; SJD2's noisy slots): the runner splits them off (patches/row_lookahead_runner.py)."""
+        return bool(self.lookahead)
+
+    @property
     def wants_forward_costs(self) -> bool:
         """The runner measures the forward-cost curve at start-up for the dynamic window."""
         return self._dynamic != "off"

@@ -186,6 +186,10 @@ class ChameleonModel(nn.Module):
         sjd2 = NoiseSettings.of_config(config)
         if sjd2 is not None:
             self.sjd2_timestep_embedding = nn.Embedding(sjd2.noise_levels + 1, config.hidden_size)
+        # The next forward's noisy inputs (feed_noisy_embeddings), and, when a
+        # list, a record of every input fed that way (tests read it back).
+        self._noisy_feed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.noisy_feed_log: list[dict] | None = None
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
             ["hidden_states", "residual"], config.hidden_size
         )
@@ -193,9 +197,24 @@ class ChameleonModel(nn.Module):
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
+    def feed_noisy_embeddings(self, index: torch.Tensor, embeds: torch.Tensor, levels: torch.Tensor) -> None:
+        """SJD2: in the next forward pass, the tokens at `index` (of the flattened batch)
+        enter as `embeds` [M, H] plus their levels' timestep vectors, not as their ids."""
+        self._noisy_feed = (index, embeds, levels)
+
+    def _with_noisy_inputs(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        (index, embeds, levels), self._noisy_feed = self._noisy_feed, None
+        inputs = embeds.to(hidden_states.dtype) + self.sjd2_timestep_embedding(levels).to(hidden_states.dtype)
+        if self.noisy_feed_log is not None:
+            self.noisy_feed_log.append({"positions": positions[index].cpu(), "embeds": embeds.float().cpu(),
+                                        "levels": levels.cpu(), "inputs": inputs.float().cpu()})
+        return hidden_states.index_copy(0, index, inputs)
+
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         if get_pp_group().is_first_rank:
             hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+            if self._noisy_feed is not None:
+                hidden_states = self._with_noisy_inputs(hidden_states, positions)
             residual = None
         else:
             hidden_states = intermediate_tensors["hidden_states"]
@@ -243,6 +262,9 @@ class ChameleonImageGenerator(nn.Module):
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
+
+    def feed_noisy_embeddings(self, index: torch.Tensor, embeds: torch.Tensor, levels: torch.Tensor) -> None:
+        self.model.feed_noisy_embeddings(index, embeds, levels)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)

@@ -186,3 +186,28 @@ class GuidedReference:
         guided = uncond + scale * (cond - uncond)
         allowed = grid.allowed_mask(torch.arange(len(tokens)), guided.shape[-1])
         return guided.masked_fill(~allowed, float("-inf"))
+
+
+def add_sjd2_timesteps(path: Path, *, noise_levels: int = 4, seed: int = 0, scale: float = 0.5) -> Path:
+    """Make a tiny checkpoint look SJD2 fine-tuned: the "sjd2" config entry (the image
+    codes' mean embedding RMS) and a random timestep table (level 0 zero) in its own shard."""
+    from safetensors.torch import load_file, save_file
+
+    from vllm_sjd.core.denoising import TIMESTEP_WEIGHT, NoiseSettings, embedding_rms
+
+    path = Path(path)
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    embed_key = "model.embed_tokens.weight"
+    embeddings = load_file(str(path / index["weight_map"][embed_key]))[embed_key]
+    codes = embeddings[layout.CODE_LOW: layout.CODE_LOW + 8192]
+    settings = NoiseSettings(noise_levels, float(embedding_rms(codes).mean()))
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.randn(noise_levels + 1, embeddings.shape[-1], generator=gen) * scale * settings.embedding_rms
+    table[0] = 0
+    save_file({TIMESTEP_WEIGHT: table.contiguous()}, str(path / "sjd2-timesteps.safetensors"))
+    index["weight_map"][TIMESTEP_WEIGHT] = "sjd2-timesteps.safetensors"
+    index_file.write_text(json.dumps(index, indent=2))
+    config_file = path / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **settings.as_config()}, indent=2))
+    return path

@@ -93,6 +93,7 @@ def exact_continuation_probs(
     grid=None,
     guidance_scale: float = 1.0,
     unconditional_prompt: list[int] | None = None,
+    chameleon: bool = False,
 ) -> dict[tuple[int, ...], float]:
     """Exact AR probabilities of every length-`length` continuation.
 
@@ -100,15 +101,20 @@ def exact_continuation_probs(
     guidance (uncond + s * (cond - uncond), the unconditional stream seeing
     `unconditional_prompt` and the same continuation), the image layout `grid`
     (if any), temperature and then top-k to each step's logits, as the SJD
-    runner and vLLM's sampler do.
+    runner and vLLM's sampler do. `chameleon`: a Chameleon checkpoint, whose
+    image-token logits are read unmasked (tiny_chameleon.reference_logits).
     """
-    from transformers import LlamaForCausalLM
+    from transformers import ChameleonForConditionalGeneration, LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    model_class = ChameleonForConditionalGeneration if chameleon else LlamaForCausalLM
+    model = model_class.from_pretrained(path, dtype=torch.float32).eval()
 
     def last_logits(context: list[int], prefixes) -> torch.Tensor:
         batch = torch.tensor([context + list(p) for p in prefixes])
         with torch.no_grad():
+            if chameleon:
+                hidden = model.model(input_ids=batch).last_hidden_state[:, -1]
+                return model.lm_head(hidden).to(torch.float64)
             return model(batch).logits[:, -1, :].to(torch.float64)
 
     probs: dict[tuple[int, ...], float] = {(): 1.0}
