@@ -12,8 +12,9 @@ refuses configurations SJD cannot serve. "zipar" takes the same path with
 its own settings (vllm_sjd/config.py ZipARConfig), checked against the
 model's image layout; "sjd2" runs SJD's path with its own proposer, for a
 checkpoint fine-tuned for it only (and eager on CUDA: the noisy embeddings
-are handed to the model beside the token ids each step, outside any graph). Other configs go straight to the original. Retire
-when vLLM lets plugins register speculative methods.
+are handed to the model beside the token ids each step, outside any graph).
+Other configs go straight to the original. Retire when vLLM lets plugins
+register speculative methods.
 
 It also names the SJD scheduler (guidance pairs, patches/cfg_scheduler.py) for
 SJD engines, and the SJD worker and scheduler for image models served without
