@@ -35,6 +35,12 @@ VLLM_KEYS = frozenset(
 )
 
 
+def window_in_range(value: int) -> int:
+    if not MIN_WINDOW <= value <= MAX_WINDOW:
+        raise ValueError(f"must be between {MIN_WINDOW} and {MAX_WINDOW}")
+    return value
+
+
 class SJDConfigError(ValueError):
     """A bad SJD setting; the message names the setting and what is allowed."""
 
@@ -83,9 +89,7 @@ class SJDConfig(BaseModel):
     @field_validator("num_speculative_tokens")
     @classmethod
     def _window_in_range(cls, value: int) -> int:
-        if not MIN_WINDOW <= value <= MAX_WINDOW:
-            raise ValueError(f"must be between {MIN_WINDOW} and {MAX_WINDOW}")
-        return value
+        return window_in_range(value)
 
     @field_validator("row_lookahead")
     @classmethod
@@ -197,9 +201,7 @@ class SJD2Config(BaseModel):
     @field_validator("num_speculative_tokens")
     @classmethod
     def _window_in_range(cls, value: int) -> int:
-        if not MIN_WINDOW <= value <= MAX_WINDOW:
-            raise ValueError(f"must be between {MIN_WINDOW} and {MAX_WINDOW}")
-        return value
+        return window_in_range(value)
 
     @field_validator("denoising_steps")
     @classmethod
