@@ -138,8 +138,9 @@ class SJD2Proposer(SJDProposer):
             drafts[rows_to], q[rows_to] = drafts[rows_from], q[rows_from]
             window.levels[rows_to], window.embeds[rows_to] = window.levels[rows_from], window.embeds[rows_from]
         self._store(req_ids, drafts, q, view)
-        levels_host = window.levels.cpu().numpy()  # the step's one read from the device, with the drafts
-        draft_lists = drafts.tolist()
+        read = torch.cat([drafts, window.levels.to(drafts.dtype)], dim=1).tolist()  # the step's one read
+        draft_lists = [row[:num_slots] for row in read]
+        levels_host = np.array([row[num_slots:] for row in read], dtype=np.int64).reshape(batch, num_slots)
         limit = np.minimum(num_slots if max_drafts is None else max_drafts, num_slots)
         room = np.minimum(np.maximum(self.max_model_len - num_tokens, 0), limit)
         proposals = []
