@@ -123,8 +123,10 @@ class SJD2Proposer(SJDProposer):
         previous, known = self._previous(req_ids, batch, table)
         stepped = next_denoising_window(previous, by_slot, rows.num_accepted.to(device), table,
                                         uniforms, noise, self.noise, ceilings)
-        start = self._initial(by_slot, table, uniforms, noise)
-        window = _where(torch.from_numpy(known).to(device), stepped, start)
+        window = stepped
+        if not known.all():  # a request's first window
+            start = self._initial(by_slot, table, uniforms, noise)
+            window = _where(torch.from_numpy(known).to(device), stepped, start)
         drafts = torch.where(window.drafts >= 0,
                              window.drafts if view is None else view.tokens(window.drafts.clamp(min=0)), -1)
         q = window.q
