@@ -151,6 +151,17 @@ def test_a_pause_between_requests_is_not_a_slow_step():
     assert steps.seconds_per_request(4, True) is None
 
 
+def test_window_tokens_average_over_images_not_the_latest_rows():
+    # An image's window steps commit 1 token a request on its first rows and 9
+    # on its last: the estimate at the end of the third image is the run's mean
+    # (5), not the last rows' 9 (a window that looks twice as good as it is).
+    steps = MeasuredSteps()
+    for _ in range(3):
+        for tokens in [1.0] * 30 + [9.0] * 30:
+            steps.record_window_tokens(tokens)
+    assert steps.tokens_per_window_request() == pytest.approx(5.0, abs=0.5)
+
+
 def test_fixed_requests_count_in_the_cost():
     policy = well_accepted_policy(ForwardCostCurve([(1, 0.010), (64, 0.012), (4096, 4.0)]))
     alone = policy.choose(2, [], 16)
