@@ -139,6 +139,20 @@ def test_a_new_batch_size_starts_from_the_model_corrected_by_the_nearest_timed_o
     assert policy.choose(8, [], 16) == 0  # 8 requests: not timed, the corrected model
 
 
+def test_a_batch_back_at_its_size_leaves_the_window_a_smaller_batch_took():
+    # 32 requests settle on plain AR (the window costs 4.6x for 4 tokens). The
+    # batch drains to 12 (not timed: the curve takes the window) and then is
+    # back at 32, where plain AR must return within a try, not after the
+    # window has run EXPLORE_EVERY tries' worth of steps.
+    flat = ForwardCostCurve([(1, 0.010), (4096, 0.012)])
+    policy = well_accepted_policy(flat)
+    assert run_policy(policy, 32, 0.160, 0.035, accepted=3)[-10:] == [0] * 10
+    assert policy.choose(12, [], 16) == 16
+    policy.record_step([16] * 12, [3] * 12, 0.1)
+    choices = run_policy(policy, 32, 0.160, 0.035, accepted=3, steps=20)
+    assert choices[2 * MEASURE_STEPS + 1:] == [0] * (20 - 2 * MEASURE_STEPS - 1)
+
+
 def test_a_pause_between_requests_is_not_a_slow_step():
     steps = MeasuredSteps()
     for _ in range(MEASURE_STEPS - 1):

@@ -268,6 +268,10 @@ class WindowPolicy:
             plain = tokens_per_second(0)
             if (window > plain * SWITCH_MARGIN) != self.drafting:
                 self._switch(exploring=False)
+            # Decided for this batch size: back at the one decided before, the
+            # choice is compared afresh (it kept a small batch's window for
+            # seconds of a large batch's steps otherwise).
+            self.decided_bucket = bucket
         elif self.episode_steps >= MEASURE_STEPS and timed[self.drafting] is not None:
             if timed[not self.drafting] is None:
                 self._explore(bucket)  # time the other choice for a few steps
