@@ -96,6 +96,33 @@ def test_a_request_gets_the_same_tokens_alone_and_in_a_batch():
     assert together.tokens[2].tolist() == alone.tokens[0].tolist()
 
 
+def test_a_batch_without_drafts_closes_as_the_full_test_would():
+    # A plain step takes a short path; its tokens must be the ones the whole
+    # test gives the same requests beside one that verifies drafts (same numbers).
+    generator = torch.Generator().manual_seed(8)
+    batch = 64
+    rows = _rows(generator, batch + 4)
+    greedy = torch.arange(batch) % 5 == 1
+    keys, first = torch.arange(batch) * 31 + 11, torch.arange(batch) % 13 + 7
+    plain = verify(rows[:0], rows[:batch], torch.zeros(batch, dtype=torch.int64), 0,
+                   torch.zeros(0, dtype=torch.int64), rows[:0], greedy, keys, first)
+    assert plain.tokens.shape == (batch, 1) and not plain.num_accepted.any()
+    assert (plain.tokens[greedy, 0] == rows[:batch][greedy].argmax(dim=-1)).all()
+    mixed = verify(rows[batch:batch + 2], rows[list(range(batch)) + [batch + 2]],
+                   torch.tensor([0] * batch + [2]), 2, torch.tensor([1, 2]),
+                   rows[batch + 2:batch + 4], torch.cat([greedy, torch.tensor([False])]),
+                   torch.cat([keys, torch.tensor([99])]), torch.cat([first, torch.tensor([50])]))
+    assert mixed.tokens[:batch, 0].tolist() == plain.tokens[:, 0].tolist()
+    # And over many keys, the short path's tokens follow the bonus row.
+    many = 20_000
+    spread = verify(rows[:0], rows[[0]].expand(many, -1).contiguous(),
+                    torch.zeros(many, dtype=torch.int64), 0, torch.zeros(0, dtype=torch.int64),
+                    rows[:0], torch.zeros(many, dtype=torch.bool),
+                    torch.arange(many) * 7919 + 5, torch.full((many,), 3))
+    tokens = [(int(t),) for t in spread.tokens[:, 0]]
+    assert chi_square_pvalue(tokens, {(j,): float(rows[0, j]) for j in range(WIDTH)}) > ALPHA
+
+
 def test_verifying_on_columns_gives_the_full_vocabulary_tokens():
     generator = torch.Generator().manual_seed(6)
     vocab, batch, n = 40, 64, 3

@@ -62,6 +62,12 @@ def verify(
     # each draft's position, and the token uniform of every position a step
     # may close at (a draft's, where it is rejected; the bonus position).
     keys, first = np.asarray(keys, dtype=np.int64), np.asarray(first_positions, dtype=np.int64)
+    if total == 0:
+        # No drafts in the batch (a plain AR step): every request closes with
+        # its bonus token, drawn from the same number the full test would use.
+        numbers = counter_uniforms(keys, first, 0, np.array([TOKEN_STREAM], dtype=np.int64))
+        tokens = _bonus_tokens(bonus_probs, greedy, torch.from_numpy(numbers).to(device))
+        return Verdict(tokens[:, None], torch.zeros(batch_size, dtype=torch.int64, device=device))
     host_request = np.repeat(np.arange(batch_size), n_host)
     host_slot = np.arange(total) - (np.cumsum(n_host) - n_host)[host_request]
     row_keys = np.concatenate([keys[host_request], keys])
@@ -139,6 +145,11 @@ def _verdict(
     tokens[request_of_row, slot] = torch.where(keep, drafts, PLACEHOLDER)
     tokens[torch.arange(batch_size, device=device), num_accepted] = token
     return tokens, num_accepted
+
+
+def _bonus_tokens(bonus_probs: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor):
+    """[B] int64: a token from each bonus row (argmax for greedy requests)."""
+    return torch.where(greedy, bonus_probs.argmax(dim=-1), sample_inverse_cdf(bonus_probs, uniforms))
 
 
 def one_hot_q(drafts: torch.Tensor, width: int) -> torch.Tensor:
