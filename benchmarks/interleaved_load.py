@@ -44,6 +44,25 @@ CONFIGS = {
 IMAGES = {1: 4, 4: 16, 16: 32, 64: 64}  # per round; one at a time is slow
 
 
+def unseeded_guided_requests(count: int) -> tuple[list[str], list]:
+    """`count` demo prompts from the scene grammar's captions, and their sampling
+    parameters: guided at the layout's scale, temperature 1, no seed."""
+    from transformers import AutoTokenizer
+
+    from vllm_sjd.image_generation import image_sampling_params
+
+    layout = demo.layout(demo.MODEL_PATH)
+    grid = layout.grid(sc.IMAGE_SIZE, sc.IMAGE_SIZE)
+    uncond = layout.unconditional_prompt_token_ids(
+        AutoTokenizer.from_pretrained(demo.MODEL_PATH), sc.IMAGE_SIZE, sc.IMAGE_SIZE)
+    prompts = [layout.prompt(s.caption, sc.IMAGE_SIZE, sc.IMAGE_SIZE)
+               for s in dq.captions_for(count)][:count]
+    params = [image_sampling_params(grid, temperature=1.0, top_k=layout.default_top_k,
+                                    guidance_scale=layout.default_guidance_scale,
+                                    unconditional_prompt_token_ids=uncond) for _ in prompts]
+    return prompts, params
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,21 +73,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
 
-    from transformers import AutoTokenizer
     from vllm import LLM
 
-    from vllm_sjd.image_generation import image_sampling_params
-
-    layout = demo.layout(demo.MODEL_PATH)
-    grid = layout.grid(sc.IMAGE_SIZE, sc.IMAGE_SIZE)
-    uncond = layout.unconditional_prompt_token_ids(
-        AutoTokenizer.from_pretrained(demo.MODEL_PATH), sc.IMAGE_SIZE, sc.IMAGE_SIZE)
-    most = max(IMAGES.get(c, 4 * c) for c in args.concurrency)
-    prompts = [layout.prompt(s.caption, sc.IMAGE_SIZE, sc.IMAGE_SIZE)
-               for s in dq.captions_for(most)][:most]
-    params = [image_sampling_params(grid, temperature=1.0, top_k=layout.default_top_k,
-                                    guidance_scale=layout.default_guidance_scale,
-                                    unconditional_prompt_token_ids=uncond) for _ in prompts]
+    prompts, params = unseeded_guided_requests(max(IMAGES.get(c, 4 * c) for c in args.concurrency))
 
     engines = {}
     for name in args.configs:

@@ -27,13 +27,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 # In this process: the timer wraps the runner itself.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
+from interleaved_load import unseeded_guided_requests  # noqa: E402
+
 from vllm_sjd import demo  # noqa: E402
-from vllm_sjd.demo import evaluation as dq  # noqa: E402
-from vllm_sjd.demo import scenes as sc  # noqa: E402
 
 
 def speculative_config(name: str) -> dict | None:
@@ -79,21 +80,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write results.json here")
     args = ap.parse_args()
 
-    from transformers import AutoTokenizer
     from vllm import LLM
 
-    from vllm_sjd.image_generation import image_sampling_params
-
-    layout = demo.layout(demo.MODEL_PATH)
-    grid = layout.grid(sc.IMAGE_SIZE, sc.IMAGE_SIZE)
-    uncond = layout.unconditional_prompt_token_ids(
-        AutoTokenizer.from_pretrained(demo.MODEL_PATH), sc.IMAGE_SIZE, sc.IMAGE_SIZE)
-    count = args.images or 4 * args.in_flight
-    prompts = [layout.prompt(s.caption, sc.IMAGE_SIZE, sc.IMAGE_SIZE)
-               for s in dq.captions_for(count)][:count]
-    params = [image_sampling_params(grid, temperature=1.0, top_k=layout.default_top_k,
-                                    guidance_scale=layout.default_guidance_scale,
-                                    unconditional_prompt_token_ids=uncond) for _ in prompts]
+    prompts, params = unseeded_guided_requests(args.images or 4 * args.in_flight)
     engines = {}
     for name in args.configs:
         options = dict(model=str(demo.MODEL_PATH), dtype="float32", max_model_len=512, seed=0,
