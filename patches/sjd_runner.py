@@ -349,6 +349,7 @@ class SJDModelRunnerMixin(ZipARRunnerMixin, RowLookaheadRunnerMixin, SJDSampling
             vocab_size,
             device,
             columns,
+            kind="uniform",  # a fresh slot's q where no better row is known
         )
         above = (
             self._layouts.cells_above(entries, num_tokens, num_slots)

@@ -1,4 +1,5 @@
-"""Windows built on a layout's columns equal the full-vocabulary windows, bit for bit."""
+"""Windows built on a layout's columns (with its uniform rows) equal the full-vocabulary
+windows (with its bool masks), bit for bit."""
 
 from types import SimpleNamespace
 
@@ -62,10 +63,11 @@ def test_windows_on_the_layout_columns_equal_full_vocabulary_windows(drafting, i
             req_ids, step_rows,
             allowed=layouts.row_masks(entries, num_tokens, slots, VOCAB, "cpu").view(2, SLOTS, -1),
             **common)
+        # The compact proposer gets the layout's uniform rows, as the runner hands them.
         got_compact = compact.propose_window(
             req_ids, step_rows, columns=columns,
-            allowed=layouts.row_masks(entries, num_tokens, slots, VOCAB, "cpu", columns)
-            .view(2, SLOTS, -1),
+            allowed=layouts.row_masks(entries, num_tokens, slots, VOCAB, "cpu", columns,
+                                      kind="uniform").view(2, SLOTS, -1),
             **common)
         assert got_compact == got_full, f"step {step}"
         assert torch.equal(compact._drafts, full._drafts)
@@ -102,3 +104,20 @@ def test_mask_table_rows_equal_the_layout_at_every_position_and_past_the_image()
     assert torch.equal(mask[: GRID.num_tokens + 3], expected)
     assert bool(mask[GRID.num_tokens + 3 :].all())  # no grid: unconstrained
     assert layouts.columns(entries, VOCAB, "cpu") is None
+
+
+def test_penalty_and_uniform_tables_are_the_bool_mask_in_other_forms():
+    layouts = LayoutConstraints()
+    entries = [(GRID, PROMPT), (None, 0)]  # a request without a grid: the mixed path
+    first, counts = torch.tensor([PROMPT, 4]), torch.tensor([GRID.num_tokens + 3, 2])
+    allowed = layouts.row_masks(entries, first, counts, VOCAB, "cpu")
+    penalty = layouts.row_masks(entries, first, counts, VOCAB, "cpu", kind="penalty")
+    uniform = layouts.row_masks(entries, first, counts, VOCAB, "cpu", kind="uniform")
+    assert penalty.dtype == uniform.dtype == torch.float32
+    assert torch.equal(penalty == 0, allowed) and bool(penalty[~allowed].eq(float("-inf")).all())
+    assert torch.equal(uniform > 0, allowed)
+    torch.testing.assert_close(uniform.sum(-1), torch.ones(len(allowed)))
+    logits = torch.randn(allowed.shape)
+    assert torch.equal(logits + penalty, logits.masked_fill(~allowed, float("-inf")))
+    with pytest.raises(ValueError, match="mask kind"):
+        layouts.row_masks(entries, first, counts, VOCAB, "cpu", kind="additive")

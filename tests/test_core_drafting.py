@@ -123,6 +123,10 @@ def test_cells_above_hold_the_last_row_of_committed_cells():
     ring.record(["s", "s"], [grid.row_stride] * 2, np.array([7, 8]), rows[:2])
     found, _ = ring.lookup(["s"], np.array([[4, 7, 8]]))
     assert found[0].tolist() == [False, True, True]  # r's rows went with r
+    # Entries may name their rows in a larger tensor (the step's rows, unselected).
+    ring.record(["s", "s"], [grid.row_stride] * 2, np.array([9, 10]), rows, rows=np.array([4, 0]))
+    found, got = ring.lookup(["s"], np.array([[9, 10]]))
+    assert found.all() and torch.equal(got[0], rows[[4, 0]])
 
 
 def test_above_initial_drafts_draw_from_the_cell_above_and_uniform_elsewhere():

@@ -64,6 +64,28 @@ def test_a_draft_that_is_not_ours_gets_a_one_hot_q():
     assert torch.equal(q, expected)
 
 
+def test_drafts_known_on_the_host_give_the_same_q_as_the_device_check():
+    p = proposer()
+    rows = StepRows(torch.zeros(0, VOCAB), torch.softmax(torch.randn(2, VOCAB), -1),
+                    torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64))
+    drafts = p.propose_window(["a", "b"], rows, num_tokens=torch.tensor([5, 6]), seeds=[1, 2],
+                              greedy=torch.zeros(2, dtype=torch.bool), has_output=[True, True],
+                              columns=None)
+    scheduled = torch.tensor(drafts[0][:3] + drafts[1][:2])
+    device_checked = p.scheduled_drafts(["a", "b"], [3, 2], scheduled, None, VOCAB)
+    host_checked = p.scheduled_drafts(["a", "b"], [3, 2], scheduled, None, VOCAB,
+                                      [drafts[0][:3], drafts[1][:2]])
+    assert torch.equal(host_checked[0], device_checked[0])
+    assert torch.equal(host_checked[1], device_checked[1])
+    assert not torch.equal(device_checked[1], torch.nn.functional.one_hot(scheduled, VOCAB).float())
+    # The host's ids differ from the stored window: the device check (one-hot q) decides.
+    other = [(d + 1) % VOCAB for d in drafts[0][:3]]
+    changed = torch.tensor(other + drafts[1][:2])
+    _, q = p.scheduled_drafts(["a", "b"], [3, 2], changed, None, VOCAB, [other, drafts[1][:2]])
+    assert torch.equal(q[:3], torch.nn.functional.one_hot(torch.tensor(other), VOCAB).float())
+    assert torch.equal(q[3:], device_checked[1][3:])
+
+
 def test_windows_end_inside_the_context_and_evict_clears_state():
     p = proposer(max_model_len=10)
     drafts = propose(p, ["a", "b", "c"], [5, 8, 10], seeds=[1, None, None])

@@ -65,6 +65,7 @@ class SJDProposer:
         self._window_row: dict[str, int] = {}
         self._drafts: torch.Tensor | None = None  # [B, K] int64 token ids
         self._q: torch.Tensor | None = None  # [B, K, W] float32
+        self._drafts_host: np.ndarray | None = None  # _drafts as read to the host, [B, K]
         # The vocabulary columns of _q (the batch's layout ids); None: all V.
         self._columns: Columns | None = None
         # Windows of requests that were left out of the latest step, with their columns.
@@ -160,7 +161,7 @@ class SJDProposer:
         seeds: Sequence[int | None],
         greedy: np.ndarray,  # [B] bool
         has_output: Sequence[bool],
-        allowed: torch.Tensor | None = None,  # [B, K, V] bool: tokens each slot may hold
+        allowed: torch.Tensor | None = None,  # [B, K, V]: tokens each slot may hold (next_window's)
         above: np.ndarray | None = None,  # [B, K] int64: absolute position of the cell above, -1 none
         row_strides: Sequence[int] = (),  # per request: image row stride, 0 without an image
         mirror: Sequence[tuple[int, int]] = (),  # (row, source row): same window as source
@@ -248,7 +249,7 @@ class SJDProposer:
             if window is not None:
                 drafts[i], q[i] = window[0].to(device), window[1].to(device)
                 kept[i] = True
-        if mirror:
+        if mirror and any(kept):  # `spread` gave each twin its source's window; a kept one may differ
             rows_to, rows_from = (torch.tensor(r, device=device) for r in zip(*mirror))
             drafts[rows_to], q[rows_to] = drafts[rows_from], q[rows_from]
         self._store(req_ids, drafts, q, view)
@@ -258,10 +259,12 @@ class SJDProposer:
         scheduled = np.where(np.asarray(has_output, dtype=bool) | np.asarray(kept), room, 0)
         if not self.lookahead or not grids:
             draft_lists = drafts.tolist()  # the step's one read from the device
+            self._drafts_host = np.array(draft_lists, dtype=np.int64).reshape(drafts.shape)
             return [d[: int(n)] for d, n in zip(draft_lists, scheduled)]
         cells, guesses = self._lookahead_cells(req_ids, grids, num_tokens, scheduled, view)
         read = drafts if guesses is None else torch.cat([drafts, guesses.to(drafts.device)], dim=1)
         lists = read.tolist()  # the step's one read from the device
+        self._drafts_host = np.array(lists, dtype=np.int64).reshape(read.shape)[:, : self.num_slots]
         draft_lists = [d[: int(n)] for d, n in zip(lists, scheduled)]
         fed = [
             fed_tokens(c, np.asarray(row[self.num_slots : self.num_slots + len(c)]),
@@ -389,16 +392,15 @@ class SJDProposer:
         if not entries:
             return
         all_rows = torch.cat([rows.target_probs, rows.bonus_probs], dim=0)
-        index = torch.from_numpy(np.concatenate(row_index)).to(all_rows.device)
-        self._cells_above.record(entries, strides, np.concatenate(positions), all_rows[index],
-                                 rows.columns)
+        self._cells_above.record(entries, strides, np.concatenate(positions), all_rows,
+                                 rows.columns, rows=np.concatenate(row_index))
 
     def _lookup_cells(
         self, req_ids, above: np.ndarray, like: torch.Tensor, columns: Columns | None
     ) -> CellsAboveRows:
         """Each slot's cell above, and the verified rows of those already committed
         (on `columns`, those of `like`)."""
-        positions = torch.from_numpy(np.asarray(above, dtype=np.int64)).to(like.device)
+        positions = np.asarray(above, dtype=np.int64)
         hit = self._cells_above.lookup(req_ids, above, columns)
         if hit is None:
             held = torch.zeros(positions.shape, dtype=torch.bool, device=like.device)
@@ -424,11 +426,14 @@ class SJDProposer:
         draft_token_ids: torch.Tensor,  # [sum(n)] the drafts vLLM scheduled
         columns: Columns | None,  # the columns wanted; None: the whole vocabulary
         vocab_size: int,
+        scheduled_on_host: Sequence[Sequence[int]] | None = None,  # per request, as the host has them
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(drafts as column indices [sum(n)], -1 outside; their q [sum(n), W] float32).
 
         A draft without a stored q (or a different token than the one stored)
         gets a one-hot q: still lossless, only less likely to be accepted.
+        With the scheduled drafts on the host, a step whose drafts are all the
+        stored ones (the usual case) skips that check on the device.
         """
         device = draft_token_ids.device
         draft_token_ids = draft_token_ids.to(torch.int64)
@@ -441,8 +446,11 @@ class SJDProposer:
             row = np.repeat(np.array([row for row, _ in drafting], dtype=np.int64), counts)
             row = torch.from_numpy(row).to(self._q.device)
             slot = torch.from_numpy(slot).to(self._q.device)
-            stored_drafts = self._drafts[row, slot]
             q = convert(self._q[row, slot], self._columns, columns)
+            if self._as_stored(req_ids, num_draft_tokens, scheduled_on_host):
+                drafts = draft_token_ids if columns is None else columns.to(device).indices(draft_token_ids)
+                return drafts, q.to(device).contiguous()
+            stored_drafts = self._drafts[row, slot]
         else:
             stored_drafts, q = self._gather_slow(req_ids, num_draft_tokens, columns, vocab_size)
         stored_drafts, q = stored_drafts.to(device), q.to(device)
@@ -450,6 +458,16 @@ class SJDProposer:
         one_hot = torch.zeros_like(q).scatter_(-1, drafts.clamp(min=0)[:, None], 1.0)
         q = torch.where((stored_drafts != draft_token_ids)[:, None], one_hot, q)
         return drafts, q.contiguous()
+
+    def _as_stored(self, req_ids, num_draft_tokens, scheduled_on_host) -> bool:
+        """Whether every request's scheduled drafts are the first n of its stored window."""
+        if scheduled_on_host is None or self._drafts_host is None:
+            return False
+        stored = self._drafts_host
+        for req_id, n, scheduled in zip(req_ids, num_draft_tokens, scheduled_on_host):
+            if n and not np.array_equal(stored[self._window_row[req_id], :n], scheduled[:n]):
+                return False
+        return True
 
     def _gather_slow(self, req_ids, num_draft_tokens, columns, vocab_size):
         width = vocab_size if columns is None else columns.ids.numel()
@@ -507,6 +525,7 @@ class SJDProposer:
             del self._carried[req_id]
         self._window_row = {r: i for i, r in enumerate(req_ids)}
         self._drafts, self._q, self._columns = drafts, q, columns
+        self._drafts_host = None  # set once the drafts are read
 
     def evict(self, req_ids: Iterable[str]) -> None:
         """Forget finished, aborted or preempted requests."""
@@ -520,7 +539,7 @@ class SJDProposer:
         for req_id in req_ids:
             self._lookahead_plan.pop(req_id, None)
         if not self._window_row:
-            self._drafts = self._q = self._columns = None
+            self._drafts = self._q = self._columns = self._drafts_host = None
 
     def window_digest(self) -> dict[str, tuple[list[int], float]]:
         """Each pending window's drafts and a checksum of its q (rank comparisons)."""

@@ -25,7 +25,9 @@ class CellsAbove:
         self._stride_of: dict[str, int] = {}
         self._free: list[int] = []
         self._rows: torch.Tensor | None = None  # [R, S, W] float32
-        self._positions: torch.Tensor | None = None  # [R, S] int64 absolute position, -1 empty
+        # [R, S] int64 absolute position of each held row, -1 empty: on the host, where
+        # positions are known, so that a lookup's hits need no device compare.
+        self._positions: np.ndarray | None = None
         self._columns: Columns | None = None  # of _rows; None: the whole vocabulary
 
     def record(
@@ -33,8 +35,9 @@ class CellsAbove:
         req_ids: Sequence[str],  # one per entry
         row_strides: Sequence[int],  # per entry: its request's image row stride
         positions: np.ndarray,  # [m] int64: absolute index of each committed token
-        probs: torch.Tensor,  # [m, W] float32: the row that verified it
+        probs: torch.Tensor,  # [m, W] float32: the row that verified it (or [*, W], see rows)
         columns: Columns | None = None,  # the columns of probs; None: all
+        rows: np.ndarray | None = None,  # [m] int64: each entry's row of probs; None: row m
     ) -> None:
         """Keep each entry's row at its position in its request's ring.
 
@@ -51,12 +54,13 @@ class CellsAbove:
         np.maximum.at(newest, rings, positions)
         newest = newest[rings]  # each entry's request's newest position
         keep = np.nonzero(positions > newest - strides)[0]
-        device = self._rows.device
-        ring_index = torch.from_numpy(rings[keep]).to(device)
-        slot_index = torch.from_numpy(positions[keep] % strides[keep]).to(device)
-        kept = probs[torch.from_numpy(keep).to(probs.device)]
-        self._rows[ring_index, slot_index] = kept.to(device)
-        self._positions[ring_index, slot_index] = torch.from_numpy(positions[keep]).to(device)
+        source = keep if rows is None else np.asarray(rows, dtype=np.int64)[keep]
+        ring, slot = rings[keep], positions[keep] % strides[keep]
+        self._positions[ring, slot] = positions[keep]
+        # Every index in one copy: ring, slot, row of probs.
+        index = torch.from_numpy(np.stack([ring, slot, source])).to(self._rows.device)
+        ring_index, slot_index, source = index.unbind(0)
+        self._rows[ring_index, slot_index] = probs[source.to(probs.device)].to(self._rows.device)
 
     def lookup(
         self,
@@ -71,11 +75,12 @@ class CellsAbove:
         rings = np.array([self._ring_of.get(r, -1) for r in req_ids], dtype=np.int64)
         strides = np.array([self._stride_of.get(r, 1) for r in req_ids], dtype=np.int64)
         wanted = np.where((rings[:, None] >= 0) & (above >= 0), above, -2)  # -2 matches nothing
-        device = self._rows.device
-        ring_index = torch.from_numpy(np.maximum(rings, 0)[:, None]).to(device)
-        slot_index = torch.from_numpy(np.maximum(above, 0) % strides[:, None]).to(device)
-        found = self._positions[ring_index, slot_index] == torch.from_numpy(wanted).to(device)
-        return found, convert(self._rows[ring_index, slot_index], self._columns, columns)
+        ring_index = np.broadcast_to(np.maximum(rings, 0)[:, None], above.shape)
+        slot_index = np.maximum(above, 0) % strides[:, None]
+        found = self._positions[ring_index, slot_index] == wanted
+        index = np.stack([ring_index, slot_index, found])
+        ring_index, slot_index, found = torch.from_numpy(index).to(self._rows.device).unbind(0)
+        return found.bool(), convert(self._rows[ring_index, slot_index], self._columns, columns)
 
     def _ensure(self, req_ids, row_strides, probs: torch.Tensor, columns: Columns | None) -> None:
         """A ring for every request, wide enough for its stride, on `columns`."""
@@ -90,7 +95,7 @@ class CellsAbove:
         if self._rows is None or needed > 0 or stride > self._rows.shape[1]:
             grown = max(rings + max(needed, 0), 2 * rings if needed > 0 else rings, 1)
             rows = torch.zeros((grown, stride, width), dtype=probs.dtype, device=device)
-            positions = torch.full((grown, stride), -1, dtype=torch.int64, device=device)
+            positions = np.full((grown, stride), -1, dtype=np.int64)
             if self._rows is not None:
                 old_stride = self._rows.shape[1]
                 rows[:rings, :old_stride] = self._rows
@@ -107,7 +112,7 @@ class CellsAbove:
         for req_id in req_ids:
             self._stride_of.pop(req_id, None)
         if freed:
-            self._positions[torch.tensor(freed, device=self._positions.device)] = -1
+            self._positions[freed] = -1
             self._free += freed
 
     def tracked_requests(self) -> set[str]:

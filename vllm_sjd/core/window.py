@@ -101,7 +101,7 @@ class PreviousWindow:
 class CellsAboveRows:
     """For initial drafts "above": each slot's cell one image row up."""
 
-    positions: torch.Tensor  # [B, K] int64: its absolute position, -1 for none
+    positions: np.ndarray  # [B, K] int64 on the host: its absolute position, -1 for none
     held: torch.Tensor  # [B, K] bool: committed, and its verified row is in `rows`
     rows: torch.Tensor  # [B, K, V] float32: that verified row
 
@@ -121,22 +121,48 @@ class Window:
     from_prediction: torch.Tensor | None = None
 
 
-def _row_sources(
-    n: torch.Tensor, a: torch.Tensor, num_target_rows: int, num_rows: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index into cat(target_probs, bonus_probs) of each request's rows a+1.., [B, num_rows].
+def _slot_layout(
+    n: np.ndarray,  # [B] int64: drafts scheduled this step
+    a: np.ndarray,  # [B] int64: of which accepted
+    num_slots: int,
+    above_positions: np.ndarray | None,  # [B, K] int64: each slot's cell above, -1 none
+    first_slot: np.ndarray,  # [B] int64: absolute position of slot 0
+) -> np.ndarray:
+    """The window's index bookkeeping, on the host where n and a are known: [5, B, K] int64.
 
-    Also whether the pass computed that row (index <= n); rows past n point at
-    the bonus row, the most recent distribution.
+    0: index into cat(target_probs, bonus_probs) of each slot's row (request
+       rows a+1..; rows past n point at the bonus row, the newest distribution);
+    1: recycled, whether the pass computed that row (a+1+s <= n);
+    2: the slot of the cell above where it lies in this window (clamped);
+    3: whether that cell is a recycled slot of this window;
+    4: the previous window's slot at the same position (a+1+s) for a recycled
+       slot, -1 for a fresh one (no previous draft to couple with).
     """
     batch_size = n.shape[0]
-    device = n.device
-    bonus_row = (torch.arange(batch_size, device=device) + num_target_rows)[:, None]
-    first_target_row = (torch.cumsum(n, 0) - n)[:, None]
-    row = a[:, None] + 1 + torch.arange(num_rows, device=device)[None, :]
-    computed = row <= n[:, None]
-    source = torch.where(row < n[:, None], first_target_row + row, bonus_row)
-    return torch.where(computed, source, bonus_row), computed
+    num_target_rows = int(n.sum())
+    slots = np.arange(num_slots, dtype=np.int64)
+    row = a[:, None] + 1 + slots
+    recycled = row <= n[:, None]
+    bonus_row = (num_target_rows + np.arange(batch_size, dtype=np.int64))[:, None]
+    first_target_row = (np.cumsum(n) - n)[:, None]
+    source = np.where(row < n[:, None], first_target_row + row, bonus_row)
+    layout = np.zeros((5, batch_size, num_slots), dtype=np.int64)
+    layout[0] = np.where(recycled, source, bonus_row)
+    layout[1] = recycled
+    if above_positions is not None:
+        slot_above = above_positions - first_slot[:, None]
+        index = slot_above.clip(0, num_slots - 1)
+        layout[2] = index
+        layout[3] = (above_positions >= 0) & (slot_above >= 0) & np.take_along_axis(recycled, index, 1)
+    layout[4] = np.where(recycled & (row < num_slots), row, -1)
+    return layout
+
+
+def _on_host(values) -> np.ndarray:
+    """int64 numpy of host data given as numpy, lists or CPU tensors."""
+    if isinstance(values, torch.Tensor):
+        values = values.cpu().numpy()
+    return np.asarray(values, dtype=np.int64)
 
 
 def committed_row_sources(
@@ -168,7 +194,7 @@ def next_window(
     greedy: torch.Tensor,  # [B] bool: temperature-0 requests
     initial_drafts: InitialDrafts,
     drafting: Drafting = "independent",
-    allowed: torch.Tensor | None = None,  # bool, [V] or [B, K, V]; None: all tokens
+    allowed: torch.Tensor | None = None,  # [V] or [B, K, V] bool, or float uniform rows; None: all
     previous: PreviousWindow | None = None,  # needed by coupled drafting
     above: CellsAboveRows | None = None,
     token_ids: torch.Tensor | None = None,  # [V'] the id of each column; None: all V
@@ -179,8 +205,10 @@ def next_window(
     """The next window of every request.
 
     `allowed` restricts initial drafts per slot (an image layout's forced and
-    code-only positions). Recycled slots need no restriction: their rows were
-    masked at the same absolute positions before verification. With
+    code-only positions): a bool mask, or float rows already uniform over the
+    allowed tokens (the layout's "uniform" table: no conversion per step).
+    Recycled slots need no restriction: their rows were masked at the same
+    absolute positions before verification. With
     initial_drafts "above", a fresh slot draws from the row of its cell one
     image row up: the verified row in `above` if that cell is committed, this
     pass's row for it if the cell is a recycled slot of the window; other
@@ -193,18 +221,20 @@ def next_window(
     if initial_drafts not in ("uniform", "last_distribution", "above"):
         raise ValueError(f"unknown initial_drafts {initial_drafts!r}")
     device = rows.bonus_probs.device
-    first_slot = None
-    if initial_drafts == "above" and above is not None:
-        first_slot = torch.from_numpy(np.asarray(next_positions, dtype=np.int64)).to(device)
+    n, a = rows.counts_on_host()
+    next_positions = _on_host(next_positions)
+    with_above = initial_drafts == "above" and above is not None
+    layout = _slot_layout(n, a, num_slots, _on_host(above.positions) if with_above else None,
+                          next_positions)
     coupled = drafting == "coupled" and previous is not None
     numbers = draw_numbers(drafting, keys, next_positions, num_slots, device, coupled)
     drafts, q, kept, fresh, from_above, previous_q, from_prediction = _window_tensors(
-        rows.target_probs, rows.bonus_probs, rows.num_draft_tokens, rows.num_accepted,
-        num_slots, initial_drafts, drafting, numbers, greedy,
+        rows.target_probs, rows.bonus_probs, torch.from_numpy(layout).to(device),
+        initial_drafts, drafting, numbers, greedy,
         bool(greedy.any()) if any_greedy is None else any_greedy,
         allowed,
         None if not coupled else (previous.drafts, previous.q, previous.present),
-        None if first_slot is None else (above.positions, above.held, above.rows, first_slot),
+        (above.held, above.rows) if with_above else None,
         token_ids, predicted,
     )
     return Window(drafts, q, kept, fresh, from_above, previous_q, from_prediction)
@@ -212,27 +242,30 @@ def next_window(
 
 @compiled_when_enabled
 def _window_tensors(
-    target_probs, bonus_probs, num_draft_tokens, num_accepted, num_slots: int,
+    target_probs, bonus_probs, layout,  # [5, B, K] int64 from _slot_layout
     initial_drafts: str, drafting: str, numbers, greedy, any_greedy: bool, allowed,
     previous,  # (drafts, q, present) or None: coupled drafting's previous window
-    above,  # (positions, held, rows, first_slot) or None
+    above,  # (held, rows) or None
     token_ids, predicted,
 ):
     """next_window's tensor work, no host reads: Window's fields as a tuple."""
     vocab_size = bonus_probs.shape[-1]
     device = bonus_probs.device
     all_rows = torch.cat([target_probs, bonus_probs], dim=0)
-    source, recycled = _row_sources(num_draft_tokens, num_accepted, target_probs.shape[0], num_slots)
+    source, recycled, above_slot, above_in_window, old_slot = layout.unbind(0)
+    recycled = recycled.bool()
     q = all_rows[source]  # [B, K, V]
 
     if allowed is None:
         uniform = torch.full((vocab_size,), 1.0 / vocab_size, device=device)
+    elif allowed.dtype != torch.bool:
+        uniform = allowed  # the layout's uniform rows, already normalised
     else:
         weights = allowed.to(torch.float32)
         uniform = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1.0)
     fresh_from_model = torch.zeros_like(recycled)
     if initial_drafts == "last_distribution":
-        fresh = q if allowed is None else q * allowed
+        fresh = q if allowed is None else q * (allowed > 0)
         total = fresh.sum(dim=-1, keepdim=True)
         # Where the newest row puts no mass on the allowed tokens, go uniform.
         fresh = torch.where(total > 0, fresh / total.clamp_min(1e-30), uniform)
@@ -241,11 +274,9 @@ def _window_tensors(
         fresh = uniform
         if above is not None:
             # The cell above as a slot of the next window, where it is one.
-            positions, held, above_rows, first_slot = above
-            slot_above = positions - first_slot[:, None]
-            index = slot_above.clamp(0, num_slots - 1)
-            in_window = (positions >= 0) & (slot_above >= 0) & recycled.gather(1, index)
-            window_rows = q.gather(1, index[:, :, None].expand(-1, -1, vocab_size))
+            held, above_rows = above
+            in_window = above_in_window.bool()
+            window_rows = q.gather(1, above_slot[:, :, None].expand(-1, -1, vocab_size))
             fresh = torch.where(held[:, :, None], above_rows, uniform)
             fresh = torch.where(in_window[:, :, None], window_rows, fresh)
             fresh_from_model = (held | in_window) & ~recycled
@@ -261,7 +292,7 @@ def _window_tensors(
         from_above = from_above & ~from_prediction
     q = torch.where(recycled[:, :, None], q, fresh)
 
-    old = None if previous is None else _previous_at_slots(*previous, num_accepted, recycled)
+    old = None if previous is None else _previous_at_slots(*previous, old_slot)
     drafts, kept = draw_with(
         drafting, q, numbers,
         previous_drafts=None if old is None else old[0],
@@ -283,21 +314,18 @@ def _previous_at_slots(
     previous_drafts: torch.Tensor,  # [B, K]
     previous_q: torch.Tensor,  # [B, K, V]
     present: torch.Tensor,  # [B] bool
-    num_accepted: torch.Tensor,  # [B]
-    recycled: torch.Tensor,  # [B, K] bool
+    old_slot: torch.Tensor,  # [B, K] int64: the previous slot at each next slot's position, -1 none
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The previous window's draft and q at each next slot's position, and where it exists.
 
     Next slot s sits where previous slot a+1+s did. Only recycled slots take
-    part: a fresh slot's position had no draft, or one drafted against an
-    older context the new q knows nothing of.
+    part (old_slot is -1 elsewhere): a fresh slot's position had no draft, or
+    one drafted against an older context the new q knows nothing of.
     """
-    num_slots = previous_drafts.shape[1]
     vocab_size = previous_q.shape[-1]
-    old_slot = num_accepted[:, None] + 1 + torch.arange(num_slots, device=recycled.device)
-    exists = present[:, None] & recycled & (old_slot < num_slots)
-    old_slot = old_slot.clamp(max=num_slots - 1)
-    drafts = previous_drafts.gather(1, old_slot)
-    exists = exists & (drafts >= 0)  # a draft outside q's columns cannot be coupled with
-    q = previous_q.gather(1, old_slot[:, :, None].expand(-1, -1, vocab_size))
+    index = old_slot.clamp(min=0)
+    drafts = previous_drafts.gather(1, index)
+    # A draft outside q's columns (-1) cannot be coupled with.
+    exists = present[:, None] & (old_slot >= 0) & (drafts >= 0)
+    q = previous_q.gather(1, index[:, :, None].expand(-1, -1, vocab_size))
     return drafts, q, exists

@@ -9,6 +9,7 @@ image starts right after the prompt. Requests without a grid are unconstrained.
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -31,6 +32,22 @@ def grid_from_extra_args(extra_args: Mapping | None) -> ImageGrid | None:
     spec["header"] = tuple(spec["header"])
     spec["trailer"] = tuple(spec["trailer"])
     return ImageGrid(**spec)
+
+
+MaskKind = Literal["allowed", "penalty", "uniform"]
+# allowed: bool; penalty: float32 0 where allowed, -inf elsewhere (added to logits,
+# cheaper than a masked fill); uniform: float32, the uniform distribution over the
+# allowed tokens (a fresh window slot's q).
+MASK_KINDS = ("allowed", "penalty", "uniform")
+
+
+def _as_kind(allowed: torch.Tensor, kind: MaskKind) -> torch.Tensor:
+    if kind == "allowed":
+        return allowed
+    if kind == "penalty":
+        return torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+    weights = allowed.to(torch.float32)
+    return weights / weights.sum(dim=-1, keepdim=True).clamp_min(1.0)
 
 
 class LayoutConstraints:
@@ -79,8 +96,10 @@ class LayoutConstraints:
         vocab_size: int,
         device: torch.device,
         columns: Columns | None = None,  # only these ids: [sum(counts), U]
+        kind: MaskKind = "allowed",
     ) -> torch.Tensor | None:
-        """[sum(counts), V] bool: tokens each row may hold; None if no request has a grid.
+        """[sum(counts), V]: tokens each row may hold, as `kind` says (MASK_KINDS);
+        None if no request has a grid.
 
         Rows are looked up in a per-grid table of every position's mask, built
         once: a gather instead of comparisons over the vocabulary per step.
@@ -95,7 +114,7 @@ class LayoutConstraints:
         prompt_lens = np.array([prompt_len for _, prompt_len in entries], dtype=np.int64)
         first = np.asarray(first_positions, dtype=np.int64)
         relative = (first - prompt_lens)[request_of_row] + offset
-        return self.masks_at(entries, request_of_row, relative, vocab_size, device, columns)
+        return self.masks_at(entries, request_of_row, relative, vocab_size, device, columns, kind)
 
     def masks_at(
         self,
@@ -105,36 +124,45 @@ class LayoutConstraints:
         vocab_size: int,
         device: torch.device,
         columns: Columns | None = None,
+        kind: MaskKind = "allowed",
     ) -> torch.Tensor | None:
-        """[R, V] bool (or [R, U] on `columns`): tokens each row's position may hold;
-        None if no request has a grid."""
+        """[R, V] (or [R, U] on `columns`): tokens each row's position may hold, as
+        `kind` says (MASK_KINDS); None if no request has a grid."""
         grids = [grid for grid, _ in entries]
         if all(grid is None for grid in grids):
             return None
         distinct = {g for g in grids if g is not None}
         if len(distinct) == 1 and None not in grids:
             (grid,) = distinct
-            table = self._mask_table(grid, vocab_size, device, columns)
+            table = self._mask_table(grid, vocab_size, device, columns, kind)
             return table[torch.from_numpy(relative.clip(0, grid.num_tokens)).to(device)]
         width = vocab_size if columns is None else columns.ids.numel()
-        mask = torch.ones(len(relative), width, dtype=torch.bool, device=device)
+        free = self._mask_table(None, width, device, None, kind)  # a row without a grid
+        mask = free.expand(len(relative), width).clone()
         for grid in distinct:
             members = np.nonzero(np.array([g == grid for g in grids])[request_of_row])[0]
-            table = self._mask_table(grid, vocab_size, device, columns)
+            table = self._mask_table(grid, vocab_size, device, columns, kind)
             rows = torch.from_numpy(relative[members].clip(0, grid.num_tokens)).to(device)
             mask[torch.from_numpy(members).to(device)] = table[rows]
         return mask
 
-    def _mask_table(self, grid: ImageGrid, vocab_size: int, device, columns) -> torch.Tensor:
-        """[num_tokens + 1, V or U] bool: row t is position t's mask; the last row
-        also holds for every position past the image."""
-        key = (grid, vocab_size, str(device), None if columns is None else ("ids", columns.key))
+    def _mask_table(
+        self, grid: ImageGrid | None, vocab_size: int, device, columns, kind: MaskKind
+    ) -> torch.Tensor:
+        """[num_tokens + 1, V or U] of `kind`: row t is position t's mask; the last row
+        also holds for every position past the image. Without a grid, one row allowing all."""
+        if kind not in MASK_KINDS:
+            raise ValueError(f"unknown mask kind {kind!r}: one of {MASK_KINDS}")
+        key = (grid, vocab_size, str(device), None if columns is None else ("ids", columns.key), kind)
         table = self._tables.get(key)
         if table is None or (columns is not None and columns.key is None):
             self._forget_tables_if_many()
-            positions = torch.arange(grid.num_tokens + 1)
-            ids = None if columns is None else columns.ids.cpu()
-            table = self._tables[key] = grid.allowed_mask(positions, vocab_size, ids).to(device)
+            if grid is None:
+                allowed = torch.ones(1, vocab_size, dtype=torch.bool)
+            else:
+                ids = None if columns is None else columns.ids.cpu()
+                allowed = grid.allowed_mask(torch.arange(grid.num_tokens + 1), vocab_size, ids)
+            table = self._tables[key] = _as_kind(allowed, kind).to(device)
         return table
 
     def _forget_tables_if_many(self) -> None:
