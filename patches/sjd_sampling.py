@@ -83,11 +83,15 @@ class SJDSamplingMixin:
             scores = columns.select(logits).float()
             if pairs.cond:
                 self._guide(scores, pairs, counts)
-            mask = self._layouts.row_masks(entries, first, counts, vocab_size, device, columns)
-            scores.masked_fill_(~mask, float("-inf"))
+            # The layout as 0 / -inf added: the same scores as a masked fill, at the cost of an add.
+            scores.add_(self._layouts.row_masks(entries, first, counts, vocab_size, device, columns,
+                                                kind="penalty"))
         top_k = None if sampling_metadata.top_k is None else self.input_batch.top_k_cpu[:num_reqs]
         greedy_rows = torch.from_numpy(greedy).to(device)
-        probs = self._processed_probs(scores, counts, sampling_metadata, greedy_rows, top_k)
+        # Greedy requests keep their argmax at temperature 1 (vLLM keeps 0.0 for them).
+        temperature = np.where(greedy, 1.0, self.input_batch.temperature_cpu[:num_reqs])
+        probs = self._processed_probs(scores, counts, sampling_metadata, greedy_rows, top_k,
+                                      temperature.astype(np.float32))
 
         if spec_decode_metadata is None:
             target_rows = torch.zeros(0, dtype=torch.int64, device=device)
@@ -112,6 +116,7 @@ class SJDSamplingMixin:
             greedy_rows,
             self.drafter.request_keys(req_ids, seeds),
             first,
+            any_greedy=bool(greedy.any()),
         )
         tokens = verdict.tokens
         if columns is not None:
@@ -147,33 +152,39 @@ class SJDSamplingMixin:
         sampling_metadata,
         greedy: torch.Tensor,  # [B] bool, on the scores' device
         top_k_host: np.ndarray | None,  # [B] each request's top-k as the host keeps it
+        temperature_host: np.ndarray | None = None,  # [B] float32, the host's, greedy ones at 1
     ) -> torch.Tensor:
         """Temperature, top-k and top-p per row, then the softmax, [rows, W] float32."""
         num_reqs, width = counts.shape[0], scores.shape[-1]
         device, num_rows = scores.device, scores.shape[0]
         per_row = torch.from_numpy(counts).to(device)
-        if sampling_metadata.temperature is not None:
+        if sampling_metadata.temperature is not None and temperature_host is not None:
+            # Per row on the host: one copy instead of a repeat on the device.
+            scores.div_(torch.from_numpy(np.repeat(temperature_host, counts)).to(device)[:, None])
+        elif sampling_metadata.temperature is not None:
             temperature = sampling_metadata.temperature[:num_reqs].to(torch.float32)
             temperature = torch.where(greedy, 1.0, temperature)
             scores.div_(temperature.repeat_interleave(per_row, output_size=num_rows)[:, None])
-        top_k = top_p = None
-        if sampling_metadata.top_k is not None:
-            top_k = sampling_metadata.top_k[:num_reqs].clamp(max=width)
-            top_k = top_k.repeat_interleave(per_row, output_size=num_rows)
+        top_p = None
         if sampling_metadata.top_p is not None:
             top_p = sampling_metadata.top_p[:num_reqs]
             top_p = top_p.repeat_interleave(per_row, output_size=num_rows)
-        if top_k is not None and top_p is None and top_k_host is not None:
-            # Top-k alone, with the largest k known on the host: no read of k
-            # from the device (vLLM's CPU path reads k.max()).
+        if sampling_metadata.top_k is not None and top_p is None and top_k_host is not None:
+            # Top-k alone, known on the host: no read of k from the device
+            # (vLLM's CPU path reads k.max()), no work where k keeps every column.
             limited = top_k_host[top_k_host < width]  # a guided twin may have none
             if limited.size:
                 largest = int(limited.max())
+                top_k = torch.from_numpy(np.repeat(np.minimum(top_k_host, width), counts)).to(device)
                 kth = scores.topk(largest, dim=-1).values
                 kth = kth.gather(1, (top_k.clamp(1, largest) - 1)[:, None])
                 kth = kth.masked_fill_((top_k >= width)[:, None], float("-inf"))
                 scores = scores.masked_fill_(scores < kth, float("-inf"))
         else:
+            top_k = None
+            if sampling_metadata.top_k is not None:
+                top_k = sampling_metadata.top_k[:num_reqs].clamp(max=width)
+                top_k = top_k.repeat_interleave(per_row, output_size=num_rows)
             scores = apply_top_k_top_p(scores, top_k, top_p)
         return scores.softmax(dim=-1, dtype=torch.float32)
 
@@ -182,7 +193,8 @@ class SJDSamplingMixin:
         if not sum(num_draft):
             empty = torch.zeros(0, dtype=torch.int64, device=probs.device)
             return empty, probs.new_zeros((0, probs.shape[-1]))
-        return self.drafter.scheduled_drafts(req_ids, num_draft, draft_ids, columns, probs.shape[-1])
+        return self.drafter.scheduled_drafts(req_ids, num_draft, draft_ids, columns, probs.shape[-1],
+                                             self.input_batch.spec_token_ids[: len(req_ids)])
 
     def _bookkeeping_without_generators(self, bookkeeping, *args, **kwargs):
         """vLLM's bookkeeping, without rewinding generators this step did not use."""

@@ -137,3 +137,27 @@ def test_sjd_top_k_matches_vllms_with_requests_that_have_none():
     assert torch.allclose(got, expected)
     kept = (got > 0).sum(dim=-1).tolist()
     assert kept == [5, 5, 5, width, 1, 1, 12, 12, 12, 12]
+
+
+def test_sjd_temperature_from_the_host_equals_the_devices():
+    """Per-row temperatures built on the host divide the rows exactly as the device path does;
+    a greedy request (0.0 in vLLM's batch) keeps temperature 1."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from vllm_sjd.patches.sjd_sampling import SJDSamplingMixin
+
+    counts = np.array([2, 3, 1], dtype=np.int64)
+    temperature = np.array([0.7, 0.0, 1.3], dtype=np.float32)
+    greedy = temperature == 0.0
+    scores = torch.randn(int(counts.sum()), 16, generator=torch.Generator().manual_seed(1))
+    metadata = SimpleNamespace(temperature=torch.from_numpy(temperature), top_k=None, top_p=None)
+    device_path = SJDSamplingMixin._processed_probs(scores.clone(), counts, metadata,
+                                                    torch.from_numpy(greedy), None)
+    host = np.where(greedy, 1.0, temperature).astype(np.float32)
+    host_path = SJDSamplingMixin._processed_probs(scores.clone(), counts, metadata,
+                                                  torch.from_numpy(greedy), None, host)
+    assert torch.equal(host_path, device_path)
+    assert torch.equal(host_path[2:5], scores[2:5].softmax(-1))  # greedy rows at temperature 1
+    assert not torch.equal(host_path[:2], scores[:2].softmax(-1))

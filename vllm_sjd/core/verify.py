@@ -50,9 +50,11 @@ def verify(
     greedy: torch.Tensor,  # [B] bool
     keys: np.ndarray,  # [B] int64: per-request random keys, on the host
     first_positions: np.ndarray,  # [B] int64 on the host: absolute index of the token row 0 decides
+    any_greedy: bool | None = None,  # whether `greedy` has a True, known on the host
 ) -> Verdict:
     """Host inputs are numpy (CPU tensors also do): the random numbers are hashed
     there (core/rng.py) and sent with the counts in one copy each."""
+    any_greedy = bool(greedy.any()) if any_greedy is None else any_greedy
     batch_size = bonus_probs.shape[0]
     device = bonus_probs.device
     n_host = np.asarray(num_draft_tokens, dtype=np.int64)
@@ -66,19 +68,22 @@ def verify(
         # No drafts in the batch (a plain AR step): every request closes with
         # its bonus token, drawn from the same number the full test would use.
         numbers = counter_uniforms(keys, first, 0, np.array([TOKEN_STREAM], dtype=np.int64))
-        tokens = _bonus_tokens(bonus_probs, greedy, torch.from_numpy(numbers).to(device))
+        tokens = _bonus_tokens(bonus_probs, greedy, torch.from_numpy(numbers).to(device), any_greedy)
         return Verdict(tokens[:, None], torch.zeros(batch_size, dtype=torch.int64, device=device))
     host_request = np.repeat(np.arange(batch_size), n_host)
-    host_slot = np.arange(total) - (np.cumsum(n_host) - n_host)[host_request]
+    first_row = np.cumsum(n_host) - n_host
+    host_slot = np.arange(total) - first_row[host_request]
     row_keys = np.concatenate([keys[host_request], keys])
     row_positions = np.concatenate([first[host_request] + host_slot, first + n_host])
     streams = np.array([[ACCEPT_STREAM], [TOKEN_STREAM]], dtype=np.int64)
     numbers = torch.from_numpy(counter_uniforms(row_keys, row_positions, 0, streams)).to(device)
-    # The row layout, on the host: request and slot of every draft.
-    layout = torch.from_numpy(np.stack([host_request, host_slot])).to(device)
+    # The layout, on the host: request and slot of every draft; n, the first
+    # row and the bonus number's index of every request.
+    rows = torch.from_numpy(np.stack([host_request, host_slot])).to(device)
+    requests = np.stack([n_host, first_row, total + np.arange(batch_size)])
     tokens, num_accepted = _verdict(
-        target_probs, bonus_probs, torch.from_numpy(n_host).to(device), layout, max_num_drafts,
-        drafts, draft_q, greedy, numbers,
+        target_probs, bonus_probs, rows, torch.from_numpy(requests).to(device), max_num_drafts,
+        drafts, draft_q, greedy, any_greedy, numbers,
     )
     return Verdict(tokens, num_accepted)
 
@@ -87,20 +92,21 @@ def verify(
 def _verdict(
     target_probs: torch.Tensor,  # [T, W]
     bonus_probs: torch.Tensor,  # [B, W]
-    n: torch.Tensor,  # [B] int64
-    layout: torch.Tensor,  # [2, T] int64: request and slot of each row
+    rows: torch.Tensor,  # [2, T] int64: request and slot of each row
+    requests: torch.Tensor,  # [3, B] int64: n, first row, index of the bonus row's number
     max_num_drafts: int,
     drafts: torch.Tensor,  # [T] int64
     draft_q: torch.Tensor,  # [T, W]
     greedy: torch.Tensor,  # [B] bool
+    any_greedy: bool,
     numbers: torch.Tensor,  # [2, T + B] float64: acceptance and token uniforms
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [B, max_n + 1], num_accepted [B]): the test and the closing token, tensors only."""
     batch_size = bonus_probs.shape[0]
     device = bonus_probs.device
     total = target_probs.shape[0]
-    request_of_row, slot = layout[0], layout[1]
-    first_row = torch.cumsum(n, 0) - n
+    request_of_row, slot = rows.unbind(0)
+    n, first_row, bonus_number = requests.unbind(0)
     u, token_uniforms = numbers[0, :total], numbers[1]
 
     # The acceptance test, row by row.
@@ -108,33 +114,32 @@ def _verdict(
     p_d = target_probs.gather(1, index)[:, 0].to(torch.float64)
     q_d = draft_q.gather(1, index)[:, 0].to(torch.float64)
     accepted = (drafts >= 0) & (q_d > 0) & (p_d >= u * q_d)
-    greedy_rows = greedy[request_of_row]
-    if total:
+    if total and any_greedy:
         target_argmax = target_probs.argmax(dim=-1)
-        accepted = torch.where(greedy_rows, drafts == target_argmax, accepted)
+        accepted = torch.where(greedy[request_of_row], drafts == target_argmax, accepted)
 
-    # a = the accepted prefix: stop at the first rejection.
-    passed = torch.zeros(batch_size, max_num_drafts + 1, dtype=torch.bool, device=device)
-    passed[request_of_row, slot] = accepted
-    num_accepted = passed[:, :max_num_drafts].to(torch.int64).cumprod(dim=1).sum(dim=1)
+    # a = the accepted prefix: the slot of the first rejection, or n.
+    num_accepted = n.scatter_reduce(
+        0, request_of_row, slot.masked_fill(accepted, max_num_drafts), "amin"
+    )
     rejected = num_accepted < n
 
     # One more token: resampled at row a after a rejection, else the bonus token.
+    closing_row = torch.where(rejected, first_row + num_accepted, bonus_number)
     if total:
-        row = (first_row + num_accepted).clamp(max=total - 1)
+        row = closing_row.clamp(max=total - 1)
         p_rejected, q_rejected = target_probs[row], draft_q[row]
         residual = (p_rejected - q_rejected).clamp_min(0.0)
-        covered = ~(p_rejected > q_rejected).any(dim=-1, keepdim=True)
+        # Where q covers p there is no residual: draw from p.
+        covered = residual.sum(dim=-1, keepdim=True) <= 0
         residual = torch.where(covered, p_rejected, residual)
         source = torch.where(rejected[:, None], residual, bonus_probs)
-        closing = torch.where(rejected[:, None], p_rejected, bonus_probs)
     else:
-        source = closing = bonus_probs
-    closing_row = torch.where(
-        rejected, first_row + num_accepted, total + torch.arange(batch_size, device=device)
-    )
+        source = bonus_probs
     token = sample_inverse_cdf(source, token_uniforms[closing_row])
-    token = torch.where(greedy, closing.argmax(dim=-1), token)
+    if any_greedy:
+        closing = bonus_probs if not total else torch.where(rejected[:, None], p_rejected, bonus_probs)
+        token = torch.where(greedy, closing.argmax(dim=-1), token)
 
     # Accepted drafts in place, PLACEHOLDER after; a scatter, no boolean
     # indexing (that would read the mask back to the host).
@@ -147,9 +152,11 @@ def _verdict(
     return tokens, num_accepted
 
 
-def _bonus_tokens(bonus_probs: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor):
+def _bonus_tokens(bonus_probs: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor,
+                  any_greedy: bool = True):
     """[B] int64: a token from each bonus row (argmax for greedy requests)."""
-    return torch.where(greedy, bonus_probs.argmax(dim=-1), sample_inverse_cdf(bonus_probs, uniforms))
+    sampled = sample_inverse_cdf(bonus_probs, uniforms)
+    return torch.where(greedy, bonus_probs.argmax(dim=-1), sampled) if any_greedy else sampled
 
 
 def one_hot_q(drafts: torch.Tensor, width: int) -> torch.Tensor:
