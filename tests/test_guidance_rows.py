@@ -1,8 +1,10 @@
 """The guided blend of a step's rows (guidance.guide_pairs), against the formula row by row."""
 
 import numpy as np
+import pytest
 import torch
 
+from vllm_sjd import guidance
 from vllm_sjd.guidance import guide_pairs
 from vllm_sjd.layouts.grid import ImageGrid
 
@@ -10,7 +12,9 @@ GRID = ImageGrid(width=32, height=32, rows=2, cols=2, header=(7, 8, 9), row_end=
                  trailer=(6,), code_low=10, code_high=20)
 
 
-def test_pairs_blend_image_rows_and_keep_header_rows_conditional():
+@pytest.mark.parametrize("sliced_pairs", [0, 2])  # the batched path, then one slice a pair
+def test_pairs_blend_image_rows_and_keep_header_rows_conditional(monkeypatch, sliced_pairs):
+    monkeypatch.setattr(guidance, "SLICED_PAIRS", sliced_pairs)
     # Requests: 0 = twin of 2, 1 unguided, 2 conditional (starts inside the header),
     # 3 conditional, 4 = twin of 3; rows per request 3, 2, 3, 4, 4.
     counts = np.array([3, 2, 3, 4, 4])
@@ -34,3 +38,20 @@ def test_pairs_blend_image_rows_and_keep_header_rows_conditional():
     assert not torch.equal(logits[first[2] + 2], before[first[2] + 2])
     # The unguided request is untouched.
     assert torch.equal(logits[first[1]:first[1] + 2], before[first[1]:first[1] + 2])
+
+
+def test_sliced_and_batched_pairs_give_the_same_bits():
+    counts = np.array([4, 4, 1, 3, 3])
+    first_positions = np.array([12, 12, 40, 10, 10])  # pair (3, 4) starts in the header
+    entries = [(GRID, 10)] * 5
+    logits = torch.randn(int(counts.sum()), 33, generator=torch.Generator().manual_seed(2))
+    results = []
+    for sliced_pairs in (0, 2):
+        got = logits.clone()
+        guidance.SLICED_PAIRS, old = sliced_pairs, guidance.SLICED_PAIRS
+        try:
+            guide_pairs(got, [(0, 1, 2.5), (3, 4, 4.0)], counts, first_positions, entries)
+        finally:
+            guidance.SLICED_PAIRS = old
+        results.append(got)
+    assert torch.equal(results[0], results[1])

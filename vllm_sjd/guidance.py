@@ -89,15 +89,22 @@ def guide_pairs(
     Rows of an image's header (and text before an image) keep the conditional logits.
     """
     first_row = np.cumsum(counts) - counts
-    cond_rows, twin_rows, scales = [], [], []
+    spans = []  # per pair: first cond row, first twin row, rows, header rows among them, scale
     for c, t, scale in pairs:
         n = int(counts[c])
         grid, prompt_len = entries[c]
         header = len(grid.header) if grid is not None else 0
         position = int(first_positions[c]) - prompt_len
-        scales += [scale if position + k >= header else 1.0 for k in range(n)]
-        cond_rows += range(first_row[c], first_row[c] + n)
-        twin_rows += range(first_row[t], first_row[t] + n)
+        spans.append((int(first_row[c]), int(first_row[t]), n, min(max(header - position, 0), n), scale))
+    if len(spans) <= SLICED_PAIRS:
+        for span in spans:
+            _guide_span(logits, *span)
+        return
+    cond_rows, twin_rows, scales = [], [], []
+    for cond, twin, n, header_rows, scale in spans:
+        scales += [1.0] * header_rows + [scale] * (n - header_rows)
+        cond_rows += range(cond, cond + n)
+        twin_rows += range(twin, twin + n)
     device = logits.device
     cond_rows = torch.tensor(cond_rows, device=device)
     twin_rows = torch.tensor(twin_rows, device=device)
@@ -105,3 +112,19 @@ def guide_pairs(
     guided = blend(logits[cond_rows], logits[twin_rows], scale)
     logits[cond_rows] = guided
     logits[twin_rows] = guided
+
+
+# Up to this many pairs, each is blended on row slices (no index tensors): a few calls
+# a pair, against one gather and two scatters for the whole batch beyond.
+SLICED_PAIRS = 2
+
+
+def _guide_span(logits: torch.Tensor, cond: int, twin: int, n: int, header_rows: int, scale: float):
+    """One pair's rows, as slices: header rows keep the conditional logits."""
+    cond_rows, twin_rows = logits[cond:cond + n], logits[twin:twin + n]
+    if header_rows:
+        twin_rows[:header_rows] = cond_rows[:header_rows]
+    if header_rows < n:
+        guided = blend(cond_rows[header_rows:], twin_rows[header_rows:], scale)
+        cond_rows[header_rows:] = guided
+        twin_rows[header_rows:] = guided
