@@ -29,7 +29,7 @@ from vllm.v1.outputs import SamplerOutput
 from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
 from vllm_sjd.core.columns import Columns
-from vllm_sjd.core.verify import PLACEHOLDER, verify
+from vllm_sjd.core.verify import verify
 from vllm_sjd.core.window import StepRows
 
 
@@ -120,7 +120,7 @@ class SJDSamplingMixin:
         )
         tokens = verdict.tokens
         if columns is not None:
-            tokens = torch.where(tokens >= 0, columns.tokens(tokens.clamp(min=0)), PLACEHOLDER)
+            tokens = columns.tokens(tokens)  # the verifier's placeholder, -1, stays -1
         if pairs.cond:
             # The twin commits exactly the conditional request's tokens.
             tokens[pairs.twin] = tokens[pairs.cond]

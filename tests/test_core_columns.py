@@ -89,6 +89,9 @@ def test_columns_map_tokens_both_ways_and_expand_with_zeros():
     assert columns.ids.tolist() == [3, 5, 9]
     assert columns.indices(torch.tensor([9, -1, 4, 3])).tolist() == [2, -1, -1, 0]
     assert columns.tokens(torch.tensor([1, 2])).tolist() == [5, 9]
+    assert columns.tokens(torch.tensor([-1, 0])).tolist() == [-1, 3]  # a placeholder stays -1
+    from vllm_sjd.core.verify import PLACEHOLDER
+    assert PLACEHOLDER == -1
     full = columns.expand(torch.tensor([[0.5, 0.25, 0.25]]))
     assert full[0, [3, 5, 9]].tolist() == [0.5, 0.25, 0.25] and float(full.sum()) == 1.0
     assert torch.equal(columns.select(full), torch.tensor([[0.5, 0.25, 0.25]]))

@@ -28,6 +28,16 @@ class Columns:
     ids: torch.Tensor  # [U] int64, ascending
     index_of: torch.Tensor  # [V] int64: position of each token in ids, -1 outside
     key: Hashable = field(default=None, compare=False)  # names the set, for caches
+    # ids and index_of with a -1 appended: index -1 (a placeholder) maps to -1
+    # in one gather, no clamp and select around it.
+    _ids_padded: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    _index_of_padded: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self._ids_padded is None:
+            minus_one = self.ids.new_full((1,), -1)
+            object.__setattr__(self, "_ids_padded", torch.cat([self.ids, minus_one]))
+            object.__setattr__(self, "_index_of_padded", torch.cat([self.index_of, minus_one]))
 
     @classmethod
     def of(cls, token_ids: torch.Tensor, vocab_size: int, key: Hashable = None) -> "Columns":
@@ -43,7 +53,8 @@ class Columns:
     def to(self, device: torch.device) -> "Columns":
         if self.ids.device == device:
             return self
-        return Columns(self.ids.to(device), self.index_of.to(device), self.key)
+        return Columns(self.ids.to(device), self.index_of.to(device), self.key,
+                       self._ids_padded.to(device), self._index_of_padded.to(device))
 
     def select(self, full: torch.Tensor) -> torch.Tensor:
         """[..., V] -> [..., U]."""
@@ -55,13 +66,12 @@ class Columns:
         return full.index_copy_(-1, self.ids, compact)
 
     def tokens(self, index: torch.Tensor) -> torch.Tensor:
-        """Column indices -> token ids."""
-        return self.ids[index]
+        """Column indices -> token ids; -1 for -1."""
+        return self._ids_padded[index]
 
     def indices(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids -> column indices; -1 for -1 and for tokens outside the columns."""
-        found = self.index_of[tokens.clamp(min=0)]
-        return torch.where(tokens >= 0, found, torch.full_like(found, -1))
+        return self._index_of_padded[tokens]
 
 
 def same_columns(a: "Columns | None", b: "Columns | None") -> bool:
