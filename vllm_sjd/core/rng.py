@@ -74,12 +74,22 @@ DENOISING_TOKEN_STREAM = _as_signed64(0x94D049BB133111EB)
 DENOISING_NOISE_STREAM = _as_signed64(0xBF58476D1CE4E5B9)
 
 
+_GOLDEN_U64, _MUL1_U64, _MUL2_U64 = (np.uint64(c & _MASK64) for c in (_GOLDEN, _MUL1, _MUL2))
+_SHIFTS_U64 = (np.uint64(30), np.uint64(27), np.uint64(31))
+
+
 def _splitmix64_host(x: np.ndarray) -> np.ndarray:
-    """splitmix64 on uint64 numpy (wrapping arithmetic): the same bits as `splitmix64`."""
-    x = x + np.uint64(_GOLDEN & _MASK64)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(_MUL1 & _MASK64)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(_MUL2 & _MASK64)
-    return x ^ (x >> np.uint64(31))
+    """splitmix64 on uint64 numpy (wrapping arithmetic): the same bits as `splitmix64`.
+    In place after the first add: a step hashes a few dozen numbers, so numpy's
+    per-call cost, not the arithmetic, is what counts."""
+    first, second, third = _SHIFTS_U64
+    x = x + _GOLDEN_U64
+    x ^= x >> first
+    x *= _MUL1_U64
+    x ^= x >> second
+    x *= _MUL2_U64
+    x ^= x >> third
+    return x
 
 
 def _host_uint64(values) -> np.ndarray:
