@@ -124,3 +124,21 @@ def test_penalty_and_uniform_tables_are_the_bool_mask_in_other_forms():
     assert torch.equal(logits + penalty, logits.masked_fill(~allowed, float("-inf")))
     with pytest.raises(ValueError, match="mask kind"):
         layouts.row_masks(entries, first, counts, VOCAB, "cpu", kind="additive")
+
+
+def test_requests_with_equal_grids_share_one_instance_and_masks_hold_for_copies_too():
+    import dataclasses
+
+    from vllm_sjd.layouts.constraints import image_extra_args
+
+    layouts = LayoutConstraints()
+    extra = {"a": image_extra_args(GRID), "b": image_extra_args(GRID)}
+    entries = layouts.lookup(["a", "b"], extra.get, lambda r: PROMPT)
+    assert entries[0][0] is entries[1][0] and entries[0][0] == GRID
+    # Equal grids that are not one instance (entries built by hand) give the same masks.
+    copy = dataclasses.replace(GRID)
+    first, counts = torch.tensor([PROMPT, PROMPT + 2]), torch.tensor([3, 4])
+    shared = layouts.row_masks(entries, first, counts, VOCAB, "cpu")
+    copied = layouts.row_masks([(GRID, PROMPT), (copy, PROMPT)], first, counts, VOCAB, "cpu")
+    assert torch.equal(shared, copied)
+    assert layouts.columns([(GRID, PROMPT), (copy, PROMPT)], VOCAB, "cpu") is not None

@@ -55,6 +55,10 @@ class LayoutConstraints:
 
     def __init__(self) -> None:
         self._grids: dict[str, tuple[ImageGrid | None, int]] = {}
+        # One instance per distinct grid, so that a step tells its requests' grids
+        # apart by identity: comparing frozen dataclasses field by field, 32
+        # requests a step, cost more than the masks themselves.
+        self._interned: dict[ImageGrid, ImageGrid] = {}
         self._tables: dict[tuple, torch.Tensor] = {}
         self._columns: dict[tuple, Columns] = {}
 
@@ -68,8 +72,12 @@ class LayoutConstraints:
         for req_id in req_ids:
             entry = self._grids.get(req_id)
             if entry is None:
-                entry = (grid_from_extra_args(extra_args_of(req_id)), prompt_len_of(req_id))
-                self._grids[req_id] = entry
+                grid = grid_from_extra_args(extra_args_of(req_id))
+                if grid is not None:
+                    if len(self._interned) > 64:  # requests keep theirs: identity is a shortcut
+                        self._interned.clear()
+                    grid = self._interned.setdefault(grid, grid)
+                entry = self._grids[req_id] = (grid, prompt_len_of(req_id))
             entries.append(entry)
         return entries
 
@@ -77,9 +85,10 @@ class LayoutConstraints:
         self, entries: Sequence[tuple[ImageGrid | None, int]], vocab_size: int, device
     ) -> Columns | None:
         """The ids any slot of these requests may hold; None if one has no grid."""
-        grids = frozenset(grid for grid, _ in entries)
-        if None in grids or not grids:
+        grids = _distinct(grid for grid, _ in entries)
+        if not grids or any(grid is None for grid in grids):
             return None
+        grids = frozenset(grids)
         key = (grids, vocab_size, str(device))
         columns = self._columns.get(key)
         if columns is None:
@@ -129,10 +138,10 @@ class LayoutConstraints:
         """[R, V] (or [R, U] on `columns`): tokens each row's position may hold, as
         `kind` says (MASK_KINDS); None if no request has a grid."""
         grids = [grid for grid, _ in entries]
-        if all(grid is None for grid in grids):
+        distinct = _distinct(grids)
+        if all(grid is None for grid in distinct):
             return None
-        distinct = {g for g in grids if g is not None}
-        if len(distinct) == 1 and None not in grids:
+        if len(distinct) == 1:
             (grid,) = distinct
             table = self._mask_table(grid, vocab_size, device, columns, kind)
             return table[torch.from_numpy(relative.clip(0, grid.num_tokens)).to(device)]
@@ -140,7 +149,9 @@ class LayoutConstraints:
         free = self._mask_table(None, width, device, None, kind)  # a row without a grid
         mask = free.expand(len(relative), width).clone()
         for grid in distinct:
-            members = np.nonzero(np.array([g == grid for g in grids])[request_of_row])[0]
+            if grid is None:
+                continue
+            members = np.nonzero(np.array([g is grid for g in grids])[request_of_row])[0]
             table = self._mask_table(grid, vocab_size, device, columns, kind)
             rows = torch.from_numpy(relative[members].clip(0, grid.num_tokens)).to(device)
             mask[torch.from_numpy(members).to(device)] = table[rows]
@@ -199,3 +210,8 @@ class LayoutConstraints:
 
     def tracked_requests(self) -> set[str]:
         return set(self._grids)
+
+
+def _distinct(grids) -> list:
+    """The distinct grids (None included), by identity: LayoutConstraints interns them."""
+    return list({id(grid): grid for grid in grids}.values())
