@@ -437,6 +437,7 @@ class SJDProposer:
         """
         device = draft_token_ids.device
         draft_token_ids = draft_token_ids.to(torch.int64)
+        drafts = draft_token_ids if columns is None else columns.to(device).indices(draft_token_ids)
         # Requests with no drafts this step need no stored window.
         drafting = [(self._window_row.get(r, -1), n) for r, n in zip(req_ids, num_draft_tokens) if n]
         counts = np.array([n for _, n in drafting], dtype=np.int64)
@@ -448,13 +449,11 @@ class SJDProposer:
             slot = torch.from_numpy(slot).to(self._q.device)
             q = convert(self._q[row, slot], self._columns, columns)
             if self._as_stored(req_ids, num_draft_tokens, scheduled_on_host):
-                drafts = draft_token_ids if columns is None else columns.to(device).indices(draft_token_ids)
                 return drafts, q.to(device).contiguous()
             stored_drafts = self._drafts[row, slot]
         else:
             stored_drafts, q = self._gather_slow(req_ids, num_draft_tokens, columns, vocab_size)
         stored_drafts, q = stored_drafts.to(device), q.to(device)
-        drafts = draft_token_ids if columns is None else columns.to(device).indices(draft_token_ids)
         one_hot = torch.zeros_like(q).scatter_(-1, drafts.clamp(min=0)[:, None], 1.0)
         q = torch.where((stored_drafts != draft_token_ids)[:, None], one_hot, q)
         return drafts, q.contiguous()
