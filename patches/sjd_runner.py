@@ -38,6 +38,7 @@ from vllm.v1.sample import rejection_sampler
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+from vllm_sjd.core import cpu_kernels
 from vllm_sjd.core.compiled import set_compiled
 from vllm_sjd.core.window import StepRows
 from vllm_sjd.guidance import (
@@ -110,6 +111,8 @@ class SJDModelRunnerMixin(ZipARRunnerMixin, RowLookaheadRunnerMixin, SJDSampling
         settings = getattr(self._proposer, "config", None)
         set_compiled(getattr(settings, "compile_step", False) and self.device.type == "cuda"
                      and not self.model_config.enforce_eager)
+        if self.device.type == "cpu":
+            cpu_kernels.warm_up()  # on a CPU the test and the draws are numba kernels: compile now
 
     def _layout_entries(self, req_ids):
         return self._layouts.lookup(

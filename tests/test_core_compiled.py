@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vllm_sjd.core.compiled import compiled_enabled, set_compiled
+from vllm_sjd.core.cpu_kernels import kernels_disabled
 from vllm_sjd.core.verify import verify
 from vllm_sjd.core.window import CellsAboveRows, PreviousWindow, StepRows, next_window
 
@@ -20,16 +21,18 @@ SLOTS = 6
 
 @pytest.fixture
 def both_ways():
-    """Runs a function eager, then compiled; returns both results."""
+    """Runs a function eager, then compiled; returns both results (torch's code both
+    times: on this CPU the numba kernels would otherwise take the eager calls)."""
     assert not compiled_enabled()
 
     def run(fn):
-        eager = fn()
-        set_compiled(True)
-        try:
-            return eager, fn()
-        finally:
-            set_compiled(False)
+        with kernels_disabled():
+            eager = fn()
+            set_compiled(True)
+            try:
+                return eager, fn()
+            finally:
+                set_compiled(False)
 
     return run
 

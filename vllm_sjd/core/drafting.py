@@ -29,6 +29,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from vllm_sjd.core import cpu_kernels
 from vllm_sjd.core.rng import (
     COUPLING_STREAM,
     DRAFT_STREAM,
@@ -154,7 +155,15 @@ def draw_with(
     has_previous: torch.Tensor | None = None,
     token_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`draw`'s tensor work: no host reads (it runs inside compiled graphs)."""
+    """`draw`'s tensor work: no host reads (it runs inside compiled graphs). On a CPU
+    device the inverse-CDF and coupled draws run as one numba kernel (the same drafts)."""
+    if drafting != "gumbel" and cpu_kernels.enabled_for(q):
+        if numbers.dim() == 2:
+            return cpu_kernels.draw(q, numbers)
+        uniforms, keep, residual = numbers
+        if has_previous is None:
+            has_previous = torch.ones(q.shape[:2], dtype=torch.bool)
+        return cpu_kernels.draw(q, uniforms, (previous_drafts, previous_q, keep, residual, has_previous))
     no_keep = torch.zeros(q.shape[:2], dtype=torch.bool, device=q.device)
     if drafting == "gumbel":
         noise = token_exponentials(numbers[:, 0], numbers[:, 1:], q.shape[-1], token_ids)

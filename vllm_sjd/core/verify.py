@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vllm_sjd.core import cpu_kernels
 from vllm_sjd.core.compiled import compiled_when_enabled
 from vllm_sjd.core.drafting import sample_inverse_cdf
 from vllm_sjd.core.rng import ACCEPT_STREAM, TOKEN_STREAM, counter_uniforms
@@ -53,7 +54,8 @@ def verify(
     any_greedy: bool | None = None,  # whether `greedy` has a True, known on the host
 ) -> Verdict:
     """Host inputs are numpy (CPU tensors also do): the random numbers are hashed
-    there (core/rng.py) and sent with the counts in one copy each."""
+    there (core/rng.py) and sent with the counts in one copy each. On a CPU
+    device the test runs as one numba kernel (core/cpu_kernels.py), same tokens."""
     any_greedy = bool(greedy.any()) if any_greedy is None else any_greedy
     batch_size = bonus_probs.shape[0]
     device = bonus_probs.device
@@ -68,6 +70,11 @@ def verify(
         # No drafts in the batch (a plain AR step): every request closes with
         # its bonus token, drawn from the same number the full test would use.
         numbers = counter_uniforms(keys, first, 0, np.array([TOKEN_STREAM], dtype=np.int64))
+        if cpu_kernels.enabled_for(bonus_probs):
+            tokens, num_accepted = cpu_kernels.verdict(
+                target_probs, bonus_probs, n_host, 0, drafts, draft_q, greedy,
+                np.stack([np.zeros_like(numbers), numbers]))
+            return Verdict(tokens, num_accepted)
         tokens = _bonus_tokens(bonus_probs, greedy, torch.from_numpy(numbers).to(device), any_greedy)
         return Verdict(tokens[:, None], torch.zeros(batch_size, dtype=torch.int64, device=device))
     host_request = np.repeat(np.arange(batch_size), n_host)
@@ -76,7 +83,12 @@ def verify(
     row_keys = np.concatenate([keys[host_request], keys])
     row_positions = np.concatenate([first[host_request] + host_slot, first + n_host])
     streams = np.array([[ACCEPT_STREAM], [TOKEN_STREAM]], dtype=np.int64)
-    numbers = torch.from_numpy(counter_uniforms(row_keys, row_positions, 0, streams)).to(device)
+    numbers = counter_uniforms(row_keys, row_positions, 0, streams)
+    if cpu_kernels.enabled_for(bonus_probs):
+        tokens, num_accepted = cpu_kernels.verdict(
+            target_probs, bonus_probs, n_host, max_num_drafts, drafts, draft_q, greedy, numbers)
+        return Verdict(tokens, num_accepted)
+    numbers = torch.from_numpy(numbers).to(device)
     # The layout, on the host: request and slot of every draft; n, the first
     # row and the bonus number's index of every request.
     rows = torch.from_numpy(np.stack([host_request, host_slot])).to(device)

@@ -1,0 +1,110 @@
+"""The numba kernels of a CPU device give the torch implementation's tokens bit for bit.
+
+core/cpu_kernels.py runs the verifier's test and the window's draws on a CPU;
+the torch code (core/verify.py, core/drafting.py) runs on a GPU. The engine's
+chi-square suites on this machine test the kernels; this checks that both
+give the same tokens, acceptance counts, drafts and kept flags on random
+batches that take every branch: requests without drafts, drafts outside the
+columns, greedy requests, rejections with and without a residual, coupled
+slots with and without a previous draft, rows equal to the old q.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_sjd.core import cpu_kernels
+from vllm_sjd.core.drafting import draw_with
+from vllm_sjd.core.rng import COUPLING_STREAM, DRAFT_STREAM, RESIDUAL_STREAM, window_uniforms
+from vllm_sjd.core.verify import verify
+
+WIDTH = 33
+
+
+def _rows(generator, *shape, temperature=2.0):
+    probs = torch.softmax(torch.randn(*shape, WIDTH, generator=generator) * temperature, dim=-1)
+    probs[..., :3] = 0.0  # columns no row may hold, as a layout's
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def _both(fn):
+    """fn() through the kernels, then through torch."""
+    with_kernels = fn()
+    with cpu_kernels.kernels_disabled():
+        return with_kernels, fn()
+
+
+def _verify_case(generator, n, greedy):
+    total = sum(n)
+    q = _rows(generator, total)
+    drafts = torch.multinomial(q, 1, generator=generator)[:, 0] if total else torch.zeros(0, dtype=torch.int64)
+    if total > 2:
+        drafts[2] = -1  # a draft outside the columns
+    mix = torch.rand(total, 1, generator=generator)
+    target = mix * q + (1 - mix) * _rows(generator, total)  # near q: some drafts pass
+    if total > 4:
+        target[4] = q[4]  # q covers p: a rejection there draws from p
+    batch = len(n)
+    return dict(
+        target_probs=target, bonus_probs=_rows(generator, batch), num_draft_tokens=np.array(n),
+        max_num_drafts=max(n), drafts=drafts, draft_q=q, greedy=torch.tensor(greedy),
+        keys=np.arange(batch) * 7 + int(torch.randint(1 << 30, (1,), generator=generator)),
+        first_positions=np.arange(batch) * 100 + 3,
+    )
+
+
+def test_verification_gives_the_torch_tokens_and_counts():
+    generator = torch.Generator().manual_seed(0)
+    cases = [([5, 0, 7], [False, False, False]), ([4, 4, 4], [False, True, False]),
+             ([0, 0], [False, True]), ([16], [False])]
+    accepted_total = rejected = 0
+    for trial in range(200):
+        n, greedy = cases[trial % len(cases)]
+        inputs = _verify_case(generator, n, greedy)
+        kernel, reference = _both(lambda: verify(**inputs))
+        assert torch.equal(kernel.tokens, reference.tokens), (trial, kernel.tokens, reference.tokens)
+        assert torch.equal(kernel.num_accepted, reference.num_accepted)
+        accepted_total += int(reference.num_accepted.sum())
+        rejected += int((reference.num_accepted < torch.tensor(n)).sum())
+    assert accepted_total > 100 and rejected > 100  # both branches taken, often
+
+
+def _draw_case(generator, batch, slots):
+    old_q = _rows(generator, batch, slots)
+    old_drafts = torch.multinomial(old_q.view(-1, WIDTH), 1, generator=generator).view(batch, slots)
+    mix = torch.rand(batch, slots, 1, generator=generator)
+    q = mix * old_q + (1 - mix) * _rows(generator, batch, slots)  # often kept
+    q[0, 0] = old_q[0, 0]  # p equal to the old q: no residual
+    coupled = torch.rand(batch, slots, generator=generator) < 0.7
+    keys = np.arange(batch) + int(torch.randint(1 << 30, (1,), generator=generator))
+    positions = np.arange(batch) * 50
+    return q, old_drafts, old_q, coupled, keys, positions
+
+
+@pytest.mark.parametrize("coupled_drafting", [True, False])
+def test_draws_give_the_torch_drafts(coupled_drafting):
+    generator = torch.Generator().manual_seed(1)
+    kept = 0
+    for trial in range(100):
+        q, old_drafts, old_q, coupled, keys, positions = _draw_case(generator, 3, 6)
+        if coupled_drafting:
+            streams = (DRAFT_STREAM, COUPLING_STREAM, RESIDUAL_STREAM)
+            numbers = torch.from_numpy(window_uniforms(keys, positions, 6, streams))
+            run = lambda: draw_with("coupled", q, numbers, old_drafts, old_q, coupled)  # noqa: E731
+        else:
+            numbers = torch.from_numpy(window_uniforms(keys, positions, 6))
+            run = lambda: draw_with("independent", q, numbers)  # noqa: E731
+        (drafts, kept_flags), (reference, reference_kept) = _both(run)
+        assert torch.equal(drafts, reference), trial
+        assert torch.equal(kept_flags, reference_kept)
+        kept += int(reference_kept.sum())
+    assert (kept > 100) == coupled_drafting
+
+
+def test_kernels_are_off_inside_the_disabled_block_and_for_other_devices():
+    cpu = torch.zeros(1)
+    assert cpu_kernels.enabled_for(cpu)
+    with cpu_kernels.kernels_disabled():
+        assert not cpu_kernels.enabled_for(cpu)
+    assert cpu_kernels.enabled_for(cpu)
+    assert not cpu_kernels.enabled_for(torch.zeros(1, device="meta"))

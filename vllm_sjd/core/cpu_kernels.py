@@ -1,0 +1,98 @@
+"""The verifier's test and the window's draws as numba kernels, for a CPU device.
+
+On a CPU each eager torch call costs ~8 us with its Python, and SJD's step
+outside the forward pass is ~250 such calls over a few dozen rows of a few
+hundred columns (benchmarks/RESULTS.md, "The lean step"). These kernels do the
+same arithmetic in one loop each: the same comparisons in the same precision
+(float32 terms, float64 products and running sums, the first index whose
+running sum exceeds u times the total), so they give core/verify.py's and
+core/drafting.py's tokens bit for bit (tests/test_core_cpu_kernels.py). The
+torch functions stay the implementation on a GPU and the reference.
+
+numba ships with vLLM. The loops (core/numba_loops.py) are imported on first
+use, not with this module: vLLM's worker scans every loaded module's objects
+when it registers its CPU kernels (vllm/triton_utils/dispatcher.py, 0.32) and
+fails on one of llvmlite's; the SJD runner calls `warm_up` after that scan,
+when the engine starts, so that no request waits for the compiler (about 2 s,
+cached on disk after the first process).
+"""
+
+import contextlib
+import importlib
+
+import numpy as np
+import torch
+
+_enabled = True
+_loops = None
+
+
+def _kernels():
+    """core/numba_loops.py, imported (and its kernels compiled) on first use."""
+    global _loops
+    if _loops is None:
+        _loops = importlib.import_module("vllm_sjd.core.numba_loops")
+    return _loops
+
+
+def enabled_for(tensor: torch.Tensor) -> bool:
+    """Whether work on `tensor` runs through these kernels: a CPU tensor, kernels on,
+    not inside a torch.compile trace."""
+    return _enabled and tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+@contextlib.contextmanager
+def kernels_disabled():
+    """The torch implementation on the CPU too (the reference, for tests and benchmarks)."""
+    global _enabled
+    saved, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = saved
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    """A C-contiguous numpy view of a CPU tensor (one compiled signature per kernel)."""
+    return np.ascontiguousarray(tensor.detach().numpy())
+
+
+def verdict(target_probs, bonus_probs, num_draft_tokens: np.ndarray, max_num_drafts: int, drafts,
+            draft_q, greedy, numbers: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """core/verify._verdict's (tokens, num_accepted) for CPU tensors; numbers [2, T + B] float64."""
+    total = target_probs.shape[0]
+    tokens, accepted = _kernels().verdict_kernel(
+        _array(target_probs), _array(bonus_probs), np.ascontiguousarray(num_draft_tokens, np.int64),
+        _array(drafts), _array(draft_q), _array(greedy), np.ascontiguousarray(numbers[0, :total]),
+        np.ascontiguousarray(numbers[1]), max_num_drafts,
+    )
+    return torch.from_numpy(tokens), torch.from_numpy(accepted)
+
+
+def draw(q, uniforms, previous=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(drafts, kept) as core/drafting.draw_with gives them for CPU tensors.
+
+    uniforms: [B, K] float64 (independent draws); with `previous` = (old drafts,
+    old q, keep uniforms, residual uniforms, coupled), the slots in `coupled`
+    are coupled with the old draft at their position."""
+    if previous is None:
+        empty_bool, empty_int = np.zeros((0, 0), np.bool_), np.zeros((0, 0), np.int64)
+        empty_q, empty_u = np.zeros((0, 0, 0), np.float32), np.zeros((0, 0), np.float64)
+        drafts, kept = _kernels().draw_kernel(_array(q), _array(uniforms), empty_bool, empty_int, empty_q,
+                                    empty_u, empty_u)
+    else:
+        old_drafts, old_q, keep_u, residual_u, coupled = previous
+        drafts, kept = _kernels().draw_kernel(_array(q), _array(uniforms), _array(coupled), _array(old_drafts),
+                                    _array(old_q), _array(keep_u), _array(residual_u))
+    return torch.from_numpy(drafts), torch.from_numpy(kept)
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every kernel for the step's dtypes, so that the
+    first request does not wait for it."""
+    p = torch.full((2, 4), 0.25)
+    verdict(p, p[:1], np.array([2]), 2, torch.tensor([1, 2]), p, torch.tensor([False]),
+            np.full((2, 3), 0.5))
+    q, u = p.view(1, 2, 4), torch.full((1, 2), 0.5, dtype=torch.float64)
+    draw(q, u)
+    draw(q, u, (torch.tensor([[1, 2]]), q, u, u, torch.tensor([[True, False]])))
