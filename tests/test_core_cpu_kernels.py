@@ -108,3 +108,73 @@ def test_kernels_are_off_inside_the_disabled_block_and_for_other_devices():
         assert not cpu_kernels.enabled_for(cpu)
     assert cpu_kernels.enabled_for(cpu)
     assert not cpu_kernels.enabled_for(torch.zeros(1, device="meta"))
+
+
+def _window_case(generator, drafting, initial_drafts, with_allowed, greedy):
+    from vllm_sjd.core.window import CellsAboveRows, PreviousWindow, StepRows
+
+    slots = 6
+    n, a = torch.tensor([slots, 2, slots, 0]), torch.tensor([1, 2, 4, 0])
+    batch = len(n)
+    rows = StepRows(_rows(generator, int(n.sum())), _rows(generator, batch), n, a)
+    previous_q = _rows(generator, batch, slots)
+    previous_q[0, 2:] = 0.7 * rows.target_probs[2:slots] + 0.3 * previous_q[0, 2:]  # often kept
+    previous_drafts = torch.multinomial(previous_q.view(-1, WIDTH), 1, generator=generator).view(batch, slots)
+    previous_drafts[2, 3] = -1  # outside the columns: nothing to couple with
+    previous = PreviousWindow(previous_drafts, previous_q, torch.tensor([True, True, False, True]))
+    positions = torch.tensor([[-1, 3, 4, 5, 6, 7], [20, 21, 22, 23, 24, 25], [51, 52, 53, 54, 55, 56],
+                              [-1, -1, 0, 1, 2, 3]])
+    above = CellsAboveRows(positions, torch.rand(batch, slots, generator=generator) < 0.5,
+                           _rows(generator, batch, slots))
+    allowed = None
+    if with_allowed:
+        allowed = torch.ones(batch, slots, WIDTH)
+        allowed[..., :3] = 0.0
+        allowed[0, 2] = 0.0
+        allowed[0, 2, 7] = 1.0  # a forced token
+        allowed = allowed / allowed.sum(dim=-1, keepdim=True)
+    keys = np.arange(batch) + int(torch.randint(1 << 30, (1,), generator=generator))
+    return dict(
+        rows=rows, num_slots=slots, keys=keys, next_positions=np.array([10, 24, 55, 2]),
+        greedy=torch.tensor(greedy), initial_drafts=initial_drafts, drafting=drafting,
+        allowed=allowed, previous=previous, above=above,
+    )
+
+
+@pytest.mark.parametrize("drafting", ["coupled", "independent"])
+@pytest.mark.parametrize("initial_drafts", ["above", "uniform"])
+def test_windows_are_the_torch_windows(drafting, initial_drafts):
+    from vllm_sjd.core.window import next_window
+
+    generator = torch.Generator().manual_seed(2)
+    kept = from_above = 0
+    for trial in range(40):
+        greedy = [False, trial % 2 == 1, False, trial % 4 == 3]
+        inputs = _window_case(generator, drafting, initial_drafts, trial % 3 > 0, greedy)
+        if trial % 5 == 4:
+            inputs["above"] = None
+        kernel, reference = _both(lambda: next_window(**inputs))
+        for field in ("drafts", "q", "kept", "fresh", "from_above", "previous_q"):
+            mine, theirs = getattr(kernel, field), getattr(reference, field)
+            assert (mine is None) == (theirs is None), field
+            assert mine is None or torch.equal(mine, theirs), (trial, field)
+        kept += int(reference.kept.sum())
+        from_above += int(reference.from_above.sum())
+    assert (kept > 20) == (drafting == "coupled")
+    assert (from_above > 20) == (initial_drafts == "above")
+
+
+def test_hashing_gives_numpys_bits():
+    from vllm_sjd.core.rng import ACCEPT_STREAM, TOKEN_STREAM, counter_uniforms
+
+    cpu_kernels.warm_up()
+    assert cpu_kernels.loaded() is not None
+    keys = np.array([-5, 123456789012345, 2**62, -(2**63)], dtype=np.int64)
+    positions = np.array([3, 10**12, 7, 0], dtype=np.int64)
+    streams = np.array([[ACCEPT_STREAM], [TOKEN_STREAM], [COUPLING_STREAM]], dtype=np.int64)
+    for slots in (0, np.arange(16)):
+        args = (keys[:, None, None], positions[:, None, None], slots, streams[None])
+        kernel, reference = _both(lambda: counter_uniforms(*args))
+        assert kernel.dtype == reference.dtype == np.float64
+        assert np.array_equal(kernel, reference)
+        assert len(np.unique(reference)) == reference.size  # no two numbers alike

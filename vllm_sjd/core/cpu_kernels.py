@@ -35,6 +35,12 @@ def _kernels():
     return _loops
 
 
+def loaded():
+    """core/numba_loops.py once any kernel ran or `warm_up` did in this process, else None.
+    Host code that serves every device (core/rng.py's hashing) takes its loops then."""
+    return _loops if _enabled else None
+
+
 def enabled_for(tensor: torch.Tensor) -> bool:
     """Whether work on `tensor` runs through these kernels: a CPU tensor, kernels on,
     not inside a torch.compile trace."""
@@ -87,6 +93,40 @@ def draw(q, uniforms, previous=None) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(drafts), torch.from_numpy(kept)
 
 
+def handles_window(initial_drafts: str, drafting: str, allowed, predicted) -> bool:
+    """Whether `window` builds this kind of window (else core/window.py's torch code does)."""
+    return (initial_drafts in ("uniform", "above") and drafting in ("independent", "coupled")
+            and predicted is None and (allowed is None or allowed.dtype != torch.bool))
+
+
+def window(target_probs, bonus_probs, layout: np.ndarray, initial_drafts: str, numbers, greedy,
+           allowed, previous, above) -> tuple:
+    """core/window._window_tensors's fields for CPU tensors, where `handles_window`.
+
+    layout: [5, B, K] from _slot_layout; numbers: draw_numbers's; allowed: None or
+    uniform rows [B, K, V]; previous: (drafts, q, present) or None; above: (held, rows) or None."""
+    width = bonus_probs.shape[-1]
+    if allowed is None:
+        uniform = np.full((1, 1, width), 1.0 / width, dtype=np.float32)
+    else:
+        uniform = _array(allowed).reshape((1, 1, width) if allowed.dim() == 1 else allowed.shape)
+    held, above_rows = (np.zeros((0, 0), np.bool_), np.zeros((0, 0, 0), np.float32)) if above is None \
+        else (_array(above[0]), _array(above[1]))
+    if previous is None:
+        previous_drafts, previous_q = np.zeros((0, 0), np.int64), np.zeros((0, 0, 0), np.float32)
+        present = np.zeros(0, np.bool_)
+    else:
+        previous_drafts, previous_q, present = (_array(t) for t in previous)
+    numbers = _array(numbers)
+    drafts, q, kept, fresh, from_above, old_q = _kernels().window_kernel(
+        _array(target_probs), _array(bonus_probs), np.ascontiguousarray(layout, np.int64),
+        initial_drafts == "above", uniform, held, above_rows, previous_drafts, previous_q, present,
+        numbers if numbers.ndim == 3 else numbers[None], _array(greedy),
+    )
+    return (torch.from_numpy(drafts), torch.from_numpy(q), torch.from_numpy(kept), torch.from_numpy(fresh),
+            torch.from_numpy(from_above), None if previous is None else torch.from_numpy(old_q), None)
+
+
 def warm_up() -> None:
     """Compile (or load from numba's cache) every kernel for the step's dtypes, so that the
     first request does not wait for it."""
@@ -96,3 +136,8 @@ def warm_up() -> None:
     q, u = p.view(1, 2, 4), torch.full((1, 2), 0.5, dtype=torch.float64)
     draw(q, u)
     draw(q, u, (torch.tensor([[1, 2]]), q, u, u, torch.tensor([[True, False]])))
+    layout = np.array([[[0, 2]], [[1, 0]], [[0, 0]], [[0, 0]], [[0, -1]]])
+    for previous in (None, (torch.tensor([[1, 2]]), q, torch.tensor([True]))):
+        numbers = u if previous is None else torch.full((3, 1, 2), 0.5, dtype=torch.float64)
+        window(p, p[:1], layout, "above", numbers, torch.tensor([False]), q, previous,
+               (torch.tensor([[False, True]]), q))

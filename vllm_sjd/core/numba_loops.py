@@ -95,3 +95,86 @@ def draw_kernel(q, uniforms, coupled, old_drafts, old_q, keep_u, residual_u):
             else:
                 drafts[b, s] = inverse_cdf_row(q[b, s], none, uniforms[b, s])
     return drafts, kept
+
+
+@numba.njit(cache=True, nogil=True)
+def window_kernel(target, bonus, layout, from_cells_above, uniform, held, above_rows, previous_drafts,
+                  previous_q, present, numbers, greedy):
+    """core/window._window_tensors for initial drafts "uniform" or "above" and independent or
+    coupled draws, in one pass. uniform [U, S, V] (U is 1 or B, S is 1 or K); held [B, K] and
+    above_rows [B, K, V] (empty: no cells above); previous_* (empty: no coupling); numbers
+    [3, B, K] as core/drafting.draw_numbers makes them for coupled draws, [1, B, K] for
+    independent ones; greedy [B].
+    Returns (drafts, q, kept, fresh, from_above, old_q) with old_q [B, K, V] (empty: none)."""
+    batch, slots, width = layout.shape[1], layout.shape[2], bonus.shape[1]
+    total = target.shape[0]
+    coupled = previous_drafts.shape[0] > 0
+    with_above = from_cells_above and held.shape[0] > 0
+    q = np.empty((batch, slots, width), np.float32)
+    old_q = np.empty((batch if coupled else 0, slots, width), np.float32)
+    drafts = np.zeros((batch, slots), np.int64)
+    kept = np.zeros((batch, slots), np.bool_)
+    fresh = np.zeros((batch, slots), np.bool_)
+    from_above = np.zeros((batch, slots), np.bool_)
+    none = np.zeros(0, np.float32)
+    for b in range(batch):
+        for s in range(slots):
+            source, recycled = layout[0, b, s], layout[1, b, s] != 0
+            row = target[source] if source < total else bonus[source - total]
+            from_model = False
+            if not recycled:
+                fresh[b, s] = True
+                if with_above and layout[3, b, s] != 0:  # the cell above is a recycled slot here
+                    above_source = layout[0, b, layout[2, b, s]]
+                    row = target[above_source] if above_source < total else bonus[above_source - total]
+                    from_model = True
+                elif with_above and held[b, s]:
+                    row = above_rows[b, s]
+                    from_model = True
+                else:
+                    row = uniform[min(b, uniform.shape[0] - 1), min(s, uniform.shape[1] - 1)]
+                from_above[b, s] = from_model
+            q[b, s] = row
+            old_slot = layout[4, b, s]
+            d = -1
+            if coupled:
+                index = max(old_slot, 0)
+                old_q[b, s] = previous_q[b, index]
+                if present[b] and old_slot >= 0:
+                    d = previous_drafts[b, index]
+            if greedy[b] and (recycled or from_model):
+                drafts[b, s] = argmax_row(q[b, s])
+            elif d >= 0:  # maximal coupling with the draft this position had
+                q_d = np.float64(old_q[b, s, d])
+                if q_d > 0 and numbers[1, b, s] * q_d < np.float64(q[b, s, d]):
+                    drafts[b, s], kept[b, s] = d, True
+                else:
+                    drafts[b, s] = inverse_cdf_row(q[b, s], old_q[b, s], numbers[2, b, s])
+            else:
+                drafts[b, s] = inverse_cdf_row(q[b, s], none, numbers[0, b, s])
+            if greedy[b]:
+                kept[b, s] = False
+                q[b, s] = 0.0
+                q[b, s, drafts[b, s]] = 1.0
+    return drafts, q, kept, fresh, from_above, old_q
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MUL1 = np.uint64(0xBF58476D1CE4E5B9)
+_MUL2 = np.uint64(0x94D049BB133111EB)
+_SHIFTS = (np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11))
+
+
+@numba.njit(cache=True, inline="always")
+def splitmix64(x):
+    x = x + _GOLDEN
+    x = (x ^ (x >> _SHIFTS[0])) * _MUL1
+    x = (x ^ (x >> _SHIFTS[1])) * _MUL2
+    return x ^ (x >> _SHIFTS[2])
+
+
+@numba.vectorize(["float64(uint64, uint64, uint64, uint64)"], cache=True)
+def counter_uniform(key, position, slot, stream):
+    """core/rng.counter_uniforms on uint64 bit patterns, as a broadcasting ufunc: the same bits."""
+    x = splitmix64(splitmix64((key ^ stream) ^ splitmix64(position)) + slot)
+    return np.float64(x >> _SHIFTS[3]) * (1.0 / 9007199254740992.0)

@@ -21,6 +21,8 @@ import math
 import numpy as np
 import torch
 
+from vllm_sjd.core import cpu_kernels
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -111,6 +113,9 @@ def counter_uniforms(keys, positions, slots, streams) -> np.ndarray:
     """
     keys, positions = _host_uint64(keys), _host_uint64(positions)
     slots, streams = _host_uint64(slots), _host_uint64(streams)
+    loops = cpu_kernels.loaded()
+    if loops is not None:  # the same bits in one call (numpy's ~25 small calls: ~20 us)
+        return loops.counter_uniform(keys, positions, slots, streams)
     x = _splitmix64_host((keys ^ streams) ^ _splitmix64_host(positions))
     x = _splitmix64_host(x + slots)
     # Top 53 bits -> a double in [0, 1).

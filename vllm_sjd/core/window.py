@@ -32,6 +32,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from vllm_sjd.core import cpu_kernels
 from vllm_sjd.core.columns import Columns
 from vllm_sjd.core.compiled import compiled_when_enabled
 from vllm_sjd.core.drafting import Drafting, draw_numbers, draw_with, sample_inverse_cdf
@@ -216,7 +217,8 @@ def next_window(
     For greedy requests the drafts are the argmax of the model's rows (plain
     Jacobi decoding) and q is one-hot, which the greedy verifier ignores.
     Every [..., V] input may hold only some vocabulary columns, named by
-    `token_ids` (core/columns.py); drafts then index those columns.
+    `token_ids` (core/columns.py); drafts then index those columns. On a CPU
+    device the common kinds run as one numba kernel (core/cpu_kernels.py).
     """
     if initial_drafts not in ("uniform", "last_distribution", "above"):
         raise ValueError(f"unknown initial_drafts {initial_drafts!r}")
@@ -228,6 +230,13 @@ def next_window(
                           next_positions)
     coupled = drafting == "coupled" and previous is not None
     numbers = draw_numbers(drafting, keys, next_positions, num_slots, device, coupled)
+    if cpu_kernels.enabled_for(rows.bonus_probs) and cpu_kernels.handles_window(
+            initial_drafts, drafting, allowed, predicted):
+        return Window(*cpu_kernels.window(
+            rows.target_probs, rows.bonus_probs, layout, initial_drafts, numbers, greedy, allowed,
+            None if not coupled else (previous.drafts, previous.q, previous.present),
+            (above.held, above.rows) if with_above else None,
+        ))
     drafts, q, kept, fresh, from_above, previous_q, from_prediction = _window_tensors(
         rows.target_probs, rows.bonus_probs, torch.from_numpy(layout).to(device),
         initial_drafts, drafting, numbers, greedy,

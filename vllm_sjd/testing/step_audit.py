@@ -4,7 +4,9 @@ A host read (`.item()`, `.tolist()`, `.cpu()`, `bool(t)`, a boolean-mask index,
 `nonzero`, ...) makes the host wait for the device on a GPU: each one stalls
 the step until every kernel queued before it has run. On a CPU machine there
 is no device to wait for, so this counts the calls themselves, as if every
-tensor lived on a GPU: host-side data belongs in numpy arrays and lists.
+tensor lived on a GPU: host-side data belongs in numpy arrays and lists. An
+audited step runs the torch code a GPU runs, without the numba kernels that
+serve CPU devices (core/cpu_kernels.py reads its tensors as numpy views).
 
 `StepAudit` is a TorchFunctionMode; the SJD worker wraps the runner's
 `_sample` and `propose_draft_token_ids` in it (`sjd_step_audit`), one record
@@ -21,6 +23,8 @@ from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from vllm_sjd.core.cpu_kernels import kernels_disabled
 
 # Calls that copy a tensor's values to the host (or need its values there to
 # know an output's size).
@@ -133,7 +137,7 @@ class RunnerAudit:
                 drafts = 0 if metadata is None else sum(metadata.num_draft_tokens)
                 self.steps.append((drafts, StepRecord()))
             mode = StepAudit()
-            with mode:
+            with mode, kernels_disabled():
                 result = method(*args, **kwargs)
             if self.steps:
                 record = self.steps[-1][1]
