@@ -55,6 +55,16 @@ def _uses_logits_processing(sampling_metadata) -> bool:
     )
 
 
+def copy_rows(tensor: torch.Tensor, to: list[int], source: list[int]) -> None:
+    """tensor[to] = tensor[source]: row by row for a pair or two (indexing by a list builds
+    a tensor: ~12 us on this CPU against ~2 us a row)."""
+    if len(to) > 2:
+        tensor[to] = tensor[source]
+        return
+    for i, j in zip(to, source):
+        tensor[i] = tensor[j]
+
+
 class SJDSamplingMixin:
     """The SJD runner's `_sample` under speculation, on the layout's columns."""
 
@@ -103,7 +113,7 @@ class SJDSamplingMixin:
             bonus_rows = spec_decode_metadata.bonus_logits_indices
             num_draft = list(spec_decode_metadata.num_draft_tokens)
             draft_ids = spec_decode_metadata.draft_token_ids
-        target_probs, bonus_probs = probs[target_rows], probs[bonus_rows]
+        target_probs, bonus_probs = probs.index_select(0, target_rows), probs.index_select(0, bonus_rows)
         drafts, q = self._draft_distributions(req_ids, num_draft, draft_ids, columns, probs)
         seeds = [self.requests[r].sampling_params.seed for r in req_ids]
         verdict = verify(
@@ -123,7 +133,7 @@ class SJDSamplingMixin:
             tokens = columns.tokens(tokens)  # the verifier's placeholder, -1, stays -1
         if pairs.cond:
             # The twin commits exactly the conditional request's tokens.
-            tokens[pairs.twin] = tokens[pairs.cond]
+            copy_rows(tokens, pairs.twin, pairs.cond)
         self._generators_untouched = True
         rows = StepRows(target_probs, bonus_probs, None, None, columns)
         return SamplerOutput(sampled_token_ids=tokens.to(torch.int32), logprobs_tensors=None), rows

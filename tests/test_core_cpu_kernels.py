@@ -178,3 +178,60 @@ def test_hashing_gives_numpys_bits():
         assert kernel.dtype == reference.dtype == np.float64
         assert np.array_equal(kernel, reference)
         assert len(np.unique(reference)) == reference.size  # no two numbers alike
+
+
+def test_window_index_layout_is_numpys():
+    from vllm_sjd.core.window import _slot_layout
+
+    cpu_kernels.warm_up()
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        batch, slots = rng.integers(1, 5), rng.integers(1, 20)
+        n = rng.integers(0, slots + 1, batch)
+        a = np.array([rng.integers(0, x + 1) for x in n])
+        first = rng.integers(0, 100, batch)
+        above = None
+        if trial % 3:
+            above = first[:, None] + np.arange(slots) - rng.integers(-3, slots + 3, (batch, 1))
+            above[rng.random(above.shape) < 0.2] = -1
+        kernel, reference = _both(lambda: _slot_layout(n, a, slots, above, first))
+        assert np.array_equal(kernel, reference), trial
+
+
+def test_cells_above_record_and_look_up_as_torch_does():
+    from vllm_sjd.core.cells_above import CellsAbove
+
+    generator = torch.Generator().manual_seed(3)
+    rings = CellsAbove()
+    with cpu_kernels.kernels_disabled():
+        reference = CellsAbove()
+    strides = {"a": 4, "b": 6, "c": 5}
+    end = {r: 10 for r in strides}
+    hits = 0
+    for step in range(60):
+        req_ids = ["a", "b", "c"] if step % 7 else ["b", "c"]
+        entries, entry_strides, positions = [], [], []
+        for r in req_ids:
+            committed = int(torch.randint(1, 8, (1,), generator=generator))  # may pass a stride
+            entries += [r] * committed
+            entry_strides += [strides[r]] * committed
+            positions += range(end[r], end[r] + committed)
+            end[r] += committed
+        probs = _rows(generator, len(entries) + 2)
+        source = np.arange(len(entries)) + 1
+        rings.record(entries, entry_strides, np.array(positions), probs, rows=source)
+        with cpu_kernels.kernels_disabled():
+            reference.record(entries, entry_strides, np.array(positions), probs, rows=source)
+        above = np.array([[end[r] - strides[r] + s - 2 for s in range(8)] for r in req_ids]
+                         + [list(range(8))])  # "d": a request without a ring
+        above[0, 0] = -1
+        found, rows = rings.lookup(req_ids + ["d"], above)
+        with cpu_kernels.kernels_disabled():
+            found_ref, rows_ref = reference.lookup(req_ids + ["d"], above)
+        assert torch.equal(found, found_ref), step
+        assert torch.equal(rows[found], rows_ref[found_ref])
+        hits += int(found.sum())
+        if step % 11 == 10:
+            rings.evict(["a"])
+            reference.evict(["a"])
+    assert hits > 100

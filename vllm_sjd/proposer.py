@@ -445,12 +445,12 @@ class SJDProposer:
         slot = np.arange(int(counts.sum())) - np.repeat(first, counts)
         if self._q is not None and all(row >= 0 for row, _ in drafting):
             row = np.repeat(np.array([row for row, _ in drafting], dtype=np.int64), counts)
-            row = torch.from_numpy(row).to(self._q.device)
-            slot = torch.from_numpy(slot).to(self._q.device)
-            q = convert(self._q[row, slot], self._columns, columns)
+            # Rows of the flattened windows: one row copy each (index_select).
+            flat = torch.from_numpy(row * self._q.shape[1] + slot).to(self._q.device)
+            q = convert(self._q.flatten(0, 1).index_select(0, flat), self._columns, columns)
             if self._as_stored(req_ids, num_draft_tokens, scheduled_on_host):
                 return drafts, q.to(device).contiguous()
-            stored_drafts = self._drafts[row, slot]
+            stored_drafts = self._drafts.flatten().index_select(0, flat)
         else:
             stored_drafts, q = self._gather_slow(req_ids, num_draft_tokens, columns, vocab_size)
         stored_drafts, q = stored_drafts.to(device), q.to(device)

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
+from vllm_sjd.core import cpu_kernels
 from vllm_sjd.core.columns import Columns, convert, same_columns
 
 
@@ -50,6 +51,11 @@ class CellsAbove:
         rings = np.array([self._ring_of[r] for r in req_ids], dtype=np.int64)
         strides = np.asarray(row_strides, dtype=np.int64)
         positions = np.asarray(positions, dtype=np.int64)
+        if cpu_kernels.enabled_for(self._rows):  # one numba loop over numpy views, same writes
+            sources = np.arange(len(positions)) if rows is None else np.asarray(rows, dtype=np.int64)
+            cpu_kernels.ring_record(self._rows, self._positions, rings, strides, positions, probs,
+                                    sources)
+            return
         newest = np.full(int(rings.max()) + 1, -1, dtype=np.int64)
         np.maximum.at(newest, rings, positions)
         newest = newest[rings]  # each entry's request's newest position
@@ -74,6 +80,9 @@ class CellsAbove:
         above = np.asarray(above, dtype=np.int64)
         rings = np.array([self._ring_of.get(r, -1) for r in req_ids], dtype=np.int64)
         strides = np.array([self._stride_of.get(r, 1) for r in req_ids], dtype=np.int64)
+        if cpu_kernels.enabled_for(self._rows):
+            found, rows = cpu_kernels.ring_lookup(self._rows, self._positions, rings, strides, above)
+            return found, convert(rows, self._columns, columns)
         wanted = np.where((rings[:, None] >= 0) & (above >= 0), above, -2)  # -2 matches nothing
         ring_index = np.broadcast_to(np.maximum(rings, 0)[:, None], above.shape)
         slot_index = np.maximum(above, 0) % strides[:, None]

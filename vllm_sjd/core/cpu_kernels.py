@@ -60,7 +60,7 @@ def kernels_disabled():
 
 def _array(tensor: torch.Tensor) -> np.ndarray:
     """A C-contiguous numpy view of a CPU tensor (one compiled signature per kernel)."""
-    return np.ascontiguousarray(tensor.detach().numpy())
+    return np.ascontiguousarray(tensor.numpy())
 
 
 def verdict(target_probs, bonus_probs, num_draft_tokens: np.ndarray, max_num_drafts: int, drafts,
@@ -127,6 +127,19 @@ def window(target_probs, bonus_probs, layout: np.ndarray, initial_drafts: str, n
             torch.from_numpy(from_above), None if previous is None else torch.from_numpy(old_q), None)
 
 
+def ring_record(ring_rows, ring_positions: np.ndarray, rings, strides, positions, probs, sources):
+    """core/cells_above.CellsAbove.record's writes into its CPU tensors, in place."""
+    _kernels().ring_record(ring_rows.numpy(), ring_positions, rings, strides, positions,
+                           _array(probs), np.ascontiguousarray(sources, np.int64))
+
+
+def ring_lookup(ring_rows, ring_positions: np.ndarray, rings, strides, above):
+    """core/cells_above.CellsAbove.lookup's (found, rows) from its CPU tensors."""
+    found, rows = _kernels().ring_lookup(ring_rows.numpy(), ring_positions, rings, strides,
+                                         np.ascontiguousarray(above, np.int64))
+    return torch.from_numpy(found), torch.from_numpy(rows)
+
+
 def warm_up() -> None:
     """Compile (or load from numba's cache) every kernel for the step's dtypes, so that the
     first request does not wait for it."""
@@ -141,3 +154,10 @@ def warm_up() -> None:
         numbers = u if previous is None else torch.full((3, 1, 2), 0.5, dtype=torch.float64)
         window(p, p[:1], layout, "above", numbers, torch.tensor([False]), q, previous,
                (torch.tensor([[False, True]]), q))
+    loops = _kernels()
+    one = np.ones(1, np.int64)
+    loops.slot_layout(one, one, 2, np.zeros((1, 2), np.int64), one)
+    loops.slot_layout(one, one, 2, np.zeros((0, 0), np.int64), one)
+    ring_positions = np.full((1, 2), -1, np.int64)
+    ring_record(q.clone(), ring_positions, one - 1, one + 1, one, p, one)
+    ring_lookup(q, ring_positions, one - 1, one + 1, np.ones((1, 2), np.int64))

@@ -178,3 +178,63 @@ def counter_uniform(key, position, slot, stream):
     """core/rng.counter_uniforms on uint64 bit patterns, as a broadcasting ufunc: the same bits."""
     x = splitmix64(splitmix64((key ^ stream) ^ splitmix64(position)) + slot)
     return np.float64(x >> _SHIFTS[3]) * (1.0 / 9007199254740992.0)
+
+
+@numba.njit(cache=True, nogil=True)
+def slot_layout(n, a, num_slots, above_positions, first_slot):
+    """core/window._slot_layout in one loop (the same [5, B, K] int64; above_positions
+    [B, K], or [0, 0] for none)."""
+    batch = n.shape[0]
+    num_target_rows = 0
+    for b in range(batch):
+        num_target_rows += n[b]
+    layout = np.zeros((5, batch, num_slots), np.int64)
+    first_target_row = 0
+    for b in range(batch):
+        bonus_row = num_target_rows + b
+        for s in range(num_slots):
+            row = a[b] + 1 + s
+            recycled = row <= n[b]
+            layout[0, b, s] = first_target_row + row if recycled and row < n[b] else bonus_row
+            layout[1, b, s] = recycled
+            layout[4, b, s] = row if recycled and row < num_slots else -1
+        if above_positions.shape[0] > 0:
+            for s in range(num_slots):
+                position = above_positions[b, s]
+                slot_above = position - first_slot[b]
+                index = min(max(slot_above, 0), num_slots - 1)
+                layout[2, b, s] = index
+                layout[3, b, s] = position >= 0 and slot_above >= 0 and a[b] + 1 + index <= n[b]
+        first_target_row += n[b]
+    return layout
+
+
+@numba.njit(cache=True, nogil=True)
+def ring_record(ring_rows, ring_positions, rings, strides, positions, probs, sources):
+    """core/cells_above.CellsAbove.record's writes in one loop: each entry's row of probs
+    at its position in its ring, where it is among its request's newest `stride`."""
+    newest = np.full(ring_rows.shape[0], -1, np.int64)
+    for i in range(rings.shape[0]):
+        newest[rings[i]] = max(newest[rings[i]], positions[i])
+    for i in range(rings.shape[0]):
+        ring, stride = rings[i], strides[i]
+        if positions[i] > newest[ring] - stride:
+            slot = positions[i] % stride
+            ring_positions[ring, slot] = positions[i]
+            ring_rows[ring, slot] = probs[sources[i]]
+
+
+@numba.njit(cache=True, nogil=True)
+def ring_lookup(ring_rows, ring_positions, rings, strides, above):
+    """core/cells_above.CellsAbove.lookup in one loop: (found [B, K], rows [B, K, W])."""
+    batch, slots = above.shape[0], above.shape[1]
+    found = np.zeros((batch, slots), np.bool_)
+    rows = np.empty((batch, slots, ring_rows.shape[2]), ring_rows.dtype)
+    for b in range(batch):
+        ring = max(rings[b], 0)
+        for s in range(slots):
+            slot = max(above[b, s], 0) % strides[b]
+            wanted = above[b, s] if rings[b] >= 0 and above[b, s] >= 0 else -2
+            found[b, s] = ring_positions[ring, slot] == wanted
+            rows[b, s] = ring_rows[ring, slot]
+    return found, rows

@@ -144,7 +144,9 @@ class LayoutConstraints:
         if len(distinct) == 1:
             (grid,) = distinct
             table = self._mask_table(grid, vocab_size, device, columns, kind)
-            return table[torch.from_numpy(relative.clip(0, grid.num_tokens)).to(device)]
+            # index_select: a row copy each (indexing a tensor by a tensor costs ~3x here).
+            rows = np.minimum(np.maximum(relative, 0), grid.num_tokens)
+            return table.index_select(0, torch.from_numpy(rows).to(device))
         width = vocab_size if columns is None else columns.ids.numel()
         free = self._mask_table(None, width, device, None, kind)  # a row without a grid
         mask = free.expand(len(relative), width).clone()
@@ -154,7 +156,7 @@ class LayoutConstraints:
             members = np.nonzero(np.array([g is grid for g in grids])[request_of_row])[0]
             table = self._mask_table(grid, vocab_size, device, columns, kind)
             rows = torch.from_numpy(relative[members].clip(0, grid.num_tokens)).to(device)
-            mask[torch.from_numpy(members).to(device)] = table[rows]
+            mask[torch.from_numpy(members).to(device)] = table.index_select(0, rows)
         return mask
 
     def _mask_table(
