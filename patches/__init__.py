@@ -19,6 +19,7 @@ sentinel so a second install is harmless, and verify that the install took
 | row_lookahead_runner    | GPUModelRunner._prepare_inputs under SJD's row lookahead     | all        |
 | cfg_scheduler           | Scheduler subclass: guidance pairs, whole-window budgets     | all        |
 | cpu_expand_kernel       | CpuPlatform.register_triton_kernel_overrides (expand kernel) | CPU 0.32.x |
+| cpu_kernel_scan         | triton_utils.dispatcher._rebind_kernels (skips numba's)      | CPU 0.32.x |
 | cpu_empty_top_k         | topk_topp_sampler.apply_top_k_only on zero rows              | CPU 0.32.x |
 | cpu_generator_rewind    | CPUModelRunner._sample/_bookkeeping_sync (seeded rewind)     | CPU 0.32.x |
 | cpu_kv_cache_default    | CpuPlatform.check_and_update_config (default KV-cache size)  | CPU 0.32.x |
@@ -54,10 +55,12 @@ def apply_all() -> None:
             cpu_empty_top_k,
             cpu_expand_kernel,
             cpu_generator_rewind,
+            cpu_kernel_scan,
             cpu_kv_cache_default,
         )
 
         cpu_expand_kernel.install()
+        cpu_kernel_scan.install()
         cpu_empty_top_k.install()
         cpu_generator_rewind.install()
         cpu_kv_cache_default.install()

@@ -90,6 +90,9 @@ SEAMS = [
     (CPU, "CpuPlatform.check_and_update_config",
      ours("patches/cpu_kv_cache_default.py", "_check_and_update_config"), {"decorator": "classmethod"}),
     (REJECT, "expand_kernel", None, {}),  # replaced by name in the Triton dispatcher
+    # cpu_kernel_scan: a module global, reached from register_kernels by name.
+    ("vllm.triton_utils.dispatcher", "_rebind_kernels", named(),
+     {"called_by": [calls("register_kernels", "_rebind_kernels")]}),
     ("vllm.v1.sample.ops.topk_topp_sampler", "apply_top_k_only",
      ours("patches/cpu_empty_top_k.py", "_apply_top_k_only"),
      {"called_by": [calls("apply_top_k_top_p_pytorch", "apply_top_k_only")]}),

@@ -161,3 +161,18 @@ def test_sjd_temperature_from_the_host_equals_the_devices():
     assert torch.equal(host_path, device_path)
     assert torch.equal(host_path[2:5], scores[2:5].softmax(-1))  # greedy rows at temperature 1
     assert not torch.equal(host_path[:2], scores[:2].softmax(-1))
+
+
+def test_kernel_scan_survives_numba_being_loaded():
+    """With SJD's CPU kernels loaded (numba, llvmlite), vLLM's stock scan for kernel holders
+    fails, so a second engine in the process would not start; the patched scan passes."""
+    from vllm.triton_utils import dispatcher
+
+    from vllm_sjd.core import cpu_kernels
+    from vllm_sjd.patches import cpu_kernel_scan
+
+    cpu_kernels.warm_up()  # loads numba and llvmlite
+    with pytest.raises(AttributeError):
+        cpu_kernel_scan._original_rebind_kernels([])
+    dispatcher._rebind_kernels([])
+    assert "llvmlite.binding.ffi" in __import__("sys").modules  # put back

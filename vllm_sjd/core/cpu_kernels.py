@@ -10,11 +10,11 @@ core/drafting.py's tokens bit for bit (tests/test_core_cpu_kernels.py). The
 torch functions stay the implementation on a GPU and the reference.
 
 numba ships with vLLM. The loops (core/numba_loops.py) are imported on first
-use, not with this module: vLLM's worker scans every loaded module's objects
-when it registers its CPU kernels (vllm/triton_utils/dispatcher.py, 0.32) and
-fails on one of llvmlite's; the SJD runner calls `warm_up` after that scan,
-when the engine starts, so that no request waits for the compiler (about 2 s,
-cached on disk after the first process).
+use, not with this module (numba's import costs a process that never steps on
+a CPU ~0.3 s, and vLLM's CPU worker scans loaded modules in a way llvmlite
+breaks: patches/cpu_kernel_scan.py). The SJD runner calls `warm_up` when the
+engine starts, so that no request waits for the compiler (about 2 s, cached
+on disk after the first process).
 """
 
 import contextlib
