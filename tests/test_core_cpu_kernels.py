@@ -37,7 +37,9 @@ def _both(fn):
 def _verify_case(generator, n, greedy):
     total = sum(n)
     q = _rows(generator, total)
-    drafts = torch.multinomial(q, 1, generator=generator)[:, 0] if total else torch.zeros(0, dtype=torch.int64)
+    drafts = torch.zeros(0, dtype=torch.int64)
+    if total:
+        drafts = torch.multinomial(q, 1, generator=generator)[:, 0]
     if total > 2:
         drafts[2] = -1  # a draft outside the columns
     mix = torch.rand(total, 1, generator=generator)
@@ -235,3 +237,20 @@ def test_cells_above_record_and_look_up_as_torch_does():
             rings.evict(["a"])
             reference.evict(["a"])
     assert hits > 100
+
+
+@pytest.mark.parametrize("kind", ["penalty", "uniform", "allowed"])
+def test_layout_rows_of_one_grid_are_numpys(kind):
+    from vllm_sjd import demo
+    from vllm_sjd.layouts.constraints import LayoutConstraints, image_extra_args
+
+    cpu_kernels.warm_up()
+    grid = demo.layout().grid(demo.IMAGE_SIZE, demo.IMAGE_SIZE)
+    layouts = LayoutConstraints()
+    entries = layouts.lookup(["a", "b"], lambda r: image_extra_args(grid), lambda r: {"a": 20, "b": 9}[r])
+    vocab_size, device = 8960, torch.device("cpu")
+    columns = layouts.columns(entries, vocab_size, device)
+    for first, counts in (([21, 9], [17, 5]), ([19, 500], [3, 16]), ([20 + grid.num_tokens - 2, 9], [4, 1])):
+        args = (entries, np.array(first), np.array(counts), vocab_size, device, columns, kind)
+        kernel, reference = _both(lambda: layouts.row_masks(*args))
+        assert torch.equal(kernel, reference)

@@ -36,6 +36,7 @@ from vllm_sjd.core.window import (
     Window,
     committed_row_sources,
     next_window,
+    take_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class SJDProposer:
         self._window_row: dict[str, int] = {}
         self._drafts: torch.Tensor | None = None  # [B, K] int64 token ids
         self._q: torch.Tensor | None = None  # [B, K, W] float32
-        self._drafts_host: np.ndarray | None = None  # _drafts as read to the host, [B, K]
+        self._drafts_host: list[list[int]] | None = None  # _drafts as read to the host, [B][K]
         # The vocabulary columns of _q (the batch's layout ids); None: all V.
         self._columns: Columns | None = None
         # Windows of requests that were left out of the latest step, with their columns.
@@ -224,7 +225,7 @@ class SJDProposer:
         if view is not None and previous is not None:
             previous = PreviousWindow(view.indices(previous.drafts), previous.q, previous.present)
         if allowed is not None and build is not None:
-            allowed = allowed.index_select(0, torch.from_numpy(build).to(allowed.device))
+            allowed = take_rows(allowed, build)
         built = self._next_window(
             build_rows,
             keys=pick(keys),
@@ -259,12 +260,12 @@ class SJDProposer:
         scheduled = np.where(np.asarray(has_output, dtype=bool) | np.asarray(kept), room, 0)
         if not self.lookahead or not grids:
             draft_lists = drafts.tolist()  # the step's one read from the device
-            self._drafts_host = np.array(draft_lists, dtype=np.int64).reshape(drafts.shape)
+            self._drafts_host = draft_lists
             return [d[: int(n)] for d, n in zip(draft_lists, scheduled)]
         cells, guesses = self._lookahead_cells(req_ids, grids, num_tokens, scheduled, view)
         read = drafts if guesses is None else torch.cat([drafts, guesses.to(drafts.device)], dim=1)
         lists = read.tolist()  # the step's one read from the device
-        self._drafts_host = np.array(lists, dtype=np.int64).reshape(read.shape)[:, : self.num_slots]
+        self._drafts_host = [row[: self.num_slots] for row in lists]
         draft_lists = [d[: int(n)] for d, n in zip(lists, scheduled)]
         fed = [
             fed_tokens(c, np.asarray(row[self.num_slots : self.num_slots + len(c)]),
@@ -352,11 +353,10 @@ class SJDProposer:
             present = torch.ones(batch_size, dtype=torch.bool, device=device)
             return PreviousWindow(self._drafts, convert(self._q, self._columns, columns), present)
         if self._drafts is not None and rows and min(rows) >= 0:  # all have stored windows
-            source = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self._drafts.device)
+            source = np.asarray(rows, dtype=np.int64)
             present = torch.ones(batch_size, dtype=torch.bool, device=device)
-            q = convert(self._q.index_select(0, source), self._columns, columns)
-            return PreviousWindow(self._drafts.index_select(0, source).to(device), q.to(device),
-                                  present)
+            q = convert(take_rows(self._q, source), self._columns, columns)
+            return PreviousWindow(take_rows(self._drafts, source).to(device), q.to(device), present)
         drafts = torch.full((batch_size, self.num_slots), -1, dtype=torch.int64, device=device)
         q = like.new_zeros((batch_size, self.num_slots, like.shape[-1]))
         present = np.array([row >= 0 for row in rows], dtype=bool)
@@ -462,9 +462,9 @@ class SJDProposer:
         """Whether every request's scheduled drafts are the first n of its stored window."""
         if scheduled_on_host is None or self._drafts_host is None:
             return False
-        stored = self._drafts_host
+        stored = self._drafts_host  # lists: comparing 16 ints costs less than making an array
         for req_id, n, scheduled in zip(req_ids, num_draft_tokens, scheduled_on_host):
-            if n and not np.array_equal(stored[self._window_row[req_id], :n], scheduled[:n]):
+            if n and stored[self._window_row[req_id]][:n] != list(scheduled[:n]):
                 return False
         return True
 

@@ -25,12 +25,20 @@ import torch
 
 _enabled = True
 _loops = None
+_streams: dict[str, np.ndarray] = {}  # core/rng.py's streams as uint64, set on loading
 
 
 def _kernels():
     """core/numba_loops.py, imported (and its kernels compiled) on first use."""
     global _loops
     if _loops is None:
+        from vllm_sjd.core import rng  # imports this module: not at the top
+
+        def bits(*streams):
+            return np.array(streams, dtype=np.int64).view(np.uint64)
+
+        _streams["verify"] = bits(rng.ACCEPT_STREAM, rng.TOKEN_STREAM)
+        _streams["draft"] = bits(rng.DRAFT_STREAM, rng.COUPLING_STREAM, rng.RESIDUAL_STREAM)
         _loops = importlib.import_module("vllm_sjd.core.numba_loops")
     return _loops
 
@@ -63,14 +71,20 @@ def _array(tensor: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(tensor.numpy())
 
 
+def _bits(values) -> np.ndarray:
+    """int64 host numbers as the uint64 bit patterns the hashing takes."""
+    return np.ascontiguousarray(values, dtype=np.int64).view(np.uint64)
+
+
 def verdict(target_probs, bonus_probs, num_draft_tokens: np.ndarray, max_num_drafts: int, drafts,
-            draft_q, greedy, numbers: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """core/verify._verdict's (tokens, num_accepted) for CPU tensors; numbers [2, T + B] float64."""
-    total = target_probs.shape[0]
+            draft_q, greedy, keys: np.ndarray, first_positions: np.ndarray,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """core/verify.verify's (tokens, num_accepted) for CPU tensors, its numbers hashed in
+    the kernel (the same as core/rng.py's)."""
     tokens, accepted = _kernels().verdict_kernel(
         _array(target_probs), _array(bonus_probs), np.ascontiguousarray(num_draft_tokens, np.int64),
-        _array(drafts), _array(draft_q), _array(greedy), np.ascontiguousarray(numbers[0, :total]),
-        np.ascontiguousarray(numbers[1]), max_num_drafts,
+        _array(drafts), _array(draft_q), _array(greedy), _bits(keys), _bits(first_positions),
+        _streams["verify"], max_num_drafts,
     )
     return torch.from_numpy(tokens), torch.from_numpy(accepted)
 
@@ -84,12 +98,13 @@ def draw(q, uniforms, previous=None) -> tuple[torch.Tensor, torch.Tensor]:
     if previous is None:
         empty_bool, empty_int = np.zeros((0, 0), np.bool_), np.zeros((0, 0), np.int64)
         empty_q, empty_u = np.zeros((0, 0, 0), np.float32), np.zeros((0, 0), np.float64)
-        drafts, kept = _kernels().draw_kernel(_array(q), _array(uniforms), empty_bool, empty_int, empty_q,
-                                    empty_u, empty_u)
+        drafts, kept = _kernels().draw_kernel(_array(q), _array(uniforms), empty_bool, empty_int,
+                                              empty_q, empty_u, empty_u)
     else:
         old_drafts, old_q, keep_u, residual_u, coupled = previous
-        drafts, kept = _kernels().draw_kernel(_array(q), _array(uniforms), _array(coupled), _array(old_drafts),
-                                    _array(old_q), _array(keep_u), _array(residual_u))
+        drafts, kept = _kernels().draw_kernel(_array(q), _array(uniforms), _array(coupled),
+                                              _array(old_drafts), _array(old_q), _array(keep_u),
+                                              _array(residual_u))
     return torch.from_numpy(drafts), torch.from_numpy(kept)
 
 
@@ -99,11 +114,12 @@ def handles_window(initial_drafts: str, drafting: str, allowed, predicted) -> bo
             and predicted is None and (allowed is None or allowed.dtype != torch.bool))
 
 
-def window(target_probs, bonus_probs, layout: np.ndarray, initial_drafts: str, numbers, greedy,
-           allowed, previous, above) -> tuple:
-    """core/window._window_tensors's fields for CPU tensors, where `handles_window`.
+def window(target_probs, bonus_probs, layout: np.ndarray, initial_drafts: str, keys: np.ndarray,
+           next_positions: np.ndarray, greedy, allowed, previous, above) -> tuple:
+    """core/window._window_tensors's fields for CPU tensors, where `handles_window`, the
+    numbers hashed in the kernel (draw_numbers's).
 
-    layout: [5, B, K] from _slot_layout; numbers: draw_numbers's; allowed: None or
+    layout: [5, B, K] from _slot_layout; keys, next_positions: [B] int64; allowed: None or
     uniform rows [B, K, V]; previous: (drafts, q, present) or None; above: (held, rows) or None."""
     width = bonus_probs.shape[-1]
     if allowed is None:
@@ -117,11 +133,11 @@ def window(target_probs, bonus_probs, layout: np.ndarray, initial_drafts: str, n
         present = np.zeros(0, np.bool_)
     else:
         previous_drafts, previous_q, present = (_array(t) for t in previous)
-    numbers = _array(numbers)
-    drafts, q, kept, fresh, from_above, old_q = _kernels().window_kernel(
+    loops = _kernels()
+    drafts, q, kept, fresh, from_above, old_q = loops.window_kernel(
         _array(target_probs), _array(bonus_probs), np.ascontiguousarray(layout, np.int64),
         initial_drafts == "above", uniform, held, above_rows, previous_drafts, previous_q, present,
-        numbers if numbers.ndim == 3 else numbers[None], _array(greedy),
+        _bits(keys), _bits(next_positions), _streams["draft"], _array(greedy),
     )
     return (torch.from_numpy(drafts), torch.from_numpy(q), torch.from_numpy(kept), torch.from_numpy(fresh),
             torch.from_numpy(from_above), None if previous is None else torch.from_numpy(old_q), None)
@@ -145,15 +161,14 @@ def warm_up() -> None:
     first request does not wait for it."""
     p = torch.full((2, 4), 0.25)
     verdict(p, p[:1], np.array([2]), 2, torch.tensor([1, 2]), p, torch.tensor([False]),
-            np.full((2, 3), 0.5))
+            np.array([7]), np.array([3]))
     q, u = p.view(1, 2, 4), torch.full((1, 2), 0.5, dtype=torch.float64)
     draw(q, u)
     draw(q, u, (torch.tensor([[1, 2]]), q, u, u, torch.tensor([[True, False]])))
     layout = np.array([[[0, 2]], [[1, 0]], [[0, 0]], [[0, 0]], [[0, -1]]])
     for previous in (None, (torch.tensor([[1, 2]]), q, torch.tensor([True]))):
-        numbers = u if previous is None else torch.full((3, 1, 2), 0.5, dtype=torch.float64)
-        window(p, p[:1], layout, "above", numbers, torch.tensor([False]), q, previous,
-               (torch.tensor([[False, True]]), q))
+        window(p, p[:1], layout, "above", np.array([7]), np.array([3]), torch.tensor([False]), q,
+               previous, (torch.tensor([[False, True]]), q))
     loops = _kernels()
     one = np.ones(1, np.int64)
     loops.slot_layout(one, one, 2, np.zeros((1, 2), np.int64), one)
@@ -161,3 +176,4 @@ def warm_up() -> None:
     ring_positions = np.full((1, 2), -1, np.int64)
     ring_record(q.clone(), ring_positions, one - 1, one + 1, one, p, one)
     ring_lookup(q, ring_positions, one - 1, one + 1, np.ones((1, 2), np.int64))
+    loops.run_positions(one, one, 2)

@@ -4,6 +4,33 @@ import numba
 import numpy as np
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MUL1 = np.uint64(0xBF58476D1CE4E5B9)
+_MUL2 = np.uint64(0x94D049BB133111EB)
+_SHIFTS = (np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11))
+
+
+@numba.njit(cache=True, inline="always")
+def splitmix64(x):
+    x = x + _GOLDEN
+    x = (x ^ (x >> _SHIFTS[0])) * _MUL1
+    x = (x ^ (x >> _SHIFTS[1])) * _MUL2
+    return x ^ (x >> _SHIFTS[2])
+
+
+@numba.njit(cache=True, inline="always")
+def uniform(key, position, slot, stream):
+    """core/rng.counter_uniforms of one (key, position, slot, stream), uint64 bit patterns."""
+    x = splitmix64(splitmix64((key ^ stream) ^ splitmix64(position)) + slot)
+    return np.float64(x >> _SHIFTS[3]) * (1.0 / 9007199254740992.0)
+
+
+@numba.vectorize(["float64(uint64, uint64, uint64, uint64)"], cache=True)
+def counter_uniform(key, position, slot, stream):
+    """core/rng.counter_uniforms as a broadcasting ufunc: the same bits."""
+    return uniform(key, position, slot, stream)
+
+
 @numba.njit(cache=True, nogil=True)
 def inverse_cdf_row(values, residual_of, u):
     """The inverse-CDF draw of core/drafting.sample_inverse_cdf on one row.
@@ -44,34 +71,41 @@ def argmax_row(values):
 
 
 @numba.njit(cache=True, nogil=True)
-def verdict_kernel(p, bonus, n, drafts, q, greedy, accept_u, token_u, max_n):
-    """core/verify._verdict in one pass: (tokens [B, max_n + 1], PLACEHOLDER -1 after the
-    last; num_accepted [B]). accept_u [T], token_u [T + B] (the bonus rows' numbers last)."""
-    batch, total = n.shape[0], p.shape[0]
+def verdict_kernel(p, bonus, n, drafts, q, greedy, keys, first, streams, max_n):
+    """core/verify.verify's test in one pass: (tokens [B, max_n + 1], PLACEHOLDER -1 after
+    the last; num_accepted [B]). keys, first (each request's position of row 0) and
+    streams (acceptance, token) as uint64 bit patterns: the numbers are hashed here."""
+    batch = n.shape[0]
     tokens = np.full((batch, max_n + 1), -1, np.int64)
     accepted = np.zeros(batch, np.int64)
     none = np.zeros(0, p.dtype)
-    first = 0
+    zero = np.uint64(0)
+    row = 0
     for b in range(batch):
         a = 0
         while a < n[b]:
-            r, d = first + a, drafts[first + a]
+            r, d = row + a, drafts[row + a]
             if greedy[b]:
                 if d != argmax_row(p[r]):
                     break
-            elif d < 0 or q[r, d] <= 0 or np.float64(p[r, d]) < accept_u[r] * np.float64(q[r, d]):
-                break
+            else:
+                u = uniform(keys[b], first[b] + np.uint64(a), zero, streams[0])
+                if d < 0 or q[r, d] <= 0 or np.float64(p[r, d]) < u * np.float64(q[r, d]):
+                    break
             tokens[b, a] = d
             a += 1
         accepted[b] = a
-        if a < n[b]:  # rejected at row r: the residual, or p where q covers p
-            r = first + a
-            token = argmax_row(p[r]) if greedy[b] else inverse_cdf_row(p[r], q[r], token_u[r])
-        else:  # every draft passed: the bonus row
-            token = argmax_row(bonus[b]) if greedy[b] else inverse_cdf_row(bonus[b], none,
-                                                                              token_u[total + b])
+        if greedy[b]:
+            token = argmax_row(p[row + a]) if a < n[b] else argmax_row(bonus[b])
+        else:
+            # The token uniform of position first + a: the rejected draft's, or the bonus one's.
+            u = uniform(keys[b], first[b] + np.uint64(a), zero, streams[1])
+            if a < n[b]:  # rejected at row a: the residual, or p where q covers p
+                token = inverse_cdf_row(p[row + a], q[row + a], u)
+            else:  # every draft passed: the bonus row
+                token = inverse_cdf_row(bonus[b], none, u)
         tokens[b, a] = token
-        first += n[b]
+        row += n[b]
     return tokens, accepted
 
 
@@ -98,13 +132,13 @@ def draw_kernel(q, uniforms, coupled, old_drafts, old_q, keep_u, residual_u):
 
 
 @numba.njit(cache=True, nogil=True)
-def window_kernel(target, bonus, layout, from_cells_above, uniform, held, above_rows, previous_drafts,
-                  previous_q, present, numbers, greedy):
+def window_kernel(target, bonus, layout, from_cells_above, uniform_rows, held, above_rows,
+                  previous_drafts, previous_q, present, keys, positions, streams, greedy):
     """core/window._window_tensors for initial drafts "uniform" or "above" and independent or
-    coupled draws, in one pass. uniform [U, S, V] (U is 1 or B, S is 1 or K); held [B, K] and
-    above_rows [B, K, V] (empty: no cells above); previous_* (empty: no coupling); numbers
-    [3, B, K] as core/drafting.draw_numbers makes them for coupled draws, [1, B, K] for
-    independent ones; greedy [B].
+    coupled draws, in one pass. uniform_rows [U, S, V] (U is 1 or B, S is 1 or K); held
+    [B, K] and above_rows [B, K, V] (empty: no cells above); previous_* (empty: no
+    coupling); keys, positions (of slot 0) and streams (draft, coupling, residual) as uint64
+    bit patterns: the numbers core/drafting.draw_numbers makes are hashed here; greedy [B].
     Returns (drafts, q, kept, fresh, from_above, old_q) with old_q [B, K, V] (empty: none)."""
     batch, slots, width = layout.shape[1], layout.shape[2], bonus.shape[1]
     total = target.shape[0]
@@ -132,7 +166,7 @@ def window_kernel(target, bonus, layout, from_cells_above, uniform, held, above_
                     row = above_rows[b, s]
                     from_model = True
                 else:
-                    row = uniform[min(b, uniform.shape[0] - 1), min(s, uniform.shape[1] - 1)]
+                    row = uniform_rows[min(b, uniform_rows.shape[0] - 1), min(s, uniform_rows.shape[1] - 1)]
                 from_above[b, s] = from_model
             q[b, s] = row
             old_slot = layout[4, b, s]
@@ -142,42 +176,26 @@ def window_kernel(target, bonus, layout, from_cells_above, uniform, held, above_
                 old_q[b, s] = previous_q[b, index]
                 if present[b] and old_slot >= 0:
                     d = previous_drafts[b, index]
+            key, position, slot = keys[b], positions[b], np.uint64(s)
             if greedy[b] and (recycled or from_model):
                 drafts[b, s] = argmax_row(q[b, s])
             elif d >= 0:  # maximal coupling with the draft this position had
                 q_d = np.float64(old_q[b, s, d])
-                if q_d > 0 and numbers[1, b, s] * q_d < np.float64(q[b, s, d]):
+                keep_u = uniform(key, position, slot, streams[1])
+                if q_d > 0 and keep_u * q_d < np.float64(q[b, s, d]):
                     drafts[b, s], kept[b, s] = d, True
                 else:
-                    drafts[b, s] = inverse_cdf_row(q[b, s], old_q[b, s], numbers[2, b, s])
+                    u = uniform(key, position, slot, streams[2])
+                    drafts[b, s] = inverse_cdf_row(q[b, s], old_q[b, s], u)
             else:
-                drafts[b, s] = inverse_cdf_row(q[b, s], none, numbers[0, b, s])
+                u = uniform(key, position, slot, streams[0])
+                drafts[b, s] = inverse_cdf_row(q[b, s], none, u)
             if greedy[b]:
                 kept[b, s] = False
                 q[b, s] = 0.0
                 q[b, s, drafts[b, s]] = 1.0
     return drafts, q, kept, fresh, from_above, old_q
 
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MUL1 = np.uint64(0xBF58476D1CE4E5B9)
-_MUL2 = np.uint64(0x94D049BB133111EB)
-_SHIFTS = (np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11))
-
-
-@numba.njit(cache=True, inline="always")
-def splitmix64(x):
-    x = x + _GOLDEN
-    x = (x ^ (x >> _SHIFTS[0])) * _MUL1
-    x = (x ^ (x >> _SHIFTS[1])) * _MUL2
-    return x ^ (x >> _SHIFTS[2])
-
-
-@numba.vectorize(["float64(uint64, uint64, uint64, uint64)"], cache=True)
-def counter_uniform(key, position, slot, stream):
-    """core/rng.counter_uniforms on uint64 bit patterns, as a broadcasting ufunc: the same bits."""
-    x = splitmix64(splitmix64((key ^ stream) ^ splitmix64(position)) + slot)
-    return np.float64(x >> _SHIFTS[3]) * (1.0 / 9007199254740992.0)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -238,3 +256,19 @@ def ring_lookup(ring_rows, ring_positions, rings, strides, above):
             found[b, s] = ring_positions[ring, slot] == wanted
             rows[b, s] = ring_rows[ring, slot]
     return found, rows
+
+
+@numba.njit(cache=True, nogil=True)
+def run_positions(starts, counts, limit):
+    """For each request its counts[i] positions starts[i], starts[i] + 1, ..., clipped to
+    [0, limit], concatenated: [sum(counts)] int64 (core layouts' table rows)."""
+    total = 0
+    for i in range(counts.shape[0]):
+        total += counts[i]
+    rows = np.empty(total, np.int64)
+    k = 0
+    for i in range(counts.shape[0]):
+        for j in range(counts[i]):
+            rows[k] = min(max(starts[i] + j, 0), limit)
+            k += 1
+    return rows

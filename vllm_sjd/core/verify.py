@@ -56,25 +56,23 @@ def verify(
     """Host inputs are numpy (CPU tensors also do): the random numbers are hashed
     there (core/rng.py) and sent with the counts in one copy each. On a CPU
     device the test runs as one numba kernel (core/cpu_kernels.py), same tokens."""
+    n_host = np.asarray(num_draft_tokens, dtype=np.int64)
+    keys, first = np.asarray(keys, dtype=np.int64), np.asarray(first_positions, dtype=np.int64)
+    if cpu_kernels.enabled_for(bonus_probs):  # one pass; it hashes the same numbers itself
+        return Verdict(*cpu_kernels.verdict(target_probs, bonus_probs, n_host, max_num_drafts, drafts,
+                                            draft_q, greedy, keys, first))
     any_greedy = bool(greedy.any()) if any_greedy is None else any_greedy
     batch_size = bonus_probs.shape[0]
     device = bonus_probs.device
-    n_host = np.asarray(num_draft_tokens, dtype=np.int64)
     total = target_probs.shape[0]
 
     # Every number the step may use, in one hash: the acceptance uniform of
     # each draft's position, and the token uniform of every position a step
     # may close at (a draft's, where it is rejected; the bonus position).
-    keys, first = np.asarray(keys, dtype=np.int64), np.asarray(first_positions, dtype=np.int64)
     if total == 0:
         # No drafts in the batch (a plain AR step): every request closes with
         # its bonus token, drawn from the same number the full test would use.
         numbers = counter_uniforms(keys, first, 0, np.array([TOKEN_STREAM], dtype=np.int64))
-        if cpu_kernels.enabled_for(bonus_probs):
-            tokens, num_accepted = cpu_kernels.verdict(
-                target_probs, bonus_probs, n_host, 0, drafts, draft_q, greedy,
-                np.stack([np.zeros_like(numbers), numbers]))
-            return Verdict(tokens, num_accepted)
         tokens = _bonus_tokens(bonus_probs, greedy, torch.from_numpy(numbers).to(device), any_greedy)
         return Verdict(tokens[:, None], torch.zeros(batch_size, dtype=torch.int64, device=device))
     host_request = np.repeat(np.arange(batch_size), n_host)
@@ -83,12 +81,7 @@ def verify(
     row_keys = np.concatenate([keys[host_request], keys])
     row_positions = np.concatenate([first[host_request] + host_slot, first + n_host])
     streams = np.array([[ACCEPT_STREAM], [TOKEN_STREAM]], dtype=np.int64)
-    numbers = counter_uniforms(row_keys, row_positions, 0, streams)
-    if cpu_kernels.enabled_for(bonus_probs):
-        tokens, num_accepted = cpu_kernels.verdict(
-            target_probs, bonus_probs, n_host, max_num_drafts, drafts, draft_q, greedy, numbers)
-        return Verdict(tokens, num_accepted)
-    numbers = torch.from_numpy(numbers).to(device)
+    numbers = torch.from_numpy(counter_uniforms(row_keys, row_positions, 0, streams)).to(device)
     # The layout, on the host: request and slot of every draft; n, the first
     # row and the bonus number's index of every request.
     rows = torch.from_numpy(np.stack([host_request, host_slot])).to(device)

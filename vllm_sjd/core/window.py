@@ -41,7 +41,7 @@ InitialDrafts = Literal["uniform", "last_distribution", "above"]
 
 # sample_inverse_cdf lives in core/drafting.py; re-exported for callers of this module.
 __all__ = ["CellsAboveRows", "InitialDrafts", "PreviousWindow", "StepRows", "Window",
-           "committed_row_sources", "next_window", "sample_inverse_cdf"]
+           "committed_row_sources", "next_window", "sample_inverse_cdf", "take_rows"]
 
 
 @dataclass
@@ -77,16 +77,23 @@ class StepRows:
         target = np.concatenate(
             [np.arange(first[i], first[i] + n[i]) for i in requests] + [np.zeros(0, np.int64)]
         )
-        device = self.bonus_probs.device
-        pick = torch.from_numpy(requests).to(device)
         return StepRows(
-            self.target_probs.index_select(0, torch.from_numpy(target).to(device)),
-            self.bonus_probs.index_select(0, pick),
-            self.num_draft_tokens.index_select(0, pick),
-            self.num_accepted.index_select(0, pick),
+            take_rows(self.target_probs, target),
+            take_rows(self.bonus_probs, requests),
+            take_rows(self.num_draft_tokens, requests),
+            take_rows(self.num_accepted, requests),
             self.columns,
             (n[requests], a[requests]),
         )
+
+
+def take_rows(values: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    """values[rows] for host indices: a view where they are a run (i, i+1, ...; a guided
+    pair's conditional rows, say), else one index_select."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 1 or (rows.size and (np.diff(rows) == 1).all()):
+        return values.narrow(0, int(rows[0]), rows.size)
+    return values.index_select(0, torch.from_numpy(rows).to(values.device))
 
 
 @dataclass
@@ -235,14 +242,14 @@ def next_window(
     layout = _slot_layout(n, a, num_slots, _on_host(above.positions) if with_above else None,
                           next_positions)
     coupled = drafting == "coupled" and previous is not None
-    numbers = draw_numbers(drafting, keys, next_positions, num_slots, device, coupled)
     if cpu_kernels.enabled_for(rows.bonus_probs) and cpu_kernels.handles_window(
             initial_drafts, drafting, allowed, predicted):
         return Window(*cpu_kernels.window(
-            rows.target_probs, rows.bonus_probs, layout, initial_drafts, numbers, greedy, allowed,
-            None if not coupled else (previous.drafts, previous.q, previous.present),
+            rows.target_probs, rows.bonus_probs, layout, initial_drafts, keys, next_positions, greedy,
+            allowed, None if not coupled else (previous.drafts, previous.q, previous.present),
             (above.held, above.rows) if with_above else None,
         ))
+    numbers = draw_numbers(drafting, keys, next_positions, num_slots, device, coupled)
     drafts, q, kept, fresh, from_above, previous_q, from_prediction = _window_tensors(
         rows.target_probs, rows.bonus_probs, torch.from_numpy(layout).to(device),
         initial_drafts, drafting, numbers, greedy,

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from vllm_sjd.contract import IMAGE_GRID_ARG
+from vllm_sjd.core import cpu_kernels
 from vllm_sjd.core.columns import Columns
 from vllm_sjd.layouts.grid import ImageGrid
 
@@ -117,6 +118,15 @@ class LayoutConstraints:
         if all(grid is None for grid, _ in entries):
             return None
         counts = np.asarray(counts, dtype=np.int64)
+        loops = cpu_kernels.loaded()
+        distinct = _distinct(grid for grid, _ in entries)
+        if loops is not None and len(distinct) == 1:  # one grid: its table's rows in one call
+            (grid,) = distinct
+            starts = np.asarray(first_positions, dtype=np.int64) - np.array(
+                [prompt_len for _, prompt_len in entries], dtype=np.int64)
+            rows = loops.run_positions(starts, counts, grid.num_tokens)
+            table = self._mask_table(grid, vocab_size, device, columns, kind)
+            return table.index_select(0, torch.from_numpy(rows).to(device))
         request_of_row = np.repeat(np.arange(len(entries)), counts)
         first_row = np.cumsum(counts) - counts
         offset = np.arange(int(counts.sum())) - first_row[request_of_row]
