@@ -28,7 +28,6 @@ logits, nor a way to return q. Retire when custom_class proposers receive the
 verified probabilities and can return draft probabilities.
 """
 
-import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -385,9 +384,10 @@ class SJDModelRunnerMixin(ZipARRunnerMixin, RowLookaheadRunnerMixin, SJDSampling
         a_host = np.where(produced > 0, produced - 1, n_host)
         n = torch.from_numpy(n_host).to(device)
         accepted = torch.from_numpy(a_host).to(device)
-        if step.rows is not None:
-            return dataclasses.replace(step.rows, num_draft_tokens=n, num_accepted=accepted,
-                                       host_counts=(n_host, a_host))
+        if step.rows is not None:  # (dataclasses.replace costs ~10 us a step)
+            rows = step.rows
+            return StepRows(rows.target_probs, rows.bonus_probs, n, accepted, rows.columns,
+                            (n_host, a_host))
         cu_one_per_request = torch.arange(1, num_reqs + 1, device=device, dtype=torch.int32)
         bonus = rejection_sampler.apply_sampling_constraints(
             step.bonus_logits.to(torch.float32), cu_one_per_request, sampling_metadata

@@ -254,3 +254,21 @@ def test_layout_rows_of_one_grid_are_numpys(kind):
         args = (entries, np.array(first), np.array(counts), vocab_size, device, columns, kind)
         kernel, reference = _both(lambda: layouts.row_masks(*args))
         assert torch.equal(kernel, reference)
+
+
+def test_cells_above_positions_are_numpys():
+    from vllm_sjd import demo
+    from vllm_sjd.layouts.constraints import LayoutConstraints
+
+    cpu_kernels.warm_up()
+    layout = demo.layout()
+    small, large = layout.grid(64, 64), layout.grid(128, 32)
+    entries = [(small, 20), (None, 5), (large, 9), (small, 31)]
+    cells = 0
+    for first in range(0, small.num_tokens + 40, 7):
+        firsts = np.array([20, 5, 9, 31]) + first - 3
+        kernel, reference = _both(lambda: LayoutConstraints.cells_above(entries, firsts, 16))
+        assert np.array_equal(kernel[0], reference[0]), first
+        assert kernel[1] == reference[1]
+        cells += int((reference[0] >= 0).sum())
+    assert cells > 100

@@ -67,11 +67,11 @@ class Columns:
 
     def tokens(self, index: torch.Tensor) -> torch.Tensor:
         """Column indices -> token ids; -1 for -1."""
-        return self._ids_padded[index]
+        return torch.take(self._ids_padded, index)  # (a tensor-indexed read costs ~2x)
 
     def indices(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids -> column indices; -1 for -1 and for tokens outside the columns."""
-        return self._index_of_padded[tokens]
+        return torch.take(self._index_of_padded, tokens)
 
 
 def same_columns(a: "Columns | None", b: "Columns | None") -> bool:

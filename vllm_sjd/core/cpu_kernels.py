@@ -50,9 +50,9 @@ def loaded():
 
 
 def enabled_for(tensor: torch.Tensor) -> bool:
-    """Whether work on `tensor` runs through these kernels: a CPU tensor, kernels on,
-    not inside a torch.compile trace."""
-    return _enabled and tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+    """Whether work on `tensor` runs through these kernels: a CPU tensor, kernels on.
+    (torch.compile graphs, core/compiled.py, run on CUDA devices only.)"""
+    return _enabled and tensor.is_cpu
 
 
 @contextlib.contextmanager
@@ -177,3 +177,4 @@ def warm_up() -> None:
     ring_record(q.clone(), ring_positions, one - 1, one + 1, one, p, one)
     ring_lookup(q, ring_positions, one - 1, one + 1, np.ones((1, 2), np.int64))
     loops.run_positions(one, one, 2)
+    loops.cells_above(one, one, one, one, one, one, 2)

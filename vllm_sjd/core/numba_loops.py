@@ -272,3 +272,19 @@ def run_positions(starts, counts, limit):
             rows[k] = min(max(starts[i] + j, 0), limit)
             k += 1
     return rows
+
+
+@numba.njit(cache=True, nogil=True)
+def cells_above(starts, prompt_lens, headers, strides, rows, cols, num_slots):
+    """layouts/constraints.LayoutConstraints.cells_above's positions in one loop: [B, K] the
+    absolute position of each slot's code one image row up, -1 none (stride 0: no grid)."""
+    above = np.full((starts.shape[0], num_slots), -1, np.int64)
+    for b in range(starts.shape[0]):
+        stride = strides[b]
+        if stride == 0:
+            continue
+        for s in range(num_slots):
+            body = starts[b] - prompt_lens[b] + s - headers[b]
+            if stride <= body < rows[b] * stride and body % stride < cols[b]:
+                above[b, s] = starts[b] + s - stride
+    return above

@@ -74,9 +74,12 @@ class StepRows:
         """These requests' rows only, in this order (`requests`: [B'] int64, host)."""
         n, a = self.counts_on_host()
         first = np.cumsum(n) - n
-        target = np.concatenate(
-            [np.arange(first[i], first[i] + n[i]) for i in requests] + [np.zeros(0, np.int64)]
-        )
+        if len(requests) == 1:  # one request's rows: a run
+            target = np.arange(first[requests[0]], first[requests[0]] + n[requests[0]])
+        else:
+            target = np.concatenate(
+                [np.arange(first[i], first[i] + n[i]) for i in requests] + [np.zeros(0, np.int64)]
+            )
         return StepRows(
             take_rows(self.target_probs, target),
             take_rows(self.bonus_probs, requests),
@@ -91,7 +94,8 @@ def take_rows(values: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
     """values[rows] for host indices: a view where they are a run (i, i+1, ...; a guided
     pair's conditional rows, say), else one index_select."""
     rows = np.asarray(rows, dtype=np.int64)
-    if rows.size == 1 or (rows.size and (np.diff(rows) == 1).all()):
+    if rows.size == 1 or (rows.size and rows[-1] - rows[0] == rows.size - 1
+                          and (rows.size == 2 or (np.diff(rows) == 1).all())):
         return values.narrow(0, int(rows[0]), rows.size)
     return values.index_select(0, torch.from_numpy(rows).to(values.device))
 

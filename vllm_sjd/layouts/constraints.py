@@ -206,11 +206,20 @@ class LayoutConstraints:
         if all(grid is None for grid, _ in entries):
             return None
         first = np.asarray(first_positions, dtype=np.int64)
+        strides = [0 if grid is None else grid.row_stride for grid, _ in entries]
+        loops = cpu_kernels.loaded()
+        if loops is not None:  # the same positions in one call
+            def each(value):
+                return np.array([0 if grid is None else value(grid) for grid, _ in entries], np.int64)
+
+            above = loops.cells_above(
+                first, np.array([prompt_len for _, prompt_len in entries], np.int64),
+                each(lambda g: len(g.header)), np.array(strides, np.int64), each(lambda g: g.rows),
+                each(lambda g: g.cols), num_slots)
+            return above, strides
         slots = np.arange(num_slots, dtype=np.int64)
         above = np.full((len(entries), num_slots), -1, dtype=np.int64)
-        strides = []
         for i, (grid, prompt_len) in enumerate(entries):
-            strides.append(0 if grid is None else grid.row_stride)
             if grid is not None:
                 cell = grid.cell_above(int(first[i]) - prompt_len + slots)
                 above[i] = np.where(cell >= 0, cell + prompt_len, cell)
