@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from vllm_sjd.config import SJDConfig
+from vllm_sjd.core import cpu_kernels
 from vllm_sjd.core.adaptive import ForwardCostCurve, WindowPolicy
 from vllm_sjd.core.cells_above import CellsAbove
 from vllm_sjd.core.columns import Columns, convert, same_columns
@@ -213,7 +214,12 @@ class SJDProposer:
         build_rows = rows if build is None else rows.select(build)
         cells_above = None
         if self.wants_cells_above and above is not None:
-            self._record_cells(req_ids, rows, num_tokens, has_output, row_strides)
+            # A guided twin's windows come from its conditional request: its rows are never
+            # the cells above of a window it builds.
+            twins = {twin for twin, _ in mirror}
+            self._record_cells(req_ids, rows, num_tokens,
+                               [out and i not in twins for i, out in enumerate(has_output)],
+                               row_strides)
             cells_above = self._lookup_cells(
                 build_ids, pick(np.asarray(above)), build_rows.bonus_probs, rows.columns
             )
@@ -391,9 +397,9 @@ class SJDProposer:
             row_index.append(rows_i)
         if not entries:
             return
-        all_rows = torch.cat([rows.target_probs, rows.bonus_probs], dim=0)
-        self._cells_above.record(entries, strides, np.concatenate(positions), all_rows,
-                                 rows.columns, rows=np.concatenate(row_index))
+        self._cells_above.record(entries, strides, np.concatenate(positions),
+                                 (rows.target_probs, rows.bonus_probs), rows.columns,
+                                 rows=np.concatenate(row_index))
 
     def _lookup_cells(
         self, req_ids, above: np.ndarray, like: torch.Tensor, columns: Columns | None
@@ -441,12 +447,15 @@ class SJDProposer:
         # Requests with no drafts this step need no stored window.
         drafting = [(self._window_row.get(r, -1), n) for r, n in zip(req_ids, num_draft_tokens) if n]
         counts = np.array([n for _, n in drafting], dtype=np.int64)
-        first = np.cumsum(counts) - counts
-        slot = np.arange(int(counts.sum())) - np.repeat(first, counts)
         if self._q is not None and all(row >= 0 for row, _ in drafting):
-            row = np.repeat(np.array([row for row, _ in drafting], dtype=np.int64), counts)
-            # Rows of the flattened windows: one row copy each (index_select).
-            flat = torch.from_numpy(row * self._q.shape[1] + slot).to(self._q.device)
+            # Rows of the flattened windows (row * K + slot): one row copy each (index_select).
+            starts = np.array([row for row, _ in drafting], dtype=np.int64) * self._q.shape[1]
+            loops = cpu_kernels.loaded()
+            if loops is not None:
+                flat = loops.run_positions(starts, counts, self._q.shape[0] * self._q.shape[1])
+            else:
+                flat = np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(counts.sum())
+            flat = torch.from_numpy(flat).to(self._q.device)
             q = convert(self._q.flatten(0, 1).index_select(0, flat), self._columns, columns)
             if self._as_stored(req_ids, num_draft_tokens, scheduled_on_host):
                 return drafts, q.to(device).contiguous()

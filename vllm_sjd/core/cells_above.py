@@ -36,7 +36,9 @@ class CellsAbove:
         req_ids: Sequence[str],  # one per entry
         row_strides: Sequence[int],  # per entry: its request's image row stride
         positions: np.ndarray,  # [m] int64: absolute index of each committed token
-        probs: torch.Tensor,  # [m, W] float32: the row that verified it (or [*, W], see rows)
+        # [m, W] float32: the row that verified it (or [*, W], see rows), or a tuple of
+        # row blocks read as their concatenation (a step's target and bonus rows)
+        probs: torch.Tensor | tuple[torch.Tensor, ...],
         columns: Columns | None = None,  # the columns of probs; None: all
         rows: np.ndarray | None = None,  # [m] int64: each entry's row of probs; None: row m
     ) -> None:
@@ -47,15 +49,17 @@ class CellsAbove:
         """
         if not len(req_ids):
             return
-        self._ensure(req_ids, row_strides, probs, columns)
+        blocks = probs if isinstance(probs, tuple) else (probs,)
+        self._ensure(req_ids, row_strides, blocks[0], columns)
         rings = np.array([self._ring_of[r] for r in req_ids], dtype=np.int64)
         strides = np.asarray(row_strides, dtype=np.int64)
         positions = np.asarray(positions, dtype=np.int64)
         if cpu_kernels.enabled_for(self._rows):  # one numba loop over numpy views, same writes
             sources = np.arange(len(positions)) if rows is None else np.asarray(rows, dtype=np.int64)
-            cpu_kernels.ring_record(self._rows, self._positions, rings, strides, positions, probs,
+            cpu_kernels.ring_record(self._rows, self._positions, rings, strides, positions, blocks,
                                     sources)
             return
+        probs = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=0)
         newest = np.full(int(rings.max()) + 1, -1, dtype=np.int64)
         np.maximum.at(newest, rings, positions)
         newest = newest[rings]  # each entry's request's newest position

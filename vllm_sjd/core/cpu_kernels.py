@@ -143,10 +143,12 @@ def window(target_probs, bonus_probs, layout: np.ndarray, initial_drafts: str, k
             torch.from_numpy(from_above), None if previous is None else torch.from_numpy(old_q), None)
 
 
-def ring_record(ring_rows, ring_positions: np.ndarray, rings, strides, positions, probs, sources):
-    """core/cells_above.CellsAbove.record's writes into its CPU tensors, in place."""
+def ring_record(ring_rows, ring_positions: np.ndarray, rings, strides, positions, blocks, sources):
+    """core/cells_above.CellsAbove.record's writes into its CPU tensors, in place; `blocks`:
+    one or two tensors of rows, `sources` indexing their concatenation."""
+    first, second = blocks if len(blocks) == 2 else (blocks[0], blocks[0][:0])
     _kernels().ring_record(ring_rows.numpy(), ring_positions, rings, strides, positions,
-                           _array(probs), np.ascontiguousarray(sources, np.int64))
+                           _array(first), _array(second), np.ascontiguousarray(sources, np.int64))
 
 
 def ring_lookup(ring_rows, ring_positions: np.ndarray, rings, strides, above):
@@ -174,7 +176,7 @@ def warm_up() -> None:
     loops.slot_layout(one, one, 2, np.zeros((1, 2), np.int64), one)
     loops.slot_layout(one, one, 2, np.zeros((0, 0), np.int64), one)
     ring_positions = np.full((1, 2), -1, np.int64)
-    ring_record(q.clone(), ring_positions, one - 1, one + 1, one, p, one)
+    ring_record(q.clone(), ring_positions, one - 1, one + 1, one, (p,), one)
     ring_lookup(q, ring_positions, one - 1, one + 1, np.ones((1, 2), np.int64))
     loops.run_positions(one, one, 2)
     loops.cells_above(one, one, one, one, one, one, 2)

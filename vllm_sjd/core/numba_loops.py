@@ -228,9 +228,10 @@ def slot_layout(n, a, num_slots, above_positions, first_slot):
 
 
 @numba.njit(cache=True, nogil=True)
-def ring_record(ring_rows, ring_positions, rings, strides, positions, probs, sources):
-    """core/cells_above.CellsAbove.record's writes in one loop: each entry's row of probs
-    at its position in its ring, where it is among its request's newest `stride`."""
+def ring_record(ring_rows, ring_positions, rings, strides, positions, first, second, sources):
+    """core/cells_above.CellsAbove.record's writes in one loop: each entry's row of
+    cat(first, second) at its position in its ring, where it is among its request's newest
+    `stride`."""
     newest = np.full(ring_rows.shape[0], -1, np.int64)
     for i in range(rings.shape[0]):
         newest[rings[i]] = max(newest[rings[i]], positions[i])
@@ -239,7 +240,11 @@ def ring_record(ring_rows, ring_positions, rings, strides, positions, probs, sou
         if positions[i] > newest[ring] - stride:
             slot = positions[i] % stride
             ring_positions[ring, slot] = positions[i]
-            ring_rows[ring, slot] = probs[sources[i]]
+            source = sources[i]
+            if source < first.shape[0]:
+                ring_rows[ring, slot] = first[source]
+            else:
+                ring_rows[ring, slot] = second[source - first.shape[0]]
 
 
 @numba.njit(cache=True, nogil=True)
