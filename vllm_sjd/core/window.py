@@ -73,13 +73,16 @@ class StepRows:
     def select(self, requests: np.ndarray) -> "StepRows":
         """These requests' rows only, in this order (`requests`: [B'] int64, host)."""
         n, a = self.counts_on_host()
+        if len(requests) == 1:  # one request (a guided pair's conditional one): slices
+            i = int(requests[0])
+            start = int(n[:i].sum())
+            return StepRows(self.target_probs[start:start + int(n[i])], self.bonus_probs[i:i + 1],
+                            self.num_draft_tokens[i:i + 1], self.num_accepted[i:i + 1], self.columns,
+                            (n[i:i + 1], a[i:i + 1]))
         first = np.cumsum(n) - n
-        if len(requests) == 1:  # one request's rows: a run
-            target = np.arange(first[requests[0]], first[requests[0]] + n[requests[0]])
-        else:
-            target = np.concatenate(
-                [np.arange(first[i], first[i] + n[i]) for i in requests] + [np.zeros(0, np.int64)]
-            )
+        target = np.concatenate(
+            [np.arange(first[i], first[i] + n[i]) for i in requests] + [np.zeros(0, np.int64)]
+        )
         return StepRows(
             take_rows(self.target_probs, target),
             take_rows(self.bonus_probs, requests),
