@@ -343,16 +343,11 @@ class SJDModelRunnerMixin(ZipARRunnerMixin, RowLookaheadRunnerMixin, SJDSampling
         entries = self._layout_entries(req_ids)
         # With every request an image, windows are built on its layout's ids only.
         vocab_size, device = step.vocab_size, rows.bonus_probs.device
-        columns = self._layouts.columns(entries, vocab_size, device)
-        allowed = self._layouts.row_masks(
-            entries,
-            num_tokens,
-            np.full(num_reqs, num_slots, dtype=np.int64),
-            vocab_size,
-            device,
-            columns,
-            kind="uniform",  # a fresh slot's q where no better row is known
-        )
+        # (The sampling step's, where it sampled on them: the same batch's columns.)
+        columns = rows.columns or self._layouts.columns(entries, vocab_size, device)
+        # A fresh slot's q where no better row is known.
+        allowed = self._layouts.slot_rows(entries, num_tokens, num_slots, vocab_size, device, columns,
+                                          kind="uniform")
         above = (
             self._layouts.cells_above(entries, num_tokens, num_slots)
             if self.drafter.wants_cells_above
@@ -367,7 +362,7 @@ class SJDModelRunnerMixin(ZipARRunnerMixin, RowLookaheadRunnerMixin, SJDSampling
             seeds=seeds,
             greedy=self._greedy_mask(num_reqs),
             has_output=[len(t) > 0 for t in sampled_token_ids],
-            allowed=None if allowed is None else allowed.view(num_reqs, num_slots, -1),
+            allowed=allowed,
             mirror=mirror,
             max_drafts=caps,
             columns=columns,

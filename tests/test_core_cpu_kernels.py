@@ -155,6 +155,11 @@ def test_windows_are_the_torch_windows(drafting, initial_drafts):
         inputs = _window_case(generator, drafting, initial_drafts, trial % 3 > 0, greedy)
         if trial % 5 == 4:
             inputs["above"] = None
+        if trial % 3 == 2:  # a table's rows, as a layout hands them (read in place by the kernel)
+            from vllm_sjd.core.window import TableRows
+
+            table = inputs["allowed"].view(-1, WIDTH)[:5]
+            inputs["allowed"] = TableRows(table, np.arange(24).reshape(4, 6) % 5)
         kernel, reference = _both(lambda: next_window(**inputs))
         for field in ("drafts", "q", "kept", "fresh", "from_above", "previous_q"):
             mine, theirs = getattr(kernel, field), getattr(reference, field)
@@ -274,3 +279,20 @@ def test_cells_above_positions_are_numpys():
         assert kernel[1] == reference[1]
         cells += int((reference[0] >= 0).sum())
     assert cells > 100
+
+
+def test_slot_rows_of_one_grid_are_the_row_masks():
+    from vllm_sjd import demo
+    from vllm_sjd.core.window import TableRows
+    from vllm_sjd.layouts.constraints import LayoutConstraints, image_extra_args
+
+    grid = demo.layout().grid(64, 64)
+    layouts = LayoutConstraints()
+    entries = layouts.lookup(["a", "b"], lambda r: image_extra_args(grid), lambda r: {"a": 20, "b": 9}[r])
+    columns = layouts.columns(entries, 8960, torch.device("cpu"))
+    for first in ([21, 9], [19, 500], [20 + grid.num_tokens - 2, 9]):
+        slots = layouts.slot_rows(entries, np.array(first), 16, 8960, torch.device("cpu"), columns)
+        assert isinstance(slots, TableRows)
+        masks = layouts.row_masks(entries, np.array(first), np.array([16, 16]), 8960, torch.device("cpu"),
+                                  columns, kind="uniform")
+        assert torch.equal(slots.gathered(), masks.view(2, 16, -1))

@@ -34,6 +34,7 @@ from vllm_sjd.core.window import (
     CellsAboveRows,
     PreviousWindow,
     StepRows,
+    TableRows,
     Window,
     committed_row_sources,
     next_window,
@@ -163,7 +164,7 @@ class SJDProposer:
         seeds: Sequence[int | None],
         greedy: np.ndarray,  # [B] bool
         has_output: Sequence[bool],
-        allowed: torch.Tensor | None = None,  # [B, K, V]: tokens each slot may hold (next_window's)
+        allowed: torch.Tensor | TableRows | None = None,  # [B, K, V]: a fresh slot's q (next_window's)
         above: np.ndarray | None = None,  # [B, K] int64: absolute position of the cell above, -1 none
         row_strides: Sequence[int] = (),  # per request: image row stride, 0 without an image
         mirror: Sequence[tuple[int, int]] = (),  # (row, source row): same window as source
@@ -231,7 +232,7 @@ class SJDProposer:
         if view is not None and previous is not None:
             previous = PreviousWindow(view.indices(previous.drafts), previous.q, previous.present)
         if allowed is not None and build is not None:
-            allowed = take_rows(allowed, build)
+            allowed = allowed.select(build) if isinstance(allowed, TableRows) else take_rows(allowed, build)
         built = self._next_window(
             build_rows,
             keys=pick(keys),

@@ -110,8 +110,9 @@ def draw(q, uniforms, previous=None) -> tuple[torch.Tensor, torch.Tensor]:
 
 def handles_window(initial_drafts: str, drafting: str, allowed, predicted) -> bool:
     """Whether `window` builds this kind of window (else core/window.py's torch code does)."""
+    float_rows = allowed is None or not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool
     return (initial_drafts in ("uniform", "above") and drafting in ("independent", "coupled")
-            and predicted is None and (allowed is None or allowed.dtype != torch.bool))
+            and predicted is None and float_rows)
 
 
 def window(target_probs, bonus_probs, layout: np.ndarray, initial_drafts: str, keys: np.ndarray,
@@ -119,13 +120,20 @@ def window(target_probs, bonus_probs, layout: np.ndarray, initial_drafts: str, k
     """core/window._window_tensors's fields for CPU tensors, where `handles_window`, the
     numbers hashed in the kernel (draw_numbers's).
 
-    layout: [5, B, K] from _slot_layout; keys, next_positions: [B] int64; allowed: None or
-    uniform rows [B, K, V]; previous: (drafts, q, present) or None; above: (held, rows) or None."""
+    layout: [5, B, K] from _slot_layout; keys, next_positions: [B] int64; allowed: None,
+    uniform rows [V] or [B, K, V], or TableRows of them; previous: (drafts, q, present) or
+    None; above: (held, rows) or None."""
     width = bonus_probs.shape[-1]
+    batch, slots = layout.shape[1], layout.shape[2]
     if allowed is None:
-        uniform = np.full((1, 1, width), 1.0 / width, dtype=np.float32)
-    else:
-        uniform = _array(allowed).reshape((1, 1, width) if allowed.dim() == 1 else allowed.shape)
+        table = np.full((1, width), 1.0 / width, dtype=np.float32)
+        table_rows = np.zeros((batch, slots), np.int64)
+    elif isinstance(allowed, torch.Tensor):
+        table = _array(allowed).reshape(-1, width)
+        table_rows = (np.zeros((batch, slots), np.int64) if allowed.dim() == 1
+                      else np.arange(batch * slots, dtype=np.int64).reshape(batch, slots))
+    else:  # TableRows: the table read in place
+        table, table_rows = _array(allowed.table), np.ascontiguousarray(allowed.rows, np.int64)
     held, above_rows = (np.zeros((0, 0), np.bool_), np.zeros((0, 0, 0), np.float32)) if above is None \
         else (_array(above[0]), _array(above[1]))
     if previous is None:
@@ -136,7 +144,8 @@ def window(target_probs, bonus_probs, layout: np.ndarray, initial_drafts: str, k
     loops = _kernels()
     drafts, q, kept, fresh, from_above, old_q = loops.window_kernel(
         _array(target_probs), _array(bonus_probs), np.ascontiguousarray(layout, np.int64),
-        initial_drafts == "above", uniform, held, above_rows, previous_drafts, previous_q, present,
+        initial_drafts == "above", table, table_rows, held, above_rows, previous_drafts, previous_q,
+        present,
         _bits(keys), _bits(next_positions), _streams["draft"], _array(greedy),
     )
     return (torch.from_numpy(drafts), torch.from_numpy(q), torch.from_numpy(kept), torch.from_numpy(fresh),

@@ -132,10 +132,10 @@ def draw_kernel(q, uniforms, coupled, old_drafts, old_q, keep_u, residual_u):
 
 
 @numba.njit(cache=True, nogil=True)
-def window_kernel(target, bonus, layout, from_cells_above, uniform_rows, held, above_rows,
+def window_kernel(target, bonus, layout, from_cells_above, table, table_rows, held, above_rows,
                   previous_drafts, previous_q, present, keys, positions, streams, greedy):
     """core/window._window_tensors for initial drafts "uniform" or "above" and independent or
-    coupled draws, in one pass. uniform_rows [U, S, V] (U is 1 or B, S is 1 or K); held
+    coupled draws, in one pass. A fresh slot's stand-in q is table[table_rows[b, s]]; held
     [B, K] and above_rows [B, K, V] (empty: no cells above); previous_* (empty: no
     coupling); keys, positions (of slot 0) and streams (draft, coupling, residual) as uint64
     bit patterns: the numbers core/drafting.draw_numbers makes are hashed here; greedy [B].
@@ -166,7 +166,7 @@ def window_kernel(target, bonus, layout, from_cells_above, uniform_rows, held, a
                     row = above_rows[b, s]
                     from_model = True
                 else:
-                    row = uniform_rows[min(b, uniform_rows.shape[0] - 1), min(s, uniform_rows.shape[1] - 1)]
+                    row = table[table_rows[b, s]]
                 from_above[b, s] = from_model
             q[b, s] = row
             old_slot = layout[4, b, s]

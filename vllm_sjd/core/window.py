@@ -40,7 +40,7 @@ from vllm_sjd.core.drafting import Drafting, draw_numbers, draw_with, sample_inv
 InitialDrafts = Literal["uniform", "last_distribution", "above"]
 
 # sample_inverse_cdf lives in core/drafting.py; re-exported for callers of this module.
-__all__ = ["CellsAboveRows", "InitialDrafts", "PreviousWindow", "StepRows", "Window",
+__all__ = ["CellsAboveRows", "InitialDrafts", "PreviousWindow", "StepRows", "TableRows", "Window",
            "committed_row_sources", "next_window", "sample_inverse_cdf", "take_rows"]
 
 
@@ -101,6 +101,22 @@ def take_rows(values: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
                           and (rows.size == 2 or (np.diff(rows) == 1).all())):
         return values.narrow(0, int(rows[0]), rows.size)
     return values.index_select(0, torch.from_numpy(rows).to(values.device))
+
+
+@dataclass
+class TableRows:
+    """Rows of a table as [B, K, V], not yet gathered: a layout's per-position "uniform"
+    table and each slot's row in it. The CPU kernel reads the table in place."""
+
+    table: torch.Tensor  # [T, V]
+    rows: np.ndarray  # [B, K] int64, on the host
+
+    def gathered(self) -> torch.Tensor:
+        index = torch.from_numpy(np.ascontiguousarray(self.rows).reshape(-1)).to(self.table.device)
+        return self.table.index_select(0, index).view(*self.rows.shape, self.table.shape[-1])
+
+    def select(self, requests: np.ndarray) -> "TableRows":
+        return TableRows(self.table, self.rows[requests])
 
 
 @dataclass
@@ -215,7 +231,8 @@ def next_window(
     greedy: torch.Tensor,  # [B] bool: temperature-0 requests
     initial_drafts: InitialDrafts,
     drafting: Drafting = "independent",
-    allowed: torch.Tensor | None = None,  # [V] or [B, K, V] bool, or float uniform rows; None: all
+    # [V] or [B, K, V] bool, or float uniform rows (a tensor or TableRows); None: all
+    allowed: "torch.Tensor | TableRows | None" = None,
     previous: PreviousWindow | None = None,  # needed by coupled drafting
     above: CellsAboveRows | None = None,
     token_ids: torch.Tensor | None = None,  # [V'] the id of each column; None: all V
@@ -257,6 +274,8 @@ def next_window(
             (above.held, above.rows) if with_above else None,
         ))
     numbers = draw_numbers(drafting, keys, next_positions, num_slots, device, coupled)
+    if isinstance(allowed, TableRows):
+        allowed = allowed.gathered()
     drafts, q, kept, fresh, from_above, previous_q, from_prediction = _window_tensors(
         rows.target_probs, rows.bonus_probs, torch.from_numpy(layout).to(device),
         initial_drafts, drafting, numbers, greedy,

@@ -17,6 +17,7 @@ import torch
 from vllm_sjd.contract import IMAGE_GRID_ARG
 from vllm_sjd.core import cpu_kernels
 from vllm_sjd.core.columns import Columns
+from vllm_sjd.core.window import TableRows
 from vllm_sjd.layouts.grid import ImageGrid
 
 
@@ -134,6 +135,30 @@ class LayoutConstraints:
         first = np.asarray(first_positions, dtype=np.int64)
         relative = (first - prompt_lens)[request_of_row] + offset
         return self.masks_at(entries, request_of_row, relative, vocab_size, device, columns, kind)
+
+    def slot_rows(
+        self,
+        entries: Sequence[tuple[ImageGrid | None, int]],
+        first_positions: np.ndarray,  # [B] int64: absolute token index of each request's slot 0
+        num_slots: int,
+        vocab_size: int,
+        device: torch.device,
+        columns: Columns | None = None,
+        kind: MaskKind = "uniform",
+    ) -> "TableRows | torch.Tensor | None":
+        """[B, K, V] of `kind` for the K window slots of each request (row_masks' rows):
+        with one grid, its table and each slot's row in it, not gathered (TableRows);
+        else a tensor; None if no request has a grid."""
+        distinct = _distinct(grid for grid, _ in entries)
+        if len(distinct) == 1 and distinct[0] is not None:
+            (grid,) = distinct
+            starts = np.asarray(first_positions, dtype=np.int64) - np.array(
+                [prompt_len for _, prompt_len in entries], dtype=np.int64)
+            rows = np.minimum(np.maximum(starts[:, None] + np.arange(num_slots), 0), grid.num_tokens)
+            return TableRows(self._mask_table(grid, vocab_size, device, columns, kind), rows)
+        counts = np.full(len(entries), num_slots, dtype=np.int64)
+        masks = self.row_masks(entries, first_positions, counts, vocab_size, device, columns, kind)
+        return None if masks is None else masks.view(len(entries), num_slots, -1)
 
     def masks_at(
         self,
