@@ -296,3 +296,22 @@ def test_slot_rows_of_one_grid_are_the_row_masks():
         masks = layouts.row_masks(entries, np.array(first), np.array([16, 16]), 8960, torch.device("cpu"),
                                   columns, kind="uniform")
         assert torch.equal(slots.gathered(), masks.view(2, 16, -1))
+
+
+def test_committed_entries_are_the_committed_row_sources():
+    from vllm_sjd.core.window import committed_row_sources
+
+    cpu_kernels.warm_up()
+    rng = np.random.default_rng(4)
+    for trial in range(200):
+        batch = rng.integers(1, 6)
+        n = rng.integers(0, 9, batch)
+        a = np.array([rng.integers(0, x + 1) for x in n])
+        num_tokens = rng.integers(20, 90, batch)
+        include = rng.random(batch) < 0.7
+        request, positions, sources = cpu_kernels.loaded().committed_entries(n, a, num_tokens, include,
+                                                                            int(n.sum()))
+        expected = committed_row_sources(n.tolist(), a.tolist(), int(n.sum()))
+        want = [(i, int(num_tokens[i]) - len(rows) + j, int(row))
+                for i, rows in enumerate(expected) if include[i] for j, row in enumerate(rows)]
+        assert list(zip(request.tolist(), positions.tolist(), sources.tolist())) == want, trial

@@ -385,6 +385,17 @@ class SJDProposer:
     ) -> None:
         """Keep the verified rows of the image tokens this step committed."""
         num_draft, num_accepted = rows.counts_on_host()
+        loops = cpu_kernels.loaded()
+        if loops is not None:  # the same entries from one call
+            include = np.array([bool(out and stride) for out, stride in zip(has_output, row_strides)])
+            request, positions, sources = loops.committed_entries(
+                num_draft, num_accepted, np.asarray(num_tokens, np.int64), include,
+                rows.target_probs.shape[0])
+            if len(request):
+                self._cells_above.record([req_ids[i] for i in request], [row_strides[i] for i in request],
+                                         positions, (rows.target_probs, rows.bonus_probs), rows.columns,
+                                         rows=sources)
+            return
         sources = committed_row_sources(num_draft.tolist(), num_accepted.tolist(),
                                         rows.target_probs.shape[0])
         entries, strides, positions, row_index = [], [], [], []

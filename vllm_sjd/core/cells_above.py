@@ -97,6 +97,9 @@ class CellsAbove:
 
     def _ensure(self, req_ids, row_strides, probs: torch.Tensor, columns: Columns | None) -> None:
         """A ring for every request, wide enough for its stride, on `columns`."""
+        ring_of = self._ring_of
+        if self._rows is not None and self._columns is columns and all(r in ring_of for r in req_ids):
+            return  # the usual step: every request has its ring
         if self._rows is not None and not same_columns(self._columns, columns):
             self._rows = convert(self._rows, self._columns, columns)
         self._columns = columns

@@ -189,3 +189,4 @@ def warm_up() -> None:
     ring_lookup(q, ring_positions, one - 1, one + 1, np.ones((1, 2), np.int64))
     loops.run_positions(one, one, 2)
     loops.cells_above(one, one, one, one, one, one, 2)
+    loops.committed_entries(one, one, one, np.ones(1, np.bool_), 1)

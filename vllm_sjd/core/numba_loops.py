@@ -293,3 +293,27 @@ def cells_above(starts, prompt_lens, headers, strides, rows, cols, num_slots):
             if stride <= body < rows[b] * stride and body % stride < cols[b]:
                 above[b, s] = starts[b] + s - stride
     return above
+
+
+@numba.njit(cache=True, nogil=True)
+def committed_entries(n, a, num_tokens, include, num_target_rows):
+    """core/window.committed_row_sources for the requests in `include`, flattened: each
+    committed token's (request, absolute position, row of cat(target, bonus))."""
+    total = 0
+    for i in range(n.shape[0]):
+        if include[i]:
+            total += min(a[i] + 1, n[i]) + (a[i] == n[i])
+    request = np.empty(total, np.int64)
+    positions = np.empty(total, np.int64)
+    sources = np.empty(total, np.int64)
+    k, first = 0, 0
+    for i in range(n.shape[0]):
+        if include[i]:
+            count = min(a[i] + 1, n[i]) + (a[i] == n[i])
+            for j in range(count):
+                request[k] = i
+                positions[k] = num_tokens[i] - count + j
+                sources[k] = first + j if j < min(a[i] + 1, n[i]) else num_target_rows + i
+                k += 1
+        first += n[i]
+    return request, positions, sources
