@@ -94,8 +94,7 @@ class SJDSamplingMixin:
             if pairs.cond:
                 self._guide(scores, pairs, counts)
             # The layout as 0 / -inf added: the same scores as a masked fill, at the cost of an add.
-            scores.add_(self._layouts.row_masks(entries, first, counts, vocab_size, device, columns,
-                                                kind="penalty"))
+            self._layouts.add_row_masks(scores, entries, first, counts, vocab_size, columns)
         top_k = None if sampling_metadata.top_k is None else self.input_batch.top_k_cpu[:num_reqs]
         greedy_rows = torch.from_numpy(greedy).to(device)
         # Greedy requests keep their argmax at temperature 1 (vLLM keeps 0.0 for them).

@@ -315,3 +315,22 @@ def test_committed_entries_are_the_committed_row_sources():
         want = [(i, int(num_tokens[i]) - len(rows) + j, int(row))
                 for i, rows in enumerate(expected) if include[i] for j, row in enumerate(rows)]
         assert list(zip(request.tolist(), positions.tolist(), sources.tolist())) == want, trial
+
+
+def test_penalty_rows_added_in_place_are_the_row_masks_added():
+    from vllm_sjd import demo
+    from vllm_sjd.layouts.constraints import LayoutConstraints, image_extra_args
+
+    grid = demo.layout().grid(64, 64)
+    layouts = LayoutConstraints()
+    entries = layouts.lookup(["a", "b"], lambda r: image_extra_args(grid), lambda r: {"a": 20, "b": 9}[r])
+    device = torch.device("cpu")
+    columns = layouts.columns(entries, 8960, device)
+    generator = torch.Generator().manual_seed(5)
+    for first, counts in (([21, 9], [17, 5]), ([19, 500], [3, 16])):
+        scores = torch.randn(sum(counts), columns.ids.numel(), generator=generator)
+        expected = scores + layouts.row_masks(entries, np.array(first), np.array(counts), 8960, device,
+                                              columns, kind="penalty")
+        layouts.add_row_masks(scores, entries, np.array(first), np.array(counts), 8960, columns)
+        assert torch.equal(scores, expected)
+        assert torch.isinf(scores).any() and torch.isfinite(scores).any()

@@ -167,6 +167,17 @@ def ring_lookup(ring_rows, ring_positions: np.ndarray, rings, strides, above):
     return torch.from_numpy(found), torch.from_numpy(rows)
 
 
+def run_positions(starts: np.ndarray, counts: np.ndarray, limit: int) -> np.ndarray:
+    """Each request's positions starts[i] .. starts[i] + counts[i] - 1, clipped to [0, limit]."""
+    return _kernels().run_positions(np.ascontiguousarray(starts, np.int64),
+                                    np.ascontiguousarray(counts, np.int64), limit)
+
+
+def add_table_rows(values: torch.Tensor, table: torch.Tensor, rows: np.ndarray) -> None:
+    """values[r] += table[rows[r]] in place, for CPU tensors (the same float32 adds)."""
+    _kernels().add_table_rows(values.numpy(), _array(table), np.ascontiguousarray(rows, np.int64))
+
+
 def warm_up() -> None:
     """Compile (or load from numba's cache) every kernel for the step's dtypes, so that the
     first request does not wait for it."""
@@ -190,3 +201,4 @@ def warm_up() -> None:
     loops.run_positions(one, one, 2)
     loops.cells_above(one, one, one, one, one, one, 2)
     loops.committed_entries(one, one, one, np.ones(1, np.bool_), 1)
+    add_table_rows(p.clone(), p, np.zeros(2, np.int64))

@@ -317,3 +317,10 @@ def committed_entries(n, a, num_tokens, include, num_target_rows):
                 k += 1
         first += n[i]
     return request, positions, sources
+
+
+@numba.njit(cache=True, nogil=True)
+def add_table_rows(values, table, rows):
+    """values[r] += table[rows[r]] in place (a layout's penalty rows on a step's scores)."""
+    for r in range(values.shape[0]):
+        values[r] += table[rows[r]]

@@ -136,6 +136,31 @@ class LayoutConstraints:
         relative = (first - prompt_lens)[request_of_row] + offset
         return self.masks_at(entries, request_of_row, relative, vocab_size, device, columns, kind)
 
+    def add_row_masks(
+        self,
+        values: torch.Tensor,  # [sum(counts), V or U] float32, changed in place
+        entries: Sequence[tuple[ImageGrid | None, int]],
+        first_positions: np.ndarray,
+        counts: np.ndarray,
+        vocab_size: int,
+        columns: Columns | None = None,
+        kind: MaskKind = "penalty",
+    ) -> None:
+        """values += row_masks(...) of a float kind; on a CPU, with one grid, its table's
+        rows added in one call (no [rows, V] gather)."""
+        distinct = _distinct(grid for grid, _ in entries)
+        if cpu_kernels.enabled_for(values) and len(distinct) == 1 and distinct[0] is not None:
+            (grid,) = distinct
+            starts = np.asarray(first_positions, dtype=np.int64) - np.array(
+                [prompt_len for _, prompt_len in entries], dtype=np.int64)
+            rows = cpu_kernels.run_positions(starts, counts, grid.num_tokens)
+            table = self._mask_table(grid, vocab_size, values.device, columns, kind)
+            cpu_kernels.add_table_rows(values, table, rows)
+            return
+        masks = self.row_masks(entries, first_positions, counts, vocab_size, values.device, columns, kind)
+        if masks is not None:
+            values.add_(masks)
+
     def slot_rows(
         self,
         entries: Sequence[tuple[ImageGrid | None, int]],
