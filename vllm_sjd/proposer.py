@@ -586,15 +586,15 @@ def _requests_to_build(num_requests: int, mirror: Sequence[tuple[int, int]]) -> 
     """Batch rows whose windows are built ([B'] int64): all but mirrored twins; None: all."""
     if not mirror:
         return None
-    build = np.ones(num_requests, dtype=bool)
-    build[[twin for twin, _ in mirror]] = False
-    return np.nonzero(build)[0]
+    twins = {twin for twin, _ in mirror}  # (Python: a step's few requests, no numpy calls)
+    return np.array([i for i in range(num_requests) if i not in twins], dtype=np.int64)
 
 
 def _spread(num_requests: int, build: np.ndarray, mirror: Sequence[tuple[int, int]]) -> np.ndarray:
     """[B] int64: each request's row among the built windows; a twin's is its source's."""
-    row = np.full(num_requests, -1, dtype=np.int64)
-    row[build] = np.arange(len(build))
+    row = [-1] * num_requests
+    for built, request in enumerate(build.tolist()):
+        row[request] = built
     for twin, source in mirror:
         row[twin] = row[source]
-    return row
+    return np.array(row, dtype=np.int64)

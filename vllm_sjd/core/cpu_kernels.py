@@ -199,6 +199,6 @@ def warm_up() -> None:
     ring_record(q.clone(), ring_positions, one - 1, one + 1, one, (p,), one)
     ring_lookup(q, ring_positions, one - 1, one + 1, np.ones((1, 2), np.int64))
     loops.run_positions(one, one, 2)
-    loops.cells_above(one, one, one, one, one, one, 2)
+    loops.cells_above(one, np.ones((1, 5), np.int64), 2)
     loops.committed_entries(one, one, one, np.ones(1, np.bool_), 1)
     add_table_rows(p.clone(), p, np.zeros(2, np.int64))

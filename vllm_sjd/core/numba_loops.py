@@ -280,17 +280,19 @@ def run_positions(starts, counts, limit):
 
 
 @numba.njit(cache=True, nogil=True)
-def cells_above(starts, prompt_lens, headers, strides, rows, cols, num_slots):
+def cells_above(starts, grids, num_slots):
     """layouts/constraints.LayoutConstraints.cells_above's positions in one loop: [B, K] the
-    absolute position of each slot's code one image row up, -1 none (stride 0: no grid)."""
+    absolute position of each slot's code one image row up, -1 none. grids: [B, 5] each
+    request's prompt length and its grid's header length, row stride (0: no grid), rows
+    and columns."""
     above = np.full((starts.shape[0], num_slots), -1, np.int64)
     for b in range(starts.shape[0]):
-        stride = strides[b]
+        prompt_len, header, stride, rows, cols = grids[b]
         if stride == 0:
             continue
         for s in range(num_slots):
-            body = starts[b] - prompt_lens[b] + s - headers[b]
-            if stride <= body < rows[b] * stride and body % stride < cols[b]:
+            body = starts[b] - prompt_len + s - header
+            if stride <= body < rows * stride and body % stride < cols:
                 above[b, s] = starts[b] + s - stride
     return above
 

@@ -259,14 +259,10 @@ class LayoutConstraints:
         strides = [0 if grid is None else grid.row_stride for grid, _ in entries]
         loops = cpu_kernels.loaded()
         if loops is not None:  # the same positions in one call
-            def each(value):
-                return np.array([0 if grid is None else value(grid) for grid, _ in entries], np.int64)
-
-            above = loops.cells_above(
-                first, np.array([prompt_len for _, prompt_len in entries], np.int64),
-                each(lambda g: len(g.header)), np.array(strides, np.int64), each(lambda g: g.rows),
-                each(lambda g: g.cols), num_slots)
-            return above, strides
+            grids = np.array([(p, 0, 0, 0, 0) if g is None
+                              else (p, len(g.header), g.row_stride, g.rows, g.cols) for g, p in entries],
+                             dtype=np.int64)
+            return loops.cells_above(first, grids, num_slots), strides
         slots = np.arange(num_slots, dtype=np.int64)
         above = np.full((len(entries), num_slots), -1, dtype=np.int64)
         for i, (grid, prompt_len) in enumerate(entries):
