@@ -1,13 +1,17 @@
-"""The verifier's test and the window's draws as numba kernels, for a CPU device.
+"""SJD's step outside the forward pass as numba kernels, for a CPU device.
 
-On a CPU each eager torch call costs ~8 us with its Python, and SJD's step
-outside the forward pass is ~250 such calls over a few dozen rows of a few
-hundred columns (benchmarks/RESULTS.md, "The lean step"). These kernels do the
-same arithmetic in one loop each: the same comparisons in the same precision
-(float32 terms, float64 products and running sums, the first index whose
-running sum exceeds u times the total), so they give core/verify.py's and
-core/drafting.py's tokens bit for bit (tests/test_core_cpu_kernels.py). The
-torch functions stay the implementation on a GPU and the reference.
+On a CPU each eager torch call costs 2-8 us with its Python, and SJD's step
+outside the forward pass was ~250 such calls over a few dozen rows of a few
+hundred columns (benchmarks/RESULTS.md, "The lean step"). These kernels do
+the verifier's test (core/verify.py), the window's assembly and draws
+(core/window.py, core/drafting.py), the counter hash (core/rng.py), the
+cells-above ring (core/cells_above.py) and the layout's row lookups in one
+loop each: the same comparisons in the same precision (float32 terms, float64
+products and running sums, the first index whose running sum exceeds u times
+the total), so they give the torch code's tokens, windows and rows bit for
+bit (tests/test_core_cpu_kernels.py). The torch code stays the
+implementation on a GPU and the reference; the engine's chi-square suites
+on a CPU run through the kernels.
 
 numba ships with vLLM. The loops (core/numba_loops.py) are imported on first
 use, not with this module (numba's import costs a process that never steps on
