@@ -111,7 +111,7 @@ class SJDModelRunnerMixin(ZipARRunnerMixin, RowLookaheadRunnerMixin, SJDSampling
         set_compiled(getattr(settings, "compile_step", False) and self.device.type == "cuda"
                      and not self.model_config.enforce_eager)
         if self.device.type == "cpu":
-            cpu_kernels.warm_up()  # on a CPU the test and the draws are numba kernels: compile now
+            cpu_kernels.warm_up()  # SJD's step runs as numba kernels on a CPU: compile them now
 
     def _layout_entries(self, req_ids):
         return self._layouts.lookup(
@@ -344,7 +344,9 @@ class SJDModelRunnerMixin(ZipARRunnerMixin, RowLookaheadRunnerMixin, SJDSampling
         # With every request an image, windows are built on its layout's ids only.
         vocab_size, device = step.vocab_size, rows.bonus_probs.device
         # (The sampling step's, where it sampled on them: the same batch's columns.)
-        columns = rows.columns or self._layouts.columns(entries, vocab_size, device)
+        columns = rows.columns
+        if columns is None:
+            columns = self._layouts.columns(entries, vocab_size, device)
         # A fresh slot's q where no better row is known.
         allowed = self._layouts.slot_rows(entries, num_tokens, num_slots, vocab_size, device, columns,
                                           kind="uniform")
