@@ -261,6 +261,11 @@ def test_layout_rows_of_one_grid_are_numpys(kind):
         args = (entries, np.array(first), np.array(counts), vocab_size, device, columns, kind)
         kernel, reference = _both(lambda: layouts.row_masks(*args))
         assert torch.equal(kernel, reference)
+        # Both against the per-row lookup every layout takes (masks_at).
+        request = np.repeat(np.arange(2), counts)
+        relative = np.concatenate([np.arange(c) + f - p for c, f, p in zip(counts, first, [20, 9])])
+        assert torch.equal(reference, layouts.masks_at(entries, request, relative, vocab_size, device,
+                                                       columns, kind))
 
 
 def test_cells_above_positions_are_numpys():

@@ -119,13 +119,9 @@ class LayoutConstraints:
         if all(grid is None for grid, _ in entries):
             return None
         counts = np.asarray(counts, dtype=np.int64)
-        loops = cpu_kernels.loaded()
-        distinct = _distinct(grid for grid, _ in entries)
-        if loops is not None and len(distinct) == 1:  # one grid: its table's rows in one call
-            (grid,) = distinct
-            starts = np.asarray(first_positions, dtype=np.int64) - np.array(
-                [prompt_len for _, prompt_len in entries], dtype=np.int64)
-            rows = loops.run_positions(starts, counts, grid.num_tokens)
+        one_grid = _one_grid_rows(entries, first_positions, counts)
+        if one_grid is not None:  # one grid: its table's rows
+            grid, rows = one_grid
             table = self._mask_table(grid, vocab_size, device, columns, kind)
             return table.index_select(0, torch.from_numpy(rows).to(device))
         request_of_row = np.repeat(np.arange(len(entries)), counts)
@@ -148,12 +144,9 @@ class LayoutConstraints:
     ) -> None:
         """values += row_masks(...) of a float kind; on a CPU, with one grid, its table's
         rows added in one call (no [rows, V] gather)."""
-        distinct = _distinct(grid for grid, _ in entries)
-        if cpu_kernels.enabled_for(values) and len(distinct) == 1 and distinct[0] is not None:
-            (grid,) = distinct
-            starts = np.asarray(first_positions, dtype=np.int64) - np.array(
-                [prompt_len for _, prompt_len in entries], dtype=np.int64)
-            rows = cpu_kernels.run_positions(starts, counts, grid.num_tokens)
+        one_grid = _one_grid_rows(entries, first_positions, counts)
+        if cpu_kernels.enabled_for(values) and one_grid is not None:
+            grid, rows = one_grid
             table = self._mask_table(grid, vocab_size, values.device, columns, kind)
             cpu_kernels.add_table_rows(values, table, rows)
             return
@@ -174,14 +167,12 @@ class LayoutConstraints:
         """[B, K, V] of `kind` for the K window slots of each request (row_masks' rows):
         with one grid, its table and each slot's row in it, not gathered (TableRows);
         else a tensor; None if no request has a grid."""
-        distinct = _distinct(grid for grid, _ in entries)
-        if len(distinct) == 1 and distinct[0] is not None:
-            (grid,) = distinct
-            starts = np.asarray(first_positions, dtype=np.int64) - np.array(
-                [prompt_len for _, prompt_len in entries], dtype=np.int64)
-            rows = np.minimum(np.maximum(starts[:, None] + np.arange(num_slots), 0), grid.num_tokens)
-            return TableRows(self._mask_table(grid, vocab_size, device, columns, kind), rows)
         counts = np.full(len(entries), num_slots, dtype=np.int64)
+        one_grid = _one_grid_rows(entries, first_positions, counts)
+        if one_grid is not None:
+            grid, rows = one_grid
+            table = self._mask_table(grid, vocab_size, device, columns, kind)
+            return TableRows(table, rows.reshape(len(entries), num_slots))
         masks = self.row_masks(entries, first_positions, counts, vocab_size, device, columns, kind)
         return None if masks is None else masks.view(len(entries), num_slots, -1)
 
@@ -277,6 +268,23 @@ class LayoutConstraints:
 
     def tracked_requests(self) -> set[str]:
         return set(self._grids)
+
+
+def _one_grid_rows(entries, first_positions, counts: np.ndarray) -> tuple[ImageGrid, np.ndarray] | None:
+    """(grid, [sum(counts)] rows of its mask table) where every request has the same grid:
+    counts[i] rows from request i's first position, relative to its image; else None."""
+    distinct = _distinct(grid for grid, _ in entries)
+    if len(distinct) != 1 or distinct[0] is None:
+        return None
+    (grid,) = distinct
+    starts = np.asarray(first_positions, dtype=np.int64) - np.array(
+        [prompt_len for _, prompt_len in entries], dtype=np.int64)
+    loops = cpu_kernels.loaded()
+    if loops is not None:  # one call (numpy's handful: ~10 us)
+        return grid, loops.run_positions(starts, counts, grid.num_tokens)
+    first_row = np.cumsum(counts) - counts
+    rows = np.repeat(starts - first_row, counts) + np.arange(int(counts.sum()))
+    return grid, np.minimum(np.maximum(rows, 0), grid.num_tokens)
 
 
 def _distinct(grids) -> list:
