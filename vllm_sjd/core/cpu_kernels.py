@@ -138,8 +138,10 @@ def window(target_probs, bonus_probs, layout: np.ndarray, initial_drafts: str, k
                       else np.arange(batch * slots, dtype=np.int64).reshape(batch, slots))
     else:  # TableRows: the table read in place
         table, table_rows = _array(allowed.table), np.ascontiguousarray(allowed.rows, np.int64)
-    held, above_rows = (np.zeros((0, 0), np.bool_), np.zeros((0, 0, 0), np.float32)) if above is None \
-        else (_array(above[0]), _array(above[1]))
+    if above is None:
+        held, above_rows = np.zeros((0, 0), np.bool_), np.zeros((0, 0, 0), np.float32)
+    else:
+        held, above_rows = _array(above[0]), _array(above[1])
     if previous is None:
         previous_drafts, previous_q = np.zeros((0, 0), np.int64), np.zeros((0, 0, 0), np.float32)
         present = np.zeros(0, np.bool_)
@@ -149,11 +151,11 @@ def window(target_probs, bonus_probs, layout: np.ndarray, initial_drafts: str, k
     drafts, q, kept, fresh, from_above, old_q = loops.window_kernel(
         _array(target_probs), _array(bonus_probs), np.ascontiguousarray(layout, np.int64),
         initial_drafts == "above", table, table_rows, held, above_rows, previous_drafts, previous_q,
-        present,
-        _bits(keys), _bits(next_positions), _streams["draft"], _array(greedy),
+        present, _bits(keys), _bits(next_positions), _streams["draft"], _array(greedy),
     )
-    return (torch.from_numpy(drafts), torch.from_numpy(q), torch.from_numpy(kept), torch.from_numpy(fresh),
-            torch.from_numpy(from_above), None if previous is None else torch.from_numpy(old_q), None)
+    old_q = None if previous is None else torch.from_numpy(old_q)
+    return (torch.from_numpy(drafts), torch.from_numpy(q), torch.from_numpy(kept),
+            torch.from_numpy(fresh), torch.from_numpy(from_above), old_q, None)
 
 
 def ring_record(ring_rows, ring_positions: np.ndarray, rings, strides, positions, blocks, sources):
