@@ -61,6 +61,16 @@ def inverse_cdf_row(values, residual_of, u):
     return width - 1
 
 
+@numba.njit(cache=True, inline="always")
+def coupled_draw(p_row, old_row, d, keep_u, residual_u):
+    """core/drafting.maximal_coupling on one slot: keep the old draft d (drawn from old_row)
+    while keep_u q_old(d) < p(d), else draw from max(0, p - q_old). (draft, kept)."""
+    q_d = np.float64(old_row[d])
+    if q_d > 0 and keep_u * q_d < np.float64(p_row[d]):
+        return d, True
+    return inverse_cdf_row(p_row, old_row, residual_u), False
+
+
 @numba.njit(cache=True, nogil=True)
 def argmax_row(values):
     best = 0
@@ -120,12 +130,8 @@ def draw_kernel(q, uniforms, coupled, old_drafts, old_q, keep_u, residual_u):
     for b in range(batch):
         for s in range(slots):
             if coupled.shape[0] > 0 and coupled[b, s]:
-                d = old_drafts[b, s]
-                q_d = np.float64(old_q[b, s, d])
-                if q_d > 0 and keep_u[b, s] * q_d < np.float64(q[b, s, d]):
-                    drafts[b, s], kept[b, s] = d, True
-                else:
-                    drafts[b, s] = inverse_cdf_row(q[b, s], old_q[b, s], residual_u[b, s])
+                drafts[b, s], kept[b, s] = coupled_draw(q[b, s], old_q[b, s], old_drafts[b, s],
+                                                        keep_u[b, s], residual_u[b, s])
             else:
                 drafts[b, s] = inverse_cdf_row(q[b, s], none, uniforms[b, s])
     return drafts, kept
@@ -180,13 +186,9 @@ def window_kernel(target, bonus, layout, from_cells_above, table, table_rows, he
             if greedy[b] and (recycled or from_model):
                 drafts[b, s] = argmax_row(q[b, s])
             elif d >= 0:  # maximal coupling with the draft this position had
-                q_d = np.float64(old_q[b, s, d])
-                keep_u = uniform(key, position, slot, streams[1])
-                if q_d > 0 and keep_u * q_d < np.float64(q[b, s, d]):
-                    drafts[b, s], kept[b, s] = d, True
-                else:
-                    u = uniform(key, position, slot, streams[2])
-                    drafts[b, s] = inverse_cdf_row(q[b, s], old_q[b, s], u)
+                drafts[b, s], kept[b, s] = coupled_draw(
+                    q[b, s], old_q[b, s], d, uniform(key, position, slot, streams[1]),
+                    uniform(key, position, slot, streams[2]))
             else:
                 u = uniform(key, position, slot, streams[0])
                 drafts[b, s] = inverse_cdf_row(q[b, s], none, u)
