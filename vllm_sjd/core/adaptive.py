@@ -142,18 +142,26 @@ class SlotAcceptance:
 
     def record(self, num_drafts: Sequence[int], num_accepted: Sequence[int]) -> None:
         """One step: request r verified num_drafts[r] drafts and kept num_accepted[r]."""
-        reached = [0] * len(self.reached)
-        kept = [0] * len(self.reached)
+        # Request r reached slots [0, min(a+1, n)) and kept [0, min(a, n)): count
+        # where each prefix ends, then walk the slots once (a step runs per pass).
+        num_slots = len(self.reached)
+        reach_ends = [0] * (num_slots + 1)
+        keep_ends = [0] * (num_slots + 1)
+        requests = top = 0
         for n, a in zip(num_drafts, num_accepted):
-            for i in range(min(a + 1, n, len(reached))):
-                reached[i] += 1
-                kept[i] += i < a
-        if not any(reached):
-            return
-        for i, (r, k) in enumerate(zip(reached, kept)):
-            if r:
-                self.reached[i] = self.reached[i] * ACCEPTANCE_DECAY + r
-                self.kept[i] = self.kept[i] * ACCEPTANCE_DECAY + k
+            reach = min(a + 1, n, num_slots)
+            if reach > 0:
+                reach_ends[reach] += 1
+                keep_ends[min(a, reach)] += 1
+                requests += 1
+                top = max(top, reach)
+        reached, kept = self.reached, self.kept
+        r, k = requests, requests - keep_ends[0]
+        for i in range(top):  # r, k: requests that reached / kept slot i (r > 0 here)
+            reached[i] = reached[i] * ACCEPTANCE_DECAY + r
+            kept[i] = kept[i] * ACCEPTANCE_DECAY + k
+            r -= reach_ends[i + 1]
+            k -= keep_ends[i + 1]
 
     def rate(self, slot: int) -> float:
         return (self.kept[slot] + PRIOR_WEIGHT * PRIOR_ACCEPTANCE) / (self.reached[slot] + PRIOR_WEIGHT)
@@ -168,26 +176,38 @@ class SlotAcceptance:
 
 
 class StepOverhead:
-    """The step's time beyond the forward pass: c0 + c1 B + c2 D, fitted by recursive least squares."""
+    """The step's time beyond the forward pass: c0 + c1 B + c2 D, fitted by recursive least squares.
+
+    Written out for three terms: it runs every step, and loops over 3x3 lists cost
+    more there than the rest of the policy.
+    """
 
     def __init__(self) -> None:
         self.coef = [0.0, 0.0, 0.0]
-        self._p = [[1e2 if i == j else 0.0 for j in range(3)] for i in range(3)]
+        self._p = [1e2, 0.0, 0.0, 0.0, 1e2, 0.0, 0.0, 0.0, 1e2]  # the 3x3 inverse covariance, row-major
         self.samples = 0
 
     def __call__(self, batch_size: int, num_drafts: int) -> float:
-        x = (1.0, float(batch_size), float(num_drafts))
-        return max(sum(c * v for c, v in zip(self.coef, x)), 0.0)
+        c0, c1, c2 = self.coef
+        return max(c0 + c1 * batch_size + c2 * num_drafts, 0.0)
 
     def record(self, batch_size: int, num_drafts: int, seconds: float) -> None:
-        x = (1.0, float(batch_size), float(num_drafts))
+        x1, x2 = float(batch_size), float(num_drafts)  # x0 = 1
         lam = OVERHEAD_FORGETTING
-        px = [sum(self._p[i][j] * x[j] for j in range(3)) for i in range(3)]
-        gain_den = lam + sum(x[i] * px[i] for i in range(3))
-        gain = [v / gain_den for v in px]
-        error = seconds - sum(c * v for c, v in zip(self.coef, x))
-        self.coef = [c + g * error for c, g in zip(self.coef, gain)]
-        self._p = [[(self._p[i][j] - gain[i] * px[j]) / lam for j in range(3)] for i in range(3)]
+        p00, p01, p02, p10, p11, p12, p20, p21, p22 = self._p
+        px0 = p00 + p01 * x1 + p02 * x2
+        px1 = p10 + p11 * x1 + p12 * x2
+        px2 = p20 + p21 * x1 + p22 * x2
+        gain_den = lam + (px0 + x1 * px1 + x2 * px2)
+        g0, g1, g2 = px0 / gain_den, px1 / gain_den, px2 / gain_den
+        c0, c1, c2 = self.coef
+        error = seconds - (c0 + c1 * x1 + c2 * x2)
+        self.coef = [c0 + g0 * error, c1 + g1 * error, c2 + g2 * error]
+        self._p = [
+            (p00 - g0 * px0) / lam, (p01 - g0 * px1) / lam, (p02 - g0 * px2) / lam,
+            (p10 - g1 * px0) / lam, (p11 - g1 * px1) / lam, (p12 - g1 * px2) / lam,
+            (p20 - g2 * px0) / lam, (p21 - g2 * px1) / lam, (p22 - g2 * px2) / lam,
+        ]
         self.samples += 1
 
 
@@ -236,10 +256,10 @@ class WindowPolicy:
                           sum(min(a, n) for a, n in zip(num_accepted, num_drafts)) + batch_size)
                 self.measured.record_window_tokens(tokens / batch_size)
         # Below zero when the curve overestimates this pass: nothing left over.
-        rest = max(seconds - self.forward_cost(batch_size + drafts), 0.0)
-        predicted = self.overhead(batch_size, drafts)
+        forward = self.forward_cost(batch_size + drafts)
+        rest = max(seconds - forward, 0.0)
         # A pause between requests is not step time.
-        if self.overhead.samples >= 8 and rest > 4 * predicted + self.forward_cost(batch_size + drafts):
+        if self.overhead.samples >= 8 and rest > 4 * self.overhead(batch_size, drafts) + forward:
             return
         self.overhead.record(batch_size, drafts, rest)
 
