@@ -379,12 +379,16 @@ class SJDModelRunnerMixin(ZipARRunnerMixin, RowLookaheadRunnerMixin, SJDSampling
         produced = np.array([len(t) for t in sampled_token_ids], dtype=np.int64)
         # a = produced - 1; a request that produced nothing keeps no rows.
         a_host = np.where(produced > 0, produced - 1, n_host)
-        n = torch.from_numpy(n_host).to(device)
-        accepted = torch.from_numpy(a_host).to(device)
         if step.rows is not None:  # (dataclasses.replace costs ~10 us a step)
             rows = step.rows
+            if rows.requests is not None:  # rows of some requests only (no guided twins)
+                n_host, a_host = n_host[rows.requests], a_host[rows.requests]
+            n = torch.from_numpy(n_host).to(device)
+            accepted = torch.from_numpy(a_host).to(device)
             return StepRows(rows.target_probs, rows.bonus_probs, n, accepted, rows.columns,
-                            (n_host, a_host))
+                            (n_host, a_host), rows.requests)
+        n = torch.from_numpy(n_host).to(device)
+        accepted = torch.from_numpy(a_host).to(device)
         cu_one_per_request = torch.arange(1, num_reqs + 1, device=device, dtype=torch.int32)
         bonus = rejection_sampler.apply_sampling_constraints(
             step.bonus_logits.to(torch.float32), cu_one_per_request, sampling_metadata

@@ -55,21 +55,52 @@ def _uses_logits_processing(sampling_metadata) -> bool:
     )
 
 
-def copy_rows(tensor: torch.Tensor, to: list[int], source: list[int]) -> None:
-    """tensor[to] = tensor[source]: row by row for a pair or two (indexing by a list builds
-    a tensor: ~12 us on this CPU against ~2 us a row)."""
-    if len(to) > 2:
-        tensor[to] = tensor[source]
-        return
-    for i, j in zip(to, source):
-        tensor[i] = tensor[j]
+def _leading_requests(num_reqs: int, twins: list[int]) -> np.ndarray | None:
+    """[B'] int64: the batch rows that are not guided twins; None without twins."""
+    if not twins:
+        return None
+    twins = set(twins)
+    return np.array([i for i in range(num_reqs) if i not in twins], dtype=np.int64)
+
+
+def _row_among(num_reqs: int, lead: np.ndarray, pairs) -> np.ndarray:
+    """[B] int64: each request's row among `lead`'s; a twin's is its conditional request's."""
+    row = np.zeros(num_reqs, dtype=np.int64)
+    row[lead] = np.arange(len(lead))
+    row[pairs.twin] = row[pairs.cond]
+    return row
+
+
+def request_rows(counts: np.ndarray, requests: np.ndarray, starts: np.ndarray | None = None) -> np.ndarray:
+    """The rows of these requests, in order, where request i has counts[i] rows from
+    starts[i] (default: right after request i - 1's)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if starts is None:
+        starts = np.cumsum(counts) - counts
+    lengths = counts[requests]
+    first = starts[requests] - (np.cumsum(lengths) - lengths)
+    return np.repeat(first, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+
+
+def take_requests(values: torch.Tensor, counts: np.ndarray, requests: np.ndarray) -> torch.Tensor:
+    """The rows of these requests (ascending batch rows), request i having counts[i] rows
+    in batch order: a view where the requests are a run (one guided pair's conditional
+    request, say), else one index_select."""
+    first, last = int(requests[0]), int(requests[-1])
+    if last - first == len(requests) - 1:
+        return values.narrow(0, int(counts[:first].sum()), int(counts[first:last + 1].sum()))
+    return values.index_select(0, torch.from_numpy(request_rows(counts, requests)).to(values.device))
 
 
 class SJDSamplingMixin:
     """The SJD runner's `_sample` under speculation, on the layout's columns."""
 
     def _sample_on_columns(self, logits, spec_decode_metadata, counts: np.ndarray, pairs, greedy):
-        """(SamplerOutput, StepRows without accepted counts) of one step."""
+        """(SamplerOutput, StepRows without accepted counts) of one step.
+
+        A guided twin's rows equal its conditional request's once guided, and it
+        commits that request's tokens: only the other requests' rows are processed
+        and verified (`StepRows.requests`)."""
         self.input_batch.update_async_output_token_ids()
         sampling_metadata = self.input_batch.sampling_metadata
         num_reqs = self.input_batch.num_reqs
@@ -95,25 +126,42 @@ class SJDSamplingMixin:
                 self._guide(scores, pairs, counts)
             # The layout as 0 / -inf added: the same scores as a masked fill, at the cost of an add.
             self._layouts.add_row_masks(scores, entries, first, counts, vocab_size, columns)
-        top_k = None if sampling_metadata.top_k is None else self.input_batch.top_k_cpu[:num_reqs]
-        greedy_rows = torch.from_numpy(greedy).to(device)
-        # Greedy requests keep their argmax at temperature 1 (vLLM keeps 0.0 for them).
-        temperature = np.where(greedy, 1.0, self.input_batch.temperature_cpu[:num_reqs])
-        probs = self._processed_probs(scores, counts, sampling_metadata, greedy_rows, top_k,
-                                      temperature.astype(np.float32))
-
         if spec_decode_metadata is None:
-            target_rows = torch.zeros(0, dtype=torch.int64, device=device)
-            bonus_rows = torch.arange(num_reqs, device=device)
-            num_draft = [0] * num_reqs
+            num_draft = np.zeros(num_reqs, dtype=np.int64)
             draft_ids = torch.zeros(0, dtype=torch.int64, device=device)
         else:
-            target_rows = spec_decode_metadata.target_logits_indices
-            bonus_rows = spec_decode_metadata.bonus_logits_indices
-            num_draft = list(spec_decode_metadata.num_draft_tokens)
+            num_draft = np.asarray(spec_decode_metadata.num_draft_tokens, dtype=np.int64)
             draft_ids = spec_decode_metadata.draft_token_ids
-        target_probs, bonus_probs = probs.index_select(0, target_rows), probs.index_select(0, bonus_rows)
-        drafts, q = self._draft_distributions(req_ids, num_draft, draft_ids, columns, probs)
+        lead = _leading_requests(num_reqs, pairs.twin)
+        verified = slice(None) if lead is None else lead
+        if lead is not None:  # the twins' rows left out
+            scores = take_requests(scores, counts, lead)
+            draft_ids = take_requests(draft_ids, num_draft, lead)
+            counts, num_draft, first, greedy = counts[lead], num_draft[lead], first[lead], greedy[lead]
+            req_ids = [req_ids[i] for i in lead.tolist()]
+        top_k = None if sampling_metadata.top_k is None else self.input_batch.top_k_cpu[:num_reqs][verified]
+        greedy_rows = torch.from_numpy(greedy).to(device)
+        # Greedy requests keep their argmax at temperature 1 (vLLM keeps 0.0 for them).
+        temperature = np.where(greedy, 1.0, self.input_batch.temperature_cpu[:num_reqs][verified])
+        probs = self._processed_probs(scores, counts, sampling_metadata, greedy_rows, top_k,
+                                      temperature.astype(np.float32), lead)
+
+        if len(counts) == 1:  # rows 0..n-1, then row n
+            target_probs, bonus_probs = probs[: num_draft[0]], probs[num_draft[0]:]
+        else:
+            if spec_decode_metadata is not None and lead is None:
+                target_rows = spec_decode_metadata.target_logits_indices
+                bonus_rows = spec_decode_metadata.bonus_logits_indices
+            else:  # row n of each request, and rows 0..n-1 before it
+                bonus = np.cumsum(counts) - 1
+                bonus_rows = torch.from_numpy(bonus).to(device)
+                target_rows = torch.from_numpy(request_rows(num_draft, np.arange(len(counts)),
+                                                            bonus - num_draft)).to(device)
+            target_probs = probs.index_select(0, target_rows)
+            bonus_probs = probs.index_select(0, bonus_rows)
+        num_draft = num_draft.tolist()
+        drafts, q = self._draft_distributions(req_ids, num_draft, draft_ids, columns, probs,
+                                              None if lead is None else lead.tolist())
         seeds = [self.requests[r].sampling_params.seed for r in req_ids]
         verdict = verify(
             target_probs,
@@ -128,13 +176,14 @@ class SJDSamplingMixin:
             any_greedy=bool(greedy.any()),
         )
         tokens = verdict.tokens
+        if lead is not None and len(lead) == 1:  # one request and its twin: the same tokens
+            tokens = tokens.expand(num_reqs, -1)
+        elif lead is not None:  # a twin commits exactly its conditional request's tokens
+            tokens = tokens.index_select(0, torch.from_numpy(_row_among(num_reqs, lead, pairs)).to(device))
         if columns is not None:
             tokens = columns.tokens(tokens)  # the verifier's placeholder, -1, stays -1
-        if pairs.cond:
-            # The twin commits exactly the conditional request's tokens.
-            copy_rows(tokens, pairs.twin, pairs.cond)
         self._generators_untouched = True
-        rows = StepRows(target_probs, bonus_probs, None, None, columns)
+        rows = StepRows(target_probs, bonus_probs, None, None, columns, requests=lead)
         return SamplerOutput(sampled_token_ids=tokens.to(torch.int32), logprobs_tensors=None), rows
 
     def _vllm_logits_processing(self, logits, spec_decode_metadata):
@@ -162,21 +211,28 @@ class SJDSamplingMixin:
         greedy: torch.Tensor,  # [B] bool, on the scores' device
         top_k_host: np.ndarray | None,  # [B] each request's top-k as the host keeps it
         temperature_host: np.ndarray | None = None,  # [B] float32, the host's, greedy ones at 1
+        requests: np.ndarray | None = None,  # [B] batch rows of the requests; None: the first B
     ) -> torch.Tensor:
         """Temperature, top-k and top-p per row, then the softmax, [rows, W] float32."""
         num_reqs, width = counts.shape[0], scores.shape[-1]
         device, num_rows = scores.device, scores.shape[0]
+
+        def per_request(values: torch.Tensor) -> torch.Tensor:  # sampling_metadata's [batch] tensors
+            if requests is None:
+                return values[:num_reqs]
+            return values.index_select(0, torch.from_numpy(requests).to(values.device))
+
         per_row = torch.from_numpy(counts).to(device)
         if sampling_metadata.temperature is not None and temperature_host is not None:
             # Per row on the host: one copy instead of a repeat on the device.
             scores.div_(torch.from_numpy(np.repeat(temperature_host, counts)).to(device)[:, None])
         elif sampling_metadata.temperature is not None:
-            temperature = sampling_metadata.temperature[:num_reqs].to(torch.float32)
+            temperature = per_request(sampling_metadata.temperature).to(torch.float32)
             temperature = torch.where(greedy, 1.0, temperature)
             scores.div_(temperature.repeat_interleave(per_row, output_size=num_rows)[:, None])
         top_p = None
         if sampling_metadata.top_p is not None:
-            top_p = sampling_metadata.top_p[:num_reqs]
+            top_p = per_request(sampling_metadata.top_p)
             top_p = top_p.repeat_interleave(per_row, output_size=num_rows)
         if sampling_metadata.top_k is not None and top_p is None and top_k_host is not None:
             # Top-k alone, known on the host: no read of k from the device
@@ -192,18 +248,22 @@ class SJDSamplingMixin:
         else:
             top_k = None
             if sampling_metadata.top_k is not None:
-                top_k = sampling_metadata.top_k[:num_reqs].clamp(max=width)
+                top_k = per_request(sampling_metadata.top_k).clamp(max=width)
                 top_k = top_k.repeat_interleave(per_row, output_size=num_rows)
             scores = apply_top_k_top_p(scores, top_k, top_p)
         return scores.softmax(dim=-1, dtype=torch.float32)
 
-    def _draft_distributions(self, req_ids, num_draft, draft_ids, columns: Columns | None, probs):
-        """The scheduled drafts as column indices, and their q on the same columns."""
+    def _draft_distributions(self, req_ids, num_draft, draft_ids, columns: Columns | None, probs,
+                             batch_rows: list[int] | None = None):
+        """The scheduled drafts as column indices, and their q on the same columns
+        (of requests at `batch_rows`; None: the first len(req_ids))."""
         if not sum(num_draft):
             empty = torch.zeros(0, dtype=torch.int64, device=probs.device)
             return empty, probs.new_zeros((0, probs.shape[-1]))
+        scheduled = self.input_batch.spec_token_ids
+        scheduled = scheduled[: len(req_ids)] if batch_rows is None else [scheduled[i] for i in batch_rows]
         return self.drafter.scheduled_drafts(req_ids, num_draft, draft_ids, columns, probs.shape[-1],
-                                             self.input_batch.spec_token_ids[: len(req_ids)])
+                                             scheduled)
 
     def _bookkeeping_without_generators(self, bookkeeping, *args, **kwargs):
         """vLLM's bookkeeping, without rewinding generators this step did not use."""

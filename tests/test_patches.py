@@ -163,6 +163,36 @@ def test_sjd_temperature_from_the_host_equals_the_devices():
     assert not torch.equal(host_path[:2], scores[:2].softmax(-1))
 
 
+def test_rows_of_some_requests_are_processed_as_in_the_whole_batch():
+    """SJD's step processes only the requests that are not guided twins: their rows,
+    with the batch's per-request top-p, top-k and temperature, come out as they would
+    within the whole batch; take_requests finds their rows as a view or a gather."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from vllm_sjd.patches.sjd_sampling import SJDSamplingMixin, request_rows, take_requests
+
+    counts = np.array([2, 3, 1, 4], dtype=np.int64)
+    scores = torch.randn(int(counts.sum()), 30, generator=torch.Generator().manual_seed(3))
+    metadata = SimpleNamespace(temperature=torch.tensor([0.5, 1.0, 2.0, 0.8]),
+                               top_k=torch.tensor([4, 30, 7, 3]), top_p=torch.tensor([0.9, 0.5, 1.0, 0.7]))
+    greedy = torch.zeros(len(counts), dtype=torch.bool)
+    whole = SJDSamplingMixin._processed_probs(scores.clone(), counts, metadata, greedy, None)
+    for requests in ([0, 2, 3], [1, 2], [3]):
+        requests = np.array(requests)
+        rows = request_rows(counts, requests)
+        assert rows.tolist() == [r for i in requests.tolist()
+                                 for r in range(int(counts[:i].sum()), int(counts[:i + 1].sum()))]
+        part = take_requests(scores, counts, requests)
+        assert torch.equal(part, scores[torch.from_numpy(rows)])
+        is_view = part.untyped_storage().data_ptr() == scores.untyped_storage().data_ptr()
+        assert is_view == (requests[-1] - requests[0] == len(requests) - 1)
+        got = SJDSamplingMixin._processed_probs(part.clone(), counts[requests], metadata,
+                                                greedy[requests], None, requests=requests)
+        assert torch.equal(got, whole[torch.from_numpy(rows)])
+
+
 def test_kernel_scan_survives_numba_being_loaded():
     """With SJD's CPU kernels loaded (numba, llvmlite), vLLM's stock scan for kernel holders
     fails, so a second engine in the process would not start; the patched scan passes."""

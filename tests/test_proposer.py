@@ -1,7 +1,10 @@
 """The proposer's per-request state, driven without an engine."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
+import numpy as np
+import pytest
 import torch
 
 from vllm_sjd.core.window import StepRows
@@ -145,3 +148,37 @@ def test_a_guided_twin_takes_its_conditional_window_which_is_built_once():
     q_twin = paired.draft_probs(["t"], [WINDOW], torch.tensor(with_twin[1]), VOCAB)
     q_cond = alone.draft_probs(["c"], [WINDOW], torch.tensor(without[0]), VOCAB)
     assert torch.equal(q_twin, q_cond)
+
+
+def test_rows_without_the_twins_give_the_windows_of_the_whole_batchs_rows():
+    """The sampling step leaves a guided twin's rows out (StepRows.requests): the
+    windows, the twin's included, are those built from every request's rows."""
+    def step(p, rows, seeds=(7, 8, 9)):
+        return p.propose_window(
+            ["c", "t", "u"], rows, num_tokens=torch.full((3,), 5), seeds=list(seeds),
+            greedy=torch.zeros(3, dtype=torch.bool), has_output=[True] * 3, mirror=[(1, 0)],
+        )
+
+    torch.manual_seed(1)
+    cond, twin, other = (torch.softmax(3 * torch.randn(WINDOW + 1, VOCAB), -1) for _ in range(3))
+    whole, lead = proposer(), proposer()
+    for p in (whole, lead):
+        step(p, first_step_rows(3))
+    full = step(whole, second_step_rows([cond, twin, other]))
+    covered = replace(second_step_rows([cond, other]), requests=np.array([0, 2]))
+    assert step(lead, covered) == full
+    assert full[0] == full[1]
+
+
+def test_rows_for_the_batch_give_a_twin_its_sources_rows():
+    torch.manual_seed(2)
+    cond, other = (torch.softmax(torch.randn(WINDOW + 1, VOCAB), -1) for _ in range(2))
+    covered = replace(second_step_rows([cond, other]), requests=np.array([0, 2]),
+                      host_counts=(np.full(2, WINDOW), np.ones(2, dtype=np.int64)))
+    rows = covered.for_batch(3, [(1, 0)])
+    expected = second_step_rows([cond, cond, other])
+    assert torch.equal(rows.target_probs, expected.target_probs)
+    assert torch.equal(rows.bonus_probs, expected.bonus_probs)
+    assert rows.requests is None and rows.counts_on_host()[0].tolist() == [WINDOW] * 3
+    with pytest.raises(ValueError, match="no rows for batch rows \\[1\\]"):
+        covered.for_batch(3, [])

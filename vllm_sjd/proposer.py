@@ -12,8 +12,8 @@ rows it predicted for cells ahead and the cells the next step feeds
 (core/row_lookahead.py). Batch rows are never
 used as keys: the persistent batch reorders rows when requests come and go.
 The window of the requests in the latest step is held as two batch tensors
-(one gather serves the whole next batch); a request left out of a step keeps
-its window as slices.
+(one gather serves the whole next batch; a guided twin shares its conditional
+request's row); a request left out of a step keeps its window as slices.
 """
 
 import logging
@@ -68,7 +68,8 @@ class SJDProposer:
         self._window_row: dict[str, int] = {}
         self._drafts: torch.Tensor | None = None  # [B, K] int64 token ids
         self._q: torch.Tensor | None = None  # [B, K, W] float32
-        self._drafts_host: list[list[int]] | None = None  # _drafts as read to the host, [B][K]
+        self._drafts_host: list[list[int]] | None = None  # _drafts as read to the host, by row
+        self._column_drafts: torch.Tensor | None = None  # _drafts as indices of _columns, where known
         # The vocabulary columns of _q (the batch's layout ids); None: all V.
         self._columns: Columns | None = None
         # Windows of requests that were left out of the latest step, with their columns.
@@ -182,7 +183,8 @@ class SJDProposer:
         K slots; at most `max_drafts` of them are scheduled (a prefix of exact
         samples is as lossless as the whole). With `columns` the window is
         built and kept on those vocabulary columns only (exact:
-        core/columns.py); `rows` may already hold only those (rows.columns).
+        core/columns.py); `rows` may already hold only those (rows.columns), and
+        only the built requests' rows (rows.requests: the twins left out).
         With a row lookahead, each request's drafts are followed by the tokens
         the lookahead feeds (core/row_lookahead.py; `grids` and
         `committed_tokens` needed), and fresh slots take its predictions.
@@ -206,21 +208,25 @@ class SJDProposer:
                 rows.num_accepted,
                 view,
                 rows.host_counts,
+                rows.requests,
             )
         # A guided pair's twin takes its conditional request's window (`mirror`):
         # windows are built for the other requests only.
         build = _requests_to_build(len(req_ids), mirror)
+        if rows.requests is not None and (build is None or not np.array_equal(rows.requests, build)):
+            rows = rows.for_batch(len(req_ids), mirror)  # rows of other requests than those built
         pick = (lambda x: x) if build is None else (lambda x: x[build])
         build_ids = req_ids if build is None else [req_ids[i] for i in build]
-        build_rows = rows if build is None else rows.select(build)
+        if rows.requests is not None or build is None:  # (the sampling step left the twins out)
+            build_rows = rows
+        else:
+            build_rows = rows.select(build)
         cells_above = None
         if self.wants_cells_above and above is not None:
             # A guided twin's windows come from its conditional request: its rows are never
             # the cells above of a window it builds.
-            twins = {twin for twin, _ in mirror}
-            self._record_cells(req_ids, rows, num_tokens,
-                               [out and i not in twins for i, out in enumerate(has_output)],
-                               row_strides)
+            self._record_cells(build_ids, build_rows, pick(num_tokens),
+                               pick(np.asarray(has_output, dtype=bool)), pick(np.asarray(row_strides)))
             cells_above = self._lookup_cells(
                 build_ids, pick(np.asarray(above)), build_rows.bonus_probs, rows.columns
             )
@@ -229,8 +235,6 @@ class SJDProposer:
             slots = pick(num_tokens)[:, None] + np.arange(self.num_slots, dtype=np.int64)
             predicted = self._predictions.lookup(build_ids, slots, view)
         previous = self._previous_windows(build_ids, build_rows.bonus_probs, view)
-        if view is not None and previous is not None:
-            previous = PreviousWindow(view.indices(previous.drafts), previous.q, previous.present)
         if allowed is not None and build is not None:
             allowed = allowed.select(build) if isinstance(allowed, TableRows) else take_rows(allowed, build)
         built = self._next_window(
@@ -246,33 +250,36 @@ class SJDProposer:
             predicted=predicted,
         )
         drafts, q = built.drafts, built.q
-        if build is not None:
-            spread = torch.from_numpy(_spread(len(req_ids), build, mirror)).to(device)
-            drafts, q = drafts.index_select(0, spread), q.index_select(0, spread)
+        column_drafts = None
         if view is not None:
-            drafts = view.tokens(drafts)
+            drafts, column_drafts = view.tokens(drafts), drafts
+        # Each request's row of the built windows: a twin shares its source's row.
+        row_of = list(range(len(req_ids))) if build is None else _spread(len(req_ids), build, mirror)
+        twins = {twin for twin, _ in mirror}
         kept = [False] * len(req_ids)
         for i, produced in enumerate(has_output):
             window = None if produced else self._window(req_ids[i], view)
             if window is not None:
-                drafts[i], q[i] = window[0].to(device), window[1].to(device)
                 kept[i] = True
-        if mirror and any(kept):  # `spread` gave each twin its source's window; a kept one may differ
-            rows_to, rows_from = (torch.tensor(r, device=device) for r in zip(*mirror))
-            drafts[rows_to], q[rows_to] = drafts[rows_from], q[rows_from]
-        self._store(req_ids, drafts, q, view)
+                if i not in twins:  # (a twin takes its source's window)
+                    drafts[row_of[i]], q[row_of[i]] = window[0].to(device), window[1].to(device)
+                    column_drafts = None
+        self._store(req_ids, drafts, q, view, row_of, column_drafts)
         # A window must end inside the model's context.
         limit = np.minimum(self.num_slots if max_drafts is None else max_drafts, self.num_slots)
         room = np.minimum(np.maximum(self.max_model_len - num_tokens, 0), limit)
-        scheduled = np.where(np.asarray(has_output, dtype=bool) | np.asarray(kept), room, 0)
+        scheduled = np.where(np.asarray(has_output, dtype=bool) | np.asarray(kept), room, 0).tolist()
         if not self.lookahead or not grids:
-            draft_lists = drafts.tolist()  # the step's one read from the device
-            self._drafts_host = draft_lists
-            return [d[: int(n)] for d, n in zip(draft_lists, scheduled)]
+            self._drafts_host = drafts.tolist()  # the step's one read from the device
+            return [self._drafts_host[row][:n] for row, n in zip(row_of, scheduled)]
         cells, guesses = self._lookahead_cells(req_ids, grids, num_tokens, scheduled, view)
+        if build is not None:
+            drafts = drafts.index_select(0, torch.tensor(row_of, device=drafts.device))
         read = drafts if guesses is None else torch.cat([drafts, guesses.to(drafts.device)], dim=1)
         lists = read.tolist()  # the step's one read from the device
         self._drafts_host = [row[: self.num_slots] for row in lists]
+        if build is not None:  # by stored row, as _as_stored reads them
+            self._drafts_host = [self._drafts_host[int(i)] for i in build]
         draft_lists = [d[: int(n)] for d, n in zip(lists, scheduled)]
         fed = [
             fed_tokens(c, np.asarray(row[self.num_slots : self.num_slots + len(c)]),
@@ -351,14 +358,24 @@ class SJDProposer:
     def _previous_windows(
         self, req_ids: Sequence[str], like: torch.Tensor, columns: Columns | None
     ) -> PreviousWindow | None:
-        """The stored windows in batch order, q on `columns` (coupled drafting re-drafts against them)."""
+        """The stored windows in batch order, on `columns`: drafts as column indices, q on
+        them (coupled drafting re-drafts against them)."""
         if self.config.drafting != "coupled" or (self._drafts is None and not self._carried):
             return None
+        previous = self._stored_windows(req_ids, like, columns)
+        if columns is None or previous.drafts is self._column_drafts:
+            return previous
+        return PreviousWindow(columns.indices(previous.drafts), previous.q, previous.present)
+
+    def _stored_windows(self, req_ids, like: torch.Tensor, columns: Columns | None) -> PreviousWindow:
         batch_size, device = len(req_ids), like.device
         rows = [self._window_row.get(r, -1) for r in req_ids]
         if self._drafts is not None and rows == list(range(self._drafts.shape[0])):
             present = torch.ones(batch_size, dtype=torch.bool, device=device)
-            return PreviousWindow(self._drafts, convert(self._q, self._columns, columns), present)
+            # The step's windows as built, where they were built on these columns.
+            drafts = (self._column_drafts if self._column_drafts is not None
+                      and same_columns(self._columns, columns) else self._drafts)
+            return PreviousWindow(drafts, convert(self._q, self._columns, columns), present)
         if self._drafts is not None and rows and min(rows) >= 0:  # all have stored windows
             source = np.asarray(rows, dtype=np.int64)
             present = torch.ones(batch_size, dtype=torch.bool, device=device)
@@ -387,7 +404,7 @@ class SJDProposer:
         num_draft, num_accepted = rows.counts_on_host()
         loops = cpu_kernels.loaded()
         if loops is not None:  # the same entries from one call
-            include = np.array([bool(out and stride) for out, stride in zip(has_output, row_strides)])
+            include = np.asarray(has_output, dtype=bool) & (np.asarray(row_strides) != 0)
             request, positions, sources = loops.committed_entries(
                 num_draft, num_accepted, np.asarray(num_tokens, np.int64), include,
                 rows.target_probs.shape[0])
@@ -454,30 +471,49 @@ class SJDProposer:
         stored ones (the usual case) skips that check on the device.
         """
         device = draft_token_ids.device
-        draft_token_ids = draft_token_ids.to(torch.int64)
-        drafts = draft_token_ids if columns is None else columns.to(device).indices(draft_token_ids)
         # Requests with no drafts this step need no stored window.
         drafting = [(self._window_row.get(r, -1), n) for r, n in zip(req_ids, num_draft_tokens) if n]
-        counts = np.array([n for _, n in drafting], dtype=np.int64)
         if self._q is not None and all(row >= 0 for row, _ in drafting):
-            # Rows of the flattened windows (row * K + slot): one row copy each (index_select).
-            starts = np.array([row for row, _ in drafting], dtype=np.int64) * self._q.shape[1]
-            loops = cpu_kernels.loaded()
-            if loops is not None:
-                flat = loops.run_positions(starts, counts, self._q.shape[0] * self._q.shape[1])
-            else:
-                flat = np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(counts.sum())
-            flat = torch.from_numpy(flat).to(self._q.device)
-            q = convert(self._q.flatten(0, 1).index_select(0, flat), self._columns, columns)
+            if len(drafting) == 1:  # one request: the first n slots of its window, as views
+                row, n = drafting[0]
+
+                def stored(windows: torch.Tensor) -> torch.Tensor:
+                    return windows[row, :n]
+            else:  # rows of the flattened windows (row * K + slot): one row copy each
+                flat = torch.from_numpy(self._flat_slots(drafting)).to(self._q.device)
+
+                def stored(windows: torch.Tensor) -> torch.Tensor:
+                    return windows.flatten(0, 1).index_select(0, flat)
+            q = convert(stored(self._q), self._columns, columns)
             if self._as_stored(req_ids, num_draft_tokens, scheduled_on_host):
-                return drafts, q.to(device).contiguous()
-            stored_drafts = self._drafts.flatten().index_select(0, flat)
+                if (columns is not None and self._column_drafts is not None
+                        and same_columns(self._columns, columns)):  # the column indices as built
+                    drafts = stored(self._column_drafts)
+                else:
+                    drafts = self._on_columns(draft_token_ids.to(torch.int64), columns)
+                return drafts.to(device), q.to(device).contiguous()
+            stored_drafts = stored(self._drafts)
         else:
             stored_drafts, q = self._gather_slow(req_ids, num_draft_tokens, columns, vocab_size)
+        draft_token_ids = draft_token_ids.to(torch.int64)
         stored_drafts, q = stored_drafts.to(device), q.to(device)
+        drafts = self._on_columns(draft_token_ids, columns)
         one_hot = torch.zeros_like(q).scatter_(-1, drafts.clamp(min=0)[:, None], 1.0)
         q = torch.where((stored_drafts != draft_token_ids)[:, None], one_hot, q)
         return drafts, q.contiguous()
+
+    def _flat_slots(self, drafting: list[tuple[int, int]]) -> np.ndarray:
+        """Rows of the flattened windows [B * K] of each (row, n): slots 0..n-1 of row."""
+        counts = np.array([n for _, n in drafting], dtype=np.int64)
+        starts = np.array([row for row, _ in drafting], dtype=np.int64) * self._q.shape[1]
+        loops = cpu_kernels.loaded()
+        if loops is not None:
+            return loops.run_positions(starts, counts, self._q.shape[0] * self._q.shape[1])
+        return np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(counts.sum())
+
+    @staticmethod
+    def _on_columns(token_ids: torch.Tensor, columns: Columns | None) -> torch.Tensor:
+        return token_ids if columns is None else columns.to(token_ids.device).indices(token_ids)
 
     def _as_stored(self, req_ids, num_draft_tokens, scheduled_on_host) -> bool:
         """Whether every request's scheduled drafts are the first n of its stored window."""
@@ -534,7 +570,10 @@ class SJDProposer:
                 self._keys[req_ids[i]] = keys[i] = key
         return np.array(keys, dtype=np.int64)
 
-    def _store(self, req_ids: Sequence[str], drafts, q, columns: Columns | None) -> None:
+    def _store(self, req_ids: Sequence[str], drafts, q, columns: Columns | None,
+               row_of: Sequence[int] | None = None, column_drafts: torch.Tensor | None = None) -> None:
+        """Keep the step's windows: request i's is row row_of[i] (default i) of drafts and q;
+        column_drafts: the drafts as indices of `columns`, where known."""
         batch = set(req_ids)
         for req_id, row in self._window_row.items():
             if req_id not in batch:
@@ -543,8 +582,9 @@ class SJDProposer:
                 )
         for req_id in batch.intersection(self._carried):
             del self._carried[req_id]
-        self._window_row = {r: i for i, r in enumerate(req_ids)}
+        self._window_row = dict(zip(req_ids, range(len(req_ids)) if row_of is None else row_of))
         self._drafts, self._q, self._columns = drafts, q, columns
+        self._column_drafts = column_drafts
         self._drafts_host = None  # set once the drafts are read
 
     def evict(self, req_ids: Iterable[str]) -> None:
@@ -559,7 +599,7 @@ class SJDProposer:
         for req_id in req_ids:
             self._lookahead_plan.pop(req_id, None)
         if not self._window_row:
-            self._drafts = self._q = self._columns = self._drafts_host = None
+            self._drafts = self._q = self._columns = self._drafts_host = self._column_drafts = None
 
     def window_digest(self) -> dict[str, tuple[list[int], float]]:
         """Each pending window's drafts and a checksum of its q (rank comparisons)."""
@@ -590,11 +630,11 @@ def _requests_to_build(num_requests: int, mirror: Sequence[tuple[int, int]]) -> 
     return np.array([i for i in range(num_requests) if i not in twins], dtype=np.int64)
 
 
-def _spread(num_requests: int, build: np.ndarray, mirror: Sequence[tuple[int, int]]) -> np.ndarray:
-    """[B] int64: each request's row among the built windows; a twin's is its source's."""
+def _spread(num_requests: int, build: np.ndarray, mirror: Sequence[tuple[int, int]]) -> list[int]:
+    """Each request's row among the built windows; a twin's is its source's."""
     row = [-1] * num_requests
     for built, request in enumerate(build.tolist()):
         row[request] = built
     for twin, source in mirror:
         row[twin] = row[source]
-    return np.array(row, dtype=np.int64)
+    return row

@@ -106,6 +106,7 @@ class SJD2Proposer(SJDProposer):
         device = rows.bonus_probs.device
         num_tokens = np.asarray(num_tokens, dtype=np.int64)
         view = None if columns is None else columns.to(device)
+        rows = rows.for_batch(len(req_ids), mirror)  # a twin's rows, where the step left them out
         if not same_columns(rows.columns, view):
             rows = StepRows(convert(rows.target_probs, rows.columns, view),
                             convert(rows.bonus_probs, rows.columns, view), rows.num_draft_tokens,

@@ -63,12 +63,31 @@ class StepRows:
     # n and a as the host knows them ([B] int64 numpy), so that nothing reads
     # them back from the device; None: read num_draft_tokens / num_accepted.
     host_counts: tuple[np.ndarray, np.ndarray] | None = None
+    # The batch rows of the B requests these rows are of ([B] int64, host), where
+    # they leave some out (guided twins: their rows are their conditional
+    # request's); None: every request of the batch, in order.
+    requests: np.ndarray | None = None
 
     def counts_on_host(self) -> tuple[np.ndarray, np.ndarray]:
         """(n, a) per request, [B] int64 numpy."""
         if self.host_counts is not None:
             return self.host_counts
         return self.num_draft_tokens.cpu().numpy(), self.num_accepted.cpu().numpy()
+
+    def for_batch(self, num_requests: int, mirror: Sequence[tuple[int, int]]) -> "StepRows":
+        """Rows for every request of the batch: a request left out takes the rows of
+        its source in `mirror` ((twin, source) batch rows)."""
+        if self.requests is None:
+            return self
+        row_of = np.full(num_requests, -1, dtype=np.int64)
+        row_of[self.requests] = np.arange(len(self.requests))
+        for twin, source in mirror:
+            row_of[twin] = row_of[source]
+        if (row_of < 0).any():
+            raise ValueError(f"no rows for batch rows {np.nonzero(row_of < 0)[0].tolist()}")
+        covered = StepRows(self.target_probs, self.bonus_probs, self.num_draft_tokens,
+                           self.num_accepted, self.columns, self.host_counts)
+        return covered.select(row_of)
 
     def select(self, requests: np.ndarray) -> "StepRows":
         """These requests' rows only, in this order (`requests`: [B'] int64, host)."""
