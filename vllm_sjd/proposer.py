@@ -221,18 +221,19 @@ class SJDProposer:
             build_rows = rows
         else:
             build_rows = rows.select(build)
+        build_tokens, build_greedy = pick(num_tokens), pick(greedy)
         cells_above = None
         if self.wants_cells_above and above is not None:
             # A guided twin's windows come from its conditional request: its rows are never
             # the cells above of a window it builds.
-            self._record_cells(build_ids, build_rows, pick(num_tokens),
+            self._record_cells(build_ids, build_rows, build_tokens,
                                pick(np.asarray(has_output, dtype=bool)), pick(np.asarray(row_strides)))
             cells_above = self._lookup_cells(
                 build_ids, pick(np.asarray(above)), build_rows.bonus_probs, rows.columns
             )
         predicted = None
         if self.lookahead:
-            slots = pick(num_tokens)[:, None] + np.arange(self.num_slots, dtype=np.int64)
+            slots = build_tokens[:, None] + np.arange(self.num_slots, dtype=np.int64)
             predicted = self._predictions.lookup(build_ids, slots, view)
         previous = self._previous_windows(build_ids, build_rows.bonus_probs, view)
         if allowed is not None and build is not None:
@@ -240,9 +241,9 @@ class SJDProposer:
         built = self._next_window(
             build_rows,
             keys=pick(keys),
-            next_positions=pick(num_tokens),
-            greedy=torch.from_numpy(pick(greedy)).to(device),
-            any_greedy=bool(pick(greedy).any()),
+            next_positions=build_tokens,
+            greedy=torch.from_numpy(build_greedy).to(device),
+            any_greedy=bool(build_greedy.any()),
             allowed=allowed,
             previous=previous,
             above=cells_above,
@@ -265,10 +266,13 @@ class SJDProposer:
                     drafts[row_of[i]], q[row_of[i]] = window[0].to(device), window[1].to(device)
                     column_drafts = None
         self._store(req_ids, drafts, q, view, row_of, column_drafts)
-        # A window must end inside the model's context.
-        limit = np.minimum(self.num_slots if max_drafts is None else max_drafts, self.num_slots)
-        room = np.minimum(np.maximum(self.max_model_len - num_tokens, 0), limit)
-        scheduled = np.where(np.asarray(has_output, dtype=bool) | np.asarray(kept), room, 0).tolist()
+        # A window must end inside the model's context; a request with no window schedules none.
+        limits = (max_drafts if isinstance(max_drafts, list)
+                  else [self.num_slots if max_drafts is None else max_drafts] * len(req_ids))
+        scheduled = [
+            max(min(self.max_model_len - tokens, limit, self.num_slots), 0) if out or keep else 0
+            for tokens, limit, out, keep in zip(num_tokens.tolist(), limits, has_output, kept)
+        ]
         if not self.lookahead or not grids:
             self._drafts_host = drafts.tolist()  # the step's one read from the device
             return [self._drafts_host[row][:n] for row, n in zip(row_of, scheduled)]
