@@ -31,6 +31,7 @@ from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 from vllm_sjd.core.columns import Columns
 from vllm_sjd.core.verify import verify
 from vllm_sjd.core.window import StepRows
+from vllm_sjd.guidance import leading_rows, row_among_leading
 
 
 def samples_without_logprobs(sampling_metadata) -> bool:
@@ -53,22 +54,6 @@ def _uses_logits_processing(sampling_metadata) -> bool:
         getattr(processor, "min_toks", True)
         for processor in sampling_metadata.logitsprocs.non_argmax_invariant
     )
-
-
-def _leading_requests(num_reqs: int, twins: list[int]) -> np.ndarray | None:
-    """[B'] int64: the batch rows that are not guided twins; None without twins."""
-    if not twins:
-        return None
-    twins = set(twins)
-    return np.array([i for i in range(num_reqs) if i not in twins], dtype=np.int64)
-
-
-def _row_among(num_reqs: int, lead: np.ndarray, pairs) -> np.ndarray:
-    """[B] int64: each request's row among `lead`'s; a twin's is its conditional request's."""
-    row = np.zeros(num_reqs, dtype=np.int64)
-    row[lead] = np.arange(len(lead))
-    row[pairs.twin] = row[pairs.cond]
-    return row
 
 
 def request_rows(counts: np.ndarray, requests: np.ndarray, starts: np.ndarray | None = None) -> np.ndarray:
@@ -132,7 +117,8 @@ class SJDSamplingMixin:
         else:
             num_draft = np.asarray(spec_decode_metadata.num_draft_tokens, dtype=np.int64)
             draft_ids = spec_decode_metadata.draft_token_ids
-        lead = _leading_requests(num_reqs, pairs.twin)
+        mirror = list(zip(pairs.twin, pairs.cond))
+        lead = leading_rows(num_reqs, mirror)
         verified = slice(None) if lead is None else lead
         if lead is not None:  # the twins' rows left out
             scores = take_requests(scores, counts, lead)
@@ -179,7 +165,7 @@ class SJDSamplingMixin:
         if lead is not None and len(lead) == 1:  # one request and its twin: the same tokens
             tokens = tokens.expand(num_reqs, -1)
         elif lead is not None:  # a twin commits exactly its conditional request's tokens
-            tokens = tokens.index_select(0, torch.from_numpy(_row_among(num_reqs, lead, pairs)).to(device))
+            tokens = tokens.index_select(0, torch.tensor(row_among_leading(num_reqs, lead, mirror), device=device))
         if columns is not None:
             tokens = columns.tokens(tokens)  # the verifier's placeholder, -1, stays -1
         self._generators_untouched = True

@@ -128,3 +128,22 @@ def _guide_span(logits: torch.Tensor, cond: int, twin: int, n: int, header_rows:
         guided = blend(cond_rows[header_rows:], twin_rows[header_rows:], scale)
         cond_rows[header_rows:] = guided
         twin_rows[header_rows:] = guided
+
+
+def leading_rows(num_requests: int, mirror: Sequence[tuple[int, int]]) -> np.ndarray | None:
+    """[B'] int64: the batch rows that are not twins in `mirror` ((twin, source) batch
+    rows), ascending; None without twins. A twin's rows, window and tokens are its source's."""
+    if not mirror:
+        return None
+    twins = {twin for twin, _ in mirror}  # (Python: a step's few requests, no numpy calls)
+    return np.array([i for i in range(num_requests) if i not in twins], dtype=np.int64)
+
+
+def row_among_leading(num_requests: int, leading: np.ndarray, mirror: Sequence[tuple[int, int]]) -> list[int]:
+    """Each request's row among `leading`'s; a twin's is its source's."""
+    row = [-1] * num_requests
+    for position, request in enumerate(leading.tolist()):
+        row[request] = position
+    for twin, source in mirror:
+        row[twin] = row[source]
+    return row

@@ -40,6 +40,7 @@ from vllm_sjd.core.window import (
     next_window,
     take_rows,
 )
+from vllm_sjd.guidance import leading_rows, row_among_leading
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ class SJDProposer:
             )
         # A guided pair's twin takes its conditional request's window (`mirror`):
         # windows are built for the other requests only.
-        build = _requests_to_build(len(req_ids), mirror)
+        build = leading_rows(len(req_ids), mirror)
         if rows.requests is not None and (build is None or not np.array_equal(rows.requests, build)):
             rows = rows.for_batch(len(req_ids), mirror)  # rows of other requests than those built
         pick = (lambda x: x) if build is None else (lambda x: x[build])
@@ -255,7 +256,7 @@ class SJDProposer:
         if view is not None:
             drafts, column_drafts = view.tokens(drafts), drafts
         # Each request's row of the built windows: a twin shares its source's row.
-        row_of = list(range(len(req_ids))) if build is None else _spread(len(req_ids), build, mirror)
+        row_of = list(range(len(req_ids))) if build is None else row_among_leading(len(req_ids), build, mirror)
         twins = {twin for twin, _ in mirror}
         kept = [False] * len(req_ids)
         for i, produced in enumerate(has_output):
@@ -624,21 +625,3 @@ class SJDProposer:
             | self._predictions.tracked_requests()
             | set(self._lookahead_plan)
         )
-
-
-def _requests_to_build(num_requests: int, mirror: Sequence[tuple[int, int]]) -> np.ndarray | None:
-    """Batch rows whose windows are built ([B'] int64): all but mirrored twins; None: all."""
-    if not mirror:
-        return None
-    twins = {twin for twin, _ in mirror}  # (Python: a step's few requests, no numpy calls)
-    return np.array([i for i in range(num_requests) if i not in twins], dtype=np.int64)
-
-
-def _spread(num_requests: int, build: np.ndarray, mirror: Sequence[tuple[int, int]]) -> list[int]:
-    """Each request's row among the built windows; a twin's is its source's."""
-    row = [-1] * num_requests
-    for built, request in enumerate(build.tolist()):
-        row[request] = built
-    for twin, source in mirror:
-        row[twin] = row[source]
-    return row
